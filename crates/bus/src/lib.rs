@@ -1,0 +1,234 @@
+//! Kafka plumbing shared by the vitalwatch services.
+//!
+//! - [`KafkaConfig`]: where the brokers are, the topic names, and extra
+//!   librdkafka properties (TLS, SASL) passed through untouched.
+//! - [`producer`] / [`consumer`]: clients configured for our guarantees
+//!   (idempotent `acks=all` producer; consumers that commit only what the
+//!   caller says is durable).
+//! - [`ensure_topics`]: create topics through the Kafka admin API.
+//! - [`DeadLetter`]: send rejected input to `rpm.deadletter.v1` with its reason.
+//!
+//! Nothing here depends on a particular broker: it runs against Apache Kafka
+//! in production and tansu on a developer machine.
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::StreamConsumer;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+use vitalwatch_core::topics;
+
+pub use rdkafka;
+
+/// `[kafka]`: the Kafka cluster and topic names.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, comma separated. Default: the local tansu broker.
+    pub brokers: String,
+    /// Validated reading batches, keyed by patient. Default `rpm.readings.v1`.
+    pub readings_topic: String,
+    /// Rejected input with its reason, keyed by device. Default `rpm.deadletter.v1`.
+    pub deadletter_topic: String,
+    /// Alert lifecycle events, keyed by patient. Default `rpm.alerts.v1`.
+    pub alerts_topic: String,
+    /// Partitions of each topic when vitalwatch creates it. Default 3.
+    pub partitions: i32,
+    /// Replication factor when vitalwatch creates a topic. Default 1 (one
+    /// broker); use 3 on a production cluster.
+    pub replication: i32,
+    /// Extra librdkafka properties for every client (for example
+    /// `"security.protocol" = "ssl"`). They override ours.
+    pub properties: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: "127.0.0.1:19092".into(),
+            readings_topic: topics::READINGS.into(),
+            deadletter_topic: topics::DEADLETTER.into(),
+            alerts_topic: topics::ALERTS.into(),
+            partitions: 3,
+            replication: 1,
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("kafka client: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error("creating topic {topic}: {code}")]
+    CreateTopic { topic: String, code: RDKafkaErrorCode },
+    #[error("shut down before the record was delivered")]
+    Cancelled,
+}
+
+impl KafkaConfig {
+    fn base(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers);
+        for (k, v) in &self.properties {
+            c.set(k, v);
+        }
+        c
+    }
+}
+
+/// A producer for records that must not be lost or doubled by the producer
+/// itself: idempotent, `acks=all`, small linger so records travel in batches.
+pub fn producer(cfg: &KafkaConfig) -> Result<FutureProducer, BusError> {
+    let mut base = cfg.base();
+    for (k, v) in [
+        ("enable.idempotence", "true"),
+        ("acks", "all"),
+        ("linger.ms", "5"),
+        ("compression.type", "lz4"),
+        // A delivery that fails after this is retried by the caller, which
+        // holds the device's acknowledgement until it succeeds.
+        ("message.timeout.ms", "30000"),
+    ] {
+        if base.get(k).is_none() {
+            base.set(k, v);
+        }
+    }
+    Ok(base.create()?)
+}
+
+/// A consumer in `group_id` that never commits on its own: the caller commits
+/// offsets once what they cover is durable.
+pub fn consumer(cfg: &KafkaConfig, group_id: &str) -> Result<StreamConsumer, BusError> {
+    let mut base = cfg.base();
+    for (k, v) in [
+        ("group.id", group_id),
+        ("enable.auto.commit", "false"),
+        ("enable.auto.offset.store", "false"),
+        ("auto.offset.reset", "earliest"),
+        ("enable.partition.eof", "false"),
+    ] {
+        if base.get(k).is_none() {
+            base.set(k, v);
+        }
+    }
+    Ok(base.create()?)
+}
+
+/// Creates the topics that do not exist yet; existing ones are left alone.
+pub async fn ensure_topics(cfg: &KafkaConfig, names: &[&str]) -> Result<(), BusError> {
+    let admin: AdminClient<DefaultClientContext> = cfg.base().create()?;
+    let new: Vec<NewTopic<'_>> = names
+        .iter()
+        .map(|n| NewTopic::new(n, cfg.partitions, TopicReplication::Fixed(cfg.replication)))
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for result in admin.create_topics(&new, &opts).await? {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => return Err(BusError::CreateTopic { topic, code }),
+        }
+    }
+    Ok(())
+}
+
+/// What a dead-letter record says about the input it carries.
+#[derive(Debug, Clone, Copy)]
+pub struct DeadLetterInfo<'a> {
+    /// Machine-readable reason (`unknown_metric`): the `reason` header.
+    pub reason: &'a str,
+    /// Human-readable detail: the `detail` header.
+    pub detail: &'a str,
+    /// Where the input came from (an MQTT or Kafka topic): the `topic` header.
+    pub source_topic: &'a str,
+    /// When we received it: the `received_at` header (RFC 3339).
+    pub received_at: DateTime<Utc>,
+    /// Which reading of the batch was rejected, when one was: `reading_index`.
+    pub reading_index: Option<usize>,
+}
+
+/// Sends rejected input to the dead-letter topic, retrying until Kafka has
+/// it: a rejection is data too, and is never silently dropped.
+#[derive(Clone)]
+pub struct DeadLetter {
+    producer: FutureProducer,
+    topic: String,
+}
+
+impl std::fmt::Debug for DeadLetter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeadLetter").field("topic", &self.topic).finish_non_exhaustive()
+    }
+}
+
+impl DeadLetter {
+    pub fn new(producer: FutureProducer, topic: impl Into<String>) -> DeadLetter {
+        DeadLetter { producer, topic: topic.into() }
+    }
+
+    /// Delivers one dead-letter record keyed by `key` (the device id), with the
+    /// raw payload as value. Returns once Kafka acknowledged it, or
+    /// [`BusError::Cancelled`] if `shutdown` fires first.
+    pub async fn send(
+        &self,
+        key: &str,
+        payload: &[u8],
+        info: DeadLetterInfo<'_>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), BusError> {
+        let received_at = info.received_at.to_rfc3339_opts(SecondsFormat::Millis, true);
+        let index = info.reading_index.map(|i| i.to_string());
+        let mut headers = OwnedHeaders::new()
+            .insert(Header { key: "reason", value: Some(info.reason) })
+            .insert(Header { key: "detail", value: Some(info.detail) })
+            .insert(Header { key: "topic", value: Some(info.source_topic) })
+            .insert(Header { key: "received_at", value: Some(received_at.as_str()) });
+        if let Some(i) = &index {
+            headers = headers.insert(Header { key: "reading_index", value: Some(i.as_str()) });
+        }
+        deliver(&self.producer, &self.topic, key, payload, Some(headers), shutdown).await
+    }
+}
+
+/// Produces one record and waits until Kafka acknowledged it, retrying with
+/// backoff (capped at 5 s) while the broker is unreachable. Gives up only when
+/// `shutdown` fires; the caller then must not treat the record as delivered.
+pub async fn deliver(
+    producer: &FutureProducer,
+    topic: &str,
+    key: &str,
+    payload: &[u8],
+    headers: Option<OwnedHeaders>,
+    shutdown: &CancellationToken,
+) -> Result<(), BusError> {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let mut record = FutureRecord::to(topic).key(key).payload(payload);
+        if let Some(h) = &headers {
+            record = record.headers(h.clone());
+        }
+        let attempt = producer.send(record, Duration::from_secs(5));
+        let err = tokio::select! {
+            r = attempt => match r {
+                Ok(_) => return Ok(()),
+                Err((e, _)) => e,
+            },
+            () = shutdown.cancelled() => return Err(BusError::Cancelled),
+        };
+        tracing::warn!(topic, error = %err, retry_in_ms = backoff.as_millis() as u64, "kafka delivery failed; retrying");
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = shutdown.cancelled() => return Err(BusError::Cancelled),
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}

@@ -1,0 +1,433 @@
+//! ingest: device readings from MQTT to Kafka, with nothing lost.
+//!
+//! ```text
+//! MQTT $share/{group}/{root}/+/readings/#  ──▶  event loop task ──(bounded)──▶ processor
+//!     processor: registry check, decode, validate (classify.rs, pure)
+//!                ├─ valid readings ──▶ rpm.readings.v1 (key: patient id)
+//!                └─ rejections     ──▶ rpm.deadletter.v1 (key: device id, headers: reason, …)
+//!     PUBACK to the device only after Kafka acknowledged every record the
+//!     message produced, in the order the messages arrived.
+//! ```
+//!
+//! - [`classify`]: the pure decision for one message.
+//! - [`registry`]: the in-memory device registry.
+//! - [`run`]: the service.
+//!
+//! Delivery guarantee: the MQTT session is persistent (`clean_session =
+//! false`, fixed client id) and acknowledgements are manual, so a message we
+//! have not acknowledged stays with the broker and is delivered again after a
+//! crash or disconnect. We acknowledge only after `acks=all` from Kafka.
+//! Redelivery can produce a record twice; the stores downstream are
+//! idempotent (see ARCHITECTURE.md).
+#![forbid(unsafe_code)]
+
+pub mod classify;
+pub mod registry;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesOrdered;
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
+use serde::Deserialize;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use vitalwatch_bus::{BusError, DeadLetter, DeadLetterInfo, KafkaConfig};
+use vitalwatch_core::topics;
+use vitalwatch_core::validate::{Reason, TimePolicy};
+use vitalwatch_store::{DatabaseConfig, StoreError};
+
+use crate::classify::classify;
+use crate::registry::RegistryCache;
+
+/// `[mqtt]`: the broker devices publish to.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// Default `127.0.0.1`.
+    pub host: String,
+    /// Default 18830, the local stack's Mosquitto.
+    pub port: u16,
+    /// Fixed client id, so the broker keeps our session (and the messages
+    /// queued for it) across restarts. Each ingest instance needs its own.
+    /// Default `vitalwatch-ingest`.
+    pub client_id: String,
+    /// Shared-subscription group: instances in one group split the messages.
+    /// Default `rpm-ingest`.
+    pub share_group: String,
+    /// Root of device topics. Default `rpm/v1/devices`.
+    pub topic_root: String,
+    /// Default 30 s.
+    pub keep_alive_secs: u64,
+    /// Largest MQTT packet accepted, in bytes. Default 1 MiB.
+    pub max_packet_bytes: usize,
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            host: "127.0.0.1".into(),
+            port: 18830,
+            client_id: "vitalwatch-ingest".into(),
+            share_group: "rpm-ingest".into(),
+            topic_root: topics::MQTT_DEVICE_ROOT.into(),
+            keep_alive_secs: 30,
+            max_packet_bytes: 1 << 20,
+            username: None,
+            password: None,
+        }
+    }
+}
+
+/// `[ingest]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    /// Messages received but not yet acknowledged, at most. Keep the broker's
+    /// own in-flight window (Mosquitto `max_inflight_messages`) at or below
+    /// half of this. Default 1000.
+    pub max_in_flight: usize,
+    /// Seconds between registry reloads. Default 30.
+    pub registry_refresh_secs: u64,
+    /// How far a device clock may run ahead, in seconds. Default 300.
+    pub max_future_skew_secs: i64,
+    /// Oldest reading accepted, in days: the retention window. Default 90.
+    pub max_age_days: i64,
+    /// On shutdown, how long in-flight messages may take to reach Kafka
+    /// before we stop waiting (they are then redelivered later). Default 10 s.
+    pub drain_secs: u64,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            max_in_flight: 1000,
+            registry_refresh_secs: 30,
+            max_future_skew_secs: 300,
+            max_age_days: 90,
+            drain_secs: 10,
+        }
+    }
+}
+
+impl IngestConfig {
+    fn time_policy(&self) -> TimePolicy {
+        TimePolicy {
+            max_future_skew: chrono::Duration::seconds(self.max_future_skew_secs),
+            max_age: chrono::Duration::days(self.max_age_days),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("mqtt: {0}")]
+    Mqtt(#[from] rumqttc::ClientError),
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+/// A publish as it came off the event loop.
+struct Incoming {
+    publish: Publish,
+    received_at: DateTime<Utc>,
+    /// Connection epoch it arrived on; acks for older epochs are not sent,
+    /// because the broker redelivers those on the new connection and a stale
+    /// packet id could acknowledge a different message.
+    epoch: u64,
+    since: Instant,
+}
+
+type Pending = Pin<Box<dyn Future<Output = (Incoming, bool)> + Send>>;
+
+/// Runs ingest until `shutdown` fires, then drains: in-flight messages get
+/// up to `drain_secs` to reach Kafka and be acknowledged.
+pub async fn run(
+    cfg: &IngestConfig,
+    mqtt: &MqttConfig,
+    kafka: &KafkaConfig,
+    db: &DatabaseConfig,
+    shutdown: CancellationToken,
+) -> Result<(), IngestError> {
+    if cfg.max_in_flight == 0 {
+        return Err(IngestError::Config("ingest.max_in_flight must be at least 1".into()));
+    }
+    let producer = vitalwatch_bus::producer(kafka)?;
+    let deadletter = DeadLetter::new(producer.clone(), kafka.deadletter_topic.clone());
+    let registry = Arc::new(RegistryCache::new(vitalwatch_store::pool(db)?));
+    load_registry(&registry, &shutdown).await;
+    let refresher = tokio::spawn(refresh_registry(registry.clone(), Duration::from_secs(cfg.registry_refresh_secs.max(1)), shutdown.clone()));
+
+    let mut opts = MqttOptions::new(&mqtt.client_id, &mqtt.host, mqtt.port);
+    opts.set_keep_alive(Duration::from_secs(mqtt.keep_alive_secs.max(5)))
+        .set_clean_session(false)
+        .set_manual_acks(true)
+        .set_max_packet_size(mqtt.max_packet_bytes, mqtt.max_packet_bytes);
+    if let Some(user) = &mqtt.username {
+        opts.set_credentials(user, mqtt.password.as_deref().unwrap_or(""));
+    }
+    let (client, eventloop) = AsyncClient::new(opts, cfg.max_in_flight * 2);
+    let filter = format!("$share/{}/{}", mqtt.share_group, topics::mqtt_readings_filter(&mqtt.topic_root));
+    let epoch = Arc::new(AtomicU64::new(0));
+    let (tx, rx) = mpsc::channel(cfg.max_in_flight);
+    let events = tokio::spawn(event_loop(eventloop, client.clone(), filter, epoch.clone(), tx, shutdown.clone()));
+    tracing::info!(broker = %format!("{}:{}", mqtt.host, mqtt.port), client_id = %mqtt.client_id, "ingest started");
+
+    let ctx = Arc::new(Context {
+        producer,
+        deadletter,
+        readings_topic: kafka.readings_topic.clone(),
+        topic_root: mqtt.topic_root.clone(),
+        registry,
+        policy: cfg.time_policy(),
+        give_up: CancellationToken::new(),
+    });
+    process(ctx, cfg, rx, &client, &epoch, &shutdown).await;
+
+    // Acks are queued in the client; disconnect after them so they are sent.
+    if let Err(e) = client.disconnect().await {
+        tracing::debug!(error = %e, "mqtt disconnect");
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), events).await;
+    refresher.abort();
+    tracing::info!("ingest stopped");
+    Ok(())
+}
+
+async fn load_registry(registry: &RegistryCache, shutdown: &CancellationToken) {
+    let mut backoff = Duration::from_millis(200);
+    while !shutdown.is_cancelled() {
+        match registry.reload().await {
+            Ok(n) => {
+                tracing::info!(devices = n, "device registry loaded");
+                return;
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot load the device registry yet; retrying"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = shutdown.cancelled() => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn refresh_registry(registry: Arc<RegistryCache>, every: Duration, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = shutdown.cancelled() => return,
+        }
+        if let Err(e) = registry.reload().await {
+            tracing::warn!(error = %e, "device registry reload failed; keeping the last copy");
+        }
+    }
+}
+
+/// Polls the MQTT connection forever (rumqttc reconnects on the next poll
+/// after an error), forwarding publishes to the processor. Ends after our
+/// own disconnect.
+async fn event_loop(
+    mut eventloop: EventLoop,
+    client: AsyncClient,
+    filter: String,
+    epoch: Arc<AtomicU64>,
+    tx: mpsc::Sender<Incoming>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::Publish(publish))) => {
+                backoff = Duration::from_millis(200);
+                metrics::counter!("vitalwatch_ingest_received_total").increment(1);
+                if shutdown.is_cancelled() {
+                    // Not acknowledged: the broker keeps it for our next session.
+                    continue;
+                }
+                let msg = Incoming {
+                    publish,
+                    received_at: Utc::now(),
+                    epoch: epoch.load(Ordering::Acquire),
+                    since: Instant::now(),
+                };
+                tokio::select! {
+                    r = tx.send(msg) => if r.is_err() { return },
+                    () = shutdown.cancelled() => {}
+                }
+            }
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                let e = epoch.fetch_add(1, Ordering::AcqRel) + 1;
+                tracing::info!(session_present = ack.session_present, epoch = e, "mqtt connected");
+                metrics::counter!("vitalwatch_ingest_mqtt_connects_total").increment(1);
+                if !ack.session_present {
+                    // A new session has no subscription yet. Subscribing from
+                    // here cannot block: the request queue has room for it.
+                    if let Err(err) = client.try_subscribe(filter.clone(), QoS::AtLeastOnce) {
+                        tracing::error!(error = %err, "cannot queue the mqtt subscription");
+                    }
+                }
+            }
+            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
+            Ok(_) => {}
+            Err(e) => {
+                if shutdown.is_cancelled() {
+                    return;
+                }
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "mqtt connection error; reconnecting");
+                metrics::counter!("vitalwatch_ingest_mqtt_errors_total").increment(1);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// What every in-flight message needs.
+struct Context {
+    producer: vitalwatch_bus::rdkafka::producer::FutureProducer,
+    deadletter: DeadLetter,
+    readings_topic: String,
+    topic_root: String,
+    registry: Arc<RegistryCache>,
+    policy: TimePolicy,
+    /// Fired when the drain period is over: pending deliveries stop retrying.
+    give_up: CancellationToken,
+}
+
+/// Takes messages off the channel, keeps up to `max_in_flight` of them
+/// travelling to Kafka at once, and acknowledges them in arrival order.
+async fn process(
+    ctx: Arc<Context>,
+    cfg: &IngestConfig,
+    mut rx: mpsc::Receiver<Incoming>,
+    client: &AsyncClient,
+    epoch: &AtomicU64,
+    shutdown: &CancellationToken,
+) {
+    let mut pending: FuturesOrdered<Pending> = FuturesOrdered::new();
+    let mut draining = false;
+    loop {
+        metrics::gauge!("vitalwatch_ingest_in_flight").set(pending.len() as f64);
+        tokio::select! {
+            biased;
+            Some((msg, delivered)) = pending.next(), if !pending.is_empty() => {
+                if delivered {
+                    acknowledge(client, &msg, epoch).await;
+                }
+            }
+            () = shutdown.cancelled(), if !draining => {
+                draining = true;
+                tracing::info!(in_flight = pending.len(), "ingest draining");
+                let give_up = ctx.give_up.clone();
+                let grace = Duration::from_secs(cfg.drain_secs);
+                tokio::spawn(async move {
+                    tokio::time::sleep(grace).await;
+                    give_up.cancel();
+                });
+            }
+            msg = rx.recv(), if !draining && pending.len() < cfg.max_in_flight => match msg {
+                Some(msg) => pending.push_back(Box::pin(handle(ctx.clone(), msg))),
+                None => draining = true,
+            },
+        }
+        if draining && pending.is_empty() {
+            break;
+        }
+    }
+    ctx.give_up.cancel();
+}
+
+async fn acknowledge(client: &AsyncClient, msg: &Incoming, epoch: &AtomicU64) {
+    if msg.epoch != epoch.load(Ordering::Acquire) {
+        metrics::counter!("vitalwatch_ingest_stale_acks_skipped_total").increment(1);
+        return;
+    }
+    if let Err(e) = client.ack(&msg.publish).await {
+        tracing::warn!(error = %e, "cannot queue mqtt ack; the broker will redeliver");
+    }
+    metrics::histogram!("vitalwatch_ingest_mqtt_to_kafka_seconds").record(msg.since.elapsed().as_secs_f64());
+}
+
+/// Sends everything one message produces to Kafka. Returns `true` once all
+/// of it is acknowledged by Kafka, `false` if we gave up (shutdown).
+async fn handle(ctx: Arc<Context>, msg: Incoming) -> (Incoming, bool) {
+    let delivered = deliver_message(&ctx, &msg).await;
+    (msg, delivered)
+}
+
+async fn deliver_message(ctx: &Context, msg: &Incoming) -> bool {
+    let topic = msg.publish.topic.as_str();
+    let payload = &msg.publish.payload[..];
+    let Some((device_id, json_topic)) = topics::parse_readings_topic(&ctx.topic_root, topic) else {
+        return dead_letter(ctx, msg, "", Reason::BadTopic, &format!("{topic:?} is not a readings topic"), None).await;
+    };
+    let status = loop {
+        match ctx.registry.status(device_id).await {
+            Ok(s) => break s,
+            Err(e) => {
+                tracing::warn!(error = %e, "device registry unavailable; holding the message");
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    () = ctx.give_up.cancelled() => return false,
+                }
+            }
+        }
+    };
+    let outcome = classify(device_id, json_topic, payload, status.as_ref(), msg.received_at, &ctx.policy);
+    for r in &outcome.rejected {
+        if !dead_letter(ctx, msg, device_id, r.rejection.reason, &r.rejection.detail, r.reading_index).await {
+            return false;
+        }
+    }
+    if let Some(batch) = outcome.accepted {
+        let started = Instant::now();
+        let value = batch.encode();
+        if vitalwatch_bus::deliver(&ctx.producer, &ctx.readings_topic, &batch.patient_id, &value, None, &ctx.give_up)
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        metrics::histogram!("vitalwatch_ingest_kafka_produce_seconds").record(started.elapsed().as_secs_f64());
+        metrics::counter!("vitalwatch_ingest_accepted_readings_total").increment(batch.readings.len() as u64);
+    }
+    true
+}
+
+async fn dead_letter(
+    ctx: &Context,
+    msg: &Incoming,
+    device_id: &str,
+    reason: Reason,
+    detail: &str,
+    reading_index: Option<usize>,
+) -> bool {
+    tracing::info!(device_id, reason = reason.as_str(), detail, reading_index, "input rejected");
+    metrics::counter!("vitalwatch_ingest_rejected_total", "reason" => reason.as_str()).increment(1);
+    let info = DeadLetterInfo {
+        reason: reason.as_str(),
+        detail,
+        source_topic: &msg.publish.topic,
+        received_at: msg.received_at,
+        reading_index,
+    };
+    match ctx.deadletter.send(device_id, &msg.publish.payload, info, &ctx.give_up).await {
+        Ok(()) => {
+            metrics::counter!("vitalwatch_ingest_deadlettered_total").increment(1);
+            true
+        }
+        Err(_) => false,
+    }
+}
