@@ -1,0 +1,120 @@
+//! `GET /v1/patients/{patient_id}/vitals`: bucketed trends of one metric.
+
+use axum::Json;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use chrono::{DateTime, Duration, Utc};
+use serde::{Deserialize, Serialize};
+use vitalwatch_core::catalogue::Metric;
+use vitalwatch_store::trends::{self, Bucket};
+
+use crate::AppState;
+use crate::error::ApiError;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VitalsQuery {
+    /// A catalogue metric name (`heart_rate`, `blood_pressure`, …).
+    pub metric: String,
+    /// Start, inclusive (RFC 3339). Default: 24 hours before `to`.
+    pub from: Option<DateTime<Utc>>,
+    /// End, exclusive (RFC 3339). Default: now.
+    pub to: Option<DateTime<Utc>>,
+    /// Bucket width: `1m` to `1d` (`30m`, `1h`, `90s` is refused). Default `1h`.
+    pub bucket: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Series {
+    /// `systolic` or `diastolic` for blood pressure, absent for scalars.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub component: Option<String>,
+    pub points: Vec<Bucket>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct VitalsResponse {
+    pub patient_id: String,
+    pub metric: &'static str,
+    pub unit: &'static str,
+    pub bucket: String,
+    pub bucket_seconds: i64,
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    pub series: Vec<Series>,
+}
+
+/// Parses `15m`, `1h`, `1d` into seconds; whole minutes from 1 minute to 1 day.
+pub fn parse_bucket(s: &str) -> Result<i64, String> {
+    let err = || format!("bucket {s:?} must be a whole number of minutes from 1m to 1d, like 5m, 1h or 1d");
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).ok_or_else(err)?);
+    let n: i64 = num.parse().map_err(|_| err())?;
+    let secs = match unit {
+        "m" => n.checked_mul(60),
+        "h" => n.checked_mul(3600),
+        "d" => n.checked_mul(86_400),
+        _ => None,
+    }
+    .ok_or_else(err)?;
+    if (60..=86_400).contains(&secs) { Ok(secs) } else { Err(err()) }
+}
+
+pub async fn get_vitals(
+    State(state): State<AppState>,
+    Path(patient_id): Path<String>,
+    query: Result<Query<VitalsQuery>, QueryRejection>,
+) -> Result<Json<VitalsResponse>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let metric: Metric = q.metric.parse().map_err(|e: vitalwatch_core::catalogue::UnknownMetric| ApiError::BadRequest(e.to_string()))?;
+    let bucket = q.bucket.unwrap_or_else(|| "1h".into());
+    let bucket_seconds = parse_bucket(&bucket).map_err(ApiError::BadRequest)?;
+    let to = q.to.unwrap_or_else(Utc::now);
+    let from = q.from.unwrap_or(to - Duration::hours(24));
+    if from >= to {
+        return Err(ApiError::BadRequest("from must be before to".into()));
+    }
+    let span = (to - from).num_seconds();
+    if span / bucket_seconds > state.max_buckets {
+        return Err(ApiError::BadRequest(format!(
+            "{} buckets requested; at most {} per request: widen the bucket or narrow the range",
+            span / bucket_seconds,
+            state.max_buckets
+        )));
+    }
+    let client = state.pool.get().await.map_err(vitalwatch_store::StoreError::from)?;
+    let rows = trends::buckets(&**client, &patient_id, metric.name(), from, to, bucket_seconds).await?;
+    let mut series: Vec<Series> = Vec::new();
+    for b in rows {
+        let component = (!b.component.is_empty()).then(|| b.component.clone());
+        match series.last_mut() {
+            Some(s) if s.component == component => s.points.push(b),
+            _ => series.push(Series { component, points: vec![b] }),
+        }
+    }
+    Ok(Json(VitalsResponse {
+        patient_id,
+        metric: metric.name(),
+        unit: metric.info().unit,
+        bucket,
+        bucket_seconds,
+        from,
+        to,
+        series,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_bucket;
+
+    #[test]
+    fn buckets_parse_within_bounds() {
+        assert_eq!(parse_bucket("1m"), Ok(60));
+        assert_eq!(parse_bucket("15m"), Ok(900));
+        assert_eq!(parse_bucket("1h"), Ok(3600));
+        assert_eq!(parse_bucket("1d"), Ok(86_400));
+        for bad in ["", "m", "0m", "30s", "2d", "1w", "-1h", "1.5h", "99999999999999999999m"] {
+            assert!(parse_bucket(bad).is_err(), "{bad:?} should be refused");
+        }
+    }
+}

@@ -1,0 +1,218 @@
+//! writer: `rpm.readings.v1` into the `readings` table.
+//!
+//! ```text
+//! consumer group ──▶ collect up to batch_max_rows rows or batch_max_wait_ms
+//!                ──▶ one INSERT … SELECT FROM unnest(…) ON CONFLICT DO NOTHING, one transaction
+//!                ──▶ COMMIT ──▶ commit the Kafka offsets the batch covered
+//! ```
+//!
+//! Delivery guarantee: offsets are committed only after the transaction that
+//! holds their rows committed, so a crash replays records rather than losing
+//! them; replayed rows hit the `readings_identity` key and change nothing. A
+//! database outage is waited out with backoff: no offset moves, nothing is
+//! dropped. A record the database refuses for good, or that is not a valid
+//! batch, goes to the dead-letter topic with its reason before its offset is
+//! committed.
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+use vitalwatch_bus::rdkafka::consumer::{CommitMode, Consumer};
+use vitalwatch_bus::rdkafka::{Message, Offset, TopicPartitionList};
+use vitalwatch_bus::{BusError, DeadLetter, DeadLetterInfo, KafkaConfig};
+use vitalwatch_core::reading::Batch;
+use vitalwatch_store::readings::{self, Rows};
+use vitalwatch_store::{DatabaseConfig, Pool, StoreError};
+
+/// `[writer]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WriterConfig {
+    /// Consumer group; writers in one group split the partitions. Default
+    /// `vitalwatch-writer`.
+    pub group_id: String,
+    /// A batch is written when it holds this many rows. Default 5000.
+    pub batch_max_rows: usize,
+    /// …or when its first record is this old, in milliseconds. Default 200.
+    pub batch_max_wait_ms: u64,
+}
+
+impl Default for WriterConfig {
+    fn default() -> Self {
+        WriterConfig { group_id: "vitalwatch-writer".into(), batch_max_rows: 5000, batch_max_wait_ms: 200 }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriterError {
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error(transparent)]
+    Kafka(#[from] vitalwatch_bus::rdkafka::error::KafkaError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// One consumed record, decoded.
+struct Record {
+    topic: String,
+    partition: i32,
+    offset: i64,
+    key: String,
+    payload: Vec<u8>,
+    batch: Batch,
+}
+
+/// Runs the writer until `shutdown` fires. The batch in hand when it fires
+/// is still written if the database is up, then its offsets are committed.
+pub async fn run(cfg: &WriterConfig, kafka: &KafkaConfig, db: &DatabaseConfig, shutdown: CancellationToken) -> Result<(), WriterError> {
+    let consumer = vitalwatch_bus::consumer(kafka, &cfg.group_id)?;
+    consumer.subscribe(&[kafka.readings_topic.as_str()])?;
+    let deadletter = DeadLetter::new(vitalwatch_bus::producer(kafka)?, kafka.deadletter_topic.clone());
+    let pool = vitalwatch_store::pool(db)?;
+    tracing::info!(group = %cfg.group_id, topic = %kafka.readings_topic, "writer started");
+    let max_wait = Duration::from_millis(cfg.batch_max_wait_ms);
+    let mut last_commit: Option<TopicPartitionList> = None;
+
+    'outer: while !shutdown.is_cancelled() {
+        let mut records = Vec::new();
+        let mut rows = 0usize;
+        let mut offsets: HashMap<(String, i32), i64> = HashMap::new();
+        let mut deadline: Option<tokio::time::Instant> = None;
+        while rows < cfg.batch_max_rows.max(1) {
+            let wait_until = deadline.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+            let msg = tokio::select! {
+                m = consumer.recv() => m,
+                () = tokio::time::sleep_until(wait_until) => break,
+                () = shutdown.cancelled() => break,
+            };
+            let msg = match msg {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(error = %e, "kafka consume error");
+                    metrics::counter!("vitalwatch_writer_consume_errors_total").increment(1);
+                    continue;
+                }
+            };
+            deadline.get_or_insert_with(|| tokio::time::Instant::now() + max_wait);
+            let topic = msg.topic().to_owned();
+            let (partition, offset) = (msg.partition(), msg.offset());
+            let payload = msg.payload().unwrap_or_default().to_vec();
+            let key = msg.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default();
+            drop(msg);
+            offsets.insert((topic.clone(), partition), offset);
+            match Batch::decode(&payload) {
+                Ok(batch) => {
+                    rows += batch.readings.iter().map(|r| r.values().count()).sum::<usize>();
+                    records.push(Record { topic, partition, offset, key, payload, batch });
+                }
+                Err(e) => {
+                    let info = DeadLetterInfo {
+                        reason: "invalid_record",
+                        detail: &e.to_string(),
+                        source_topic: &topic,
+                        received_at: Utc::now(),
+                        reading_index: None,
+                    };
+                    tracing::warn!(topic, partition, offset, error = %e, "record is not a valid batch; dead-lettering");
+                    if deadletter.send(&key, &payload, info, &shutdown).await.is_err() {
+                        break 'outer; // shutting down; its offset is not committed
+                    }
+                    metrics::counter!("vitalwatch_writer_deadlettered_total").increment(1);
+                }
+            }
+        }
+        if offsets.is_empty() {
+            continue;
+        }
+        if write(&pool, &records, &deadletter, &shutdown).await.is_err() {
+            break; // shut down while the database was away: nothing committed
+        }
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, partition), offset) in &offsets {
+            tpl.add_partition_offset(topic, *partition, Offset::Offset(offset + 1))?;
+        }
+        if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+            // Harmless: the records are replayed and change nothing.
+            tracing::warn!(error = %e, "offset commit failed");
+        }
+        last_commit = Some(tpl);
+    }
+    if let Some(tpl) = last_commit
+        && let Err(e) = consumer.commit(&tpl, CommitMode::Sync)
+    {
+        tracing::warn!(error = %e, "final offset commit failed");
+    }
+    tracing::info!("writer stopped");
+    Ok(())
+}
+
+/// Writes every record's rows durably. Waits out transient database errors;
+/// if the database refuses the batch for good, writes record by record and
+/// dead-letters the ones it refuses. `Err` only when `shutdown` fired first.
+async fn write(pool: &Pool, records: &[Record], deadletter: &DeadLetter, shutdown: &CancellationToken) -> Result<(), ()> {
+    let mut rows = Rows::default();
+    for r in records {
+        rows.push(&r.batch);
+    }
+    match insert_retrying(pool, &rows, shutdown).await? {
+        Ok(()) => return Ok(()),
+        Err(e) => tracing::warn!(error = %e, "database refused a batch; writing its records one by one"),
+    }
+    for r in records {
+        let mut one = Rows::default();
+        one.push(&r.batch);
+        if let Err(e) = insert_retrying(pool, &one, shutdown).await? {
+            let detail = e.to_string();
+            let info = DeadLetterInfo {
+                reason: "store_rejected",
+                detail: &detail,
+                source_topic: &r.topic,
+                received_at: Utc::now(),
+                reading_index: None,
+            };
+            tracing::error!(partition = r.partition, offset = r.offset, error = %e, "database refused a record; dead-lettering");
+            deadletter.send(&r.key, &r.payload, info, shutdown).await.map_err(|_| ())?;
+            metrics::counter!("vitalwatch_writer_deadlettered_total").increment(1);
+        }
+    }
+    Ok(())
+}
+
+/// `Ok(Ok)` written, `Ok(Err)` refused for good, `Err` shut down while waiting.
+async fn insert_retrying(pool: &Pool, rows: &Rows, shutdown: &CancellationToken) -> Result<Result<(), StoreError>, ()> {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let started = Instant::now();
+        match insert_once(pool, rows).await {
+            Ok(new) => {
+                metrics::histogram!("vitalwatch_writer_batch_seconds").record(started.elapsed().as_secs_f64());
+                metrics::counter!("vitalwatch_writer_rows_total").increment(new);
+                metrics::counter!("vitalwatch_writer_duplicate_rows_total").increment(rows.len() as u64 - new);
+                return Ok(Ok(()));
+            }
+            Err(e) if e.is_transient() => {
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "database unavailable; holding the batch");
+                metrics::counter!("vitalwatch_writer_retries_total").increment(1);
+            }
+            Err(e) => return Ok(Err(e)),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = shutdown.cancelled() => return Err(()),
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn insert_once(pool: &Pool, rows: &Rows) -> Result<u64, StoreError> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let n = readings::insert(&*tx, rows).await?;
+    tx.commit().await?;
+    Ok(n)
+}
