@@ -158,21 +158,37 @@ impl Device {
     }
 }
 
-/// Reads `n` records of `topic` from the beginning (own consumer group),
-/// panicking if they do not arrive within `timeout`.
-pub async fn consume(kafka: &KafkaConfig, topic: &str, n: usize, timeout: Duration) -> Vec<OwnedMessage> {
+/// Reads `topic` from the beginning (own consumer group) until `n` records
+/// passing `keep` arrived, and returns those; panics after `timeout`.
+pub async fn consume_matching(
+    kafka: &KafkaConfig,
+    topic: &str,
+    n: usize,
+    timeout: Duration,
+    mut keep: impl FnMut(&OwnedMessage) -> bool,
+) -> Vec<OwnedMessage> {
     let consumer = vitalwatch_bus::consumer(kafka, &unique("reader")).expect("consumer");
     consumer.subscribe(&[topic]).expect("subscribe");
     let mut out = Vec::new();
     let deadline = tokio::time::Instant::now() + timeout;
     while out.len() < n {
         match tokio::time::timeout_at(deadline, consumer.recv()).await {
-            Ok(Ok(m)) => out.push(m.detach()),
+            Ok(Ok(m)) => {
+                let m = m.detach();
+                if keep(&m) {
+                    out.push(m);
+                }
+            }
             Ok(Err(e)) => panic!("consuming {topic}: {e}"),
             Err(_) => panic!("only {} of {n} records arrived on {topic} within {timeout:?}", out.len()),
         }
     }
     out
+}
+
+/// The record's key as text.
+pub fn key(m: &OwnedMessage) -> String {
+    m.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default()
 }
 
 /// A header of a record as text.

@@ -1,0 +1,344 @@
+//! End to end through the real services: a device publishes over MQTT
+//! (Mosquitto), ingest produces to Kafka (tansu), the writer stores rows in
+//! PostgreSQL, and the API serves the trend.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use chrono::{DateTime, TimeZone, Utc};
+use http_body_util::BodyExt;
+use prost::Message as _;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+use vitalwatch::{Config, Service};
+use vitalwatch_core::proto;
+use vitalwatch_core::topics::mqtt_readings_topic;
+use vitalwatch_test_support::{self as ts, Device};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A configuration whose database, topics, groups and MQTT root belong to
+/// this test alone.
+async fn config() -> Config {
+    let mut cfg = Config {
+        database: ts::database().await,
+        kafka: ts::kafka().await,
+        mqtt: ts::mqtt(),
+        ..Config::default()
+    };
+    cfg.writer.group_id = ts::unique("writer");
+    cfg.writer.batch_max_wait_ms = 50;
+    cfg.alerts.group_id = ts::unique("alerts");
+    cfg
+}
+
+struct Running {
+    token: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+fn start(services: &[Service], cfg: &Config) -> Running {
+    let token = CancellationToken::new();
+    let (services, cfg, t) = (services.to_vec(), cfg.clone(), token.clone());
+    let task = tokio::spawn(async move { vitalwatch::run_services(&services, &cfg, t).await });
+    Running { token, task }
+}
+
+impl Running {
+    async fn stop(self) {
+        self.token.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("services stop within 30 s")
+            .expect("services task joined")
+            .expect("services ended cleanly");
+    }
+}
+
+async fn register(cfg: &Config, device: &str, patient: &str) {
+    let e = vitalwatch::devices::Entry { device_id: device.into(), patient_id: Some(patient.into()), kind: "test".into() };
+    vitalwatch::devices::register(&cfg.database, &[e]).await.expect("register device");
+}
+
+async fn count_rows(cfg: &Config, patient: &str) -> i64 {
+    let c = vitalwatch_store::connect(&cfg.database.url).await.expect("db");
+    c.query_one("SELECT count(*) FROM readings WHERE patient_id = $1", &[&patient]).await.expect("count").get(0)
+}
+
+/// Publishes probes from an unregistered device until one comes out of the
+/// dead-letter topic: from then on ingest's subscription is live and no
+/// publish of the test can fall between the broker and a missing subscriber.
+async fn wait_until_ingest_subscribed(cfg: &Config, device: &mut Device) {
+    use vitalwatch_bus::rdkafka::consumer::Consumer;
+    let consumer = vitalwatch_bus::consumer(&cfg.kafka, &ts::unique("probe")).expect("consumer");
+    consumer.subscribe(&[cfg.kafka.deadletter_topic.as_str()]).expect("subscribe");
+    let topic = mqtt_readings_topic(&cfg.mqtt.topic_root, "probe");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        assert!(tokio::time::Instant::now() < deadline, "ingest never subscribed");
+        device.publish(&topic, b"{}".to_vec()).await;
+        if let Ok(Ok(m)) = tokio::time::timeout(Duration::from_millis(500), consumer.recv()).await {
+            if ts::key(&m.detach()) == "probe" {
+                return;
+            }
+        }
+    }
+}
+
+fn at(secs: i64) -> DateTime<Utc> {
+    // Aligned to a 5-minute boundary, an hour ago, so all test buckets are whole.
+    let base = (Utc::now().timestamp() / 300 - 12) * 300;
+    Utc.timestamp_opt(base + secs, 0).single().expect("valid time")
+}
+
+fn json_batch(device: &str, seq: u64, readings: &[serde_json::Value]) -> Vec<u8> {
+    serde_json::json!({"device_id": device, "seq": seq, "readings": readings}).to_string().into_bytes()
+}
+
+fn hr(value: f64, t: DateTime<Utc>) -> serde_json::Value {
+    serde_json::json!({"metric": "heart_rate", "value": value, "unit": "/min", "measured_at": t.to_rfc3339()})
+}
+
+async fn get_json(cfg: &Config, uri: &str) -> (StatusCode, serde_json::Value) {
+    let state = vitalwatch_api::AppState {
+        pool: vitalwatch_store::pool(&cfg.database).expect("pool"),
+        metrics: vitalwatch_api::telemetry::metrics_handle(),
+        max_buckets: 10_000,
+    };
+    let resp = vitalwatch_api::app(state)
+        .oneshot(Request::get(uri).body(Body::empty()).expect("request"))
+        .await
+        .expect("response");
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+    (status, serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reading_travels_from_device_to_trend() {
+    let cfg = config().await;
+    let (device_id, patient) = (ts::unique("dev"), ts::unique("pat"));
+    register(&cfg, &device_id, &patient).await;
+    let pipeline = start(&[Service::Ingest, Service::Writer], &cfg);
+    let mut device = Device::connect().await;
+    wait_until_ingest_subscribed(&cfg, &mut device).await;
+
+    // Heart rate over three 5-minute buckets, in JSON and protobuf, plus blood pressure.
+    let topic = mqtt_readings_topic(&cfg.mqtt.topic_root, &device_id);
+    let values: [(i64, f64); 7] = [(0, 60.0), (60, 70.0), (299, 80.0), (300, 90.0), (420, 100.0), (600, 55.0), (899, 65.0)];
+    let mut seq = 0;
+    for chunk in values.chunks(2) {
+        seq += 1;
+        let readings: Vec<_> = chunk.iter().map(|(s, v)| hr(*v, at(*s))).collect();
+        device.publish(&topic, json_batch(&device_id, seq, &readings)).await;
+    }
+    let pb = proto::ReadingBatch {
+        device_id: device_id.clone(),
+        seq: Some(99),
+        readings: vec![proto::Reading {
+            metric: proto::Metric::BloodPressure as i32,
+            unit: "kPa".into(),
+            measured_at: Some(prost_types_ts(at(30))),
+            components: vec![
+                proto::Component { name: "systolic".into(), value: 16.0 },
+                proto::Component { name: "diastolic".into(), value: 10.0 },
+            ],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    device.publish(&topic, pb.encode_to_vec()).await;
+    device.wait_acked(WAIT).await;
+
+    let want_rows = values.len() as i64 + 2;
+    ts::eventually(WAIT, "every reading stored", || async {
+        (count_rows(&cfg, &patient).await == want_rows).then_some(())
+    })
+    .await;
+
+    let uri = format!(
+        "/v1/patients/{patient}/vitals?metric=heart_rate&bucket=5m&from={}&to={}",
+        urlenc(at(0)),
+        urlenc(at(900))
+    );
+    let (status, body) = get_json(&cfg, &uri).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["unit"], "/min");
+    assert_eq!(body["bucket_seconds"], 300);
+    let points = body["series"][0]["points"].as_array().expect("points").clone();
+    assert!(body["series"][0].get("component").is_none());
+
+    // The expected buckets, computed from the published values.
+    let mut expected: BTreeMap<i64, Vec<f64>> = BTreeMap::new();
+    for (s, v) in values {
+        expected.entry(s / 300).or_default().push(v);
+    }
+    assert_eq!(points.len(), expected.len(), "{points:?}");
+    for (p, (bucket, vs)) in points.iter().zip(&expected) {
+        let start: DateTime<Utc> = p["start"].as_str().expect("start").parse().expect("rfc3339");
+        assert_eq!(start, at(bucket * 300));
+        assert_eq!(p["count"], vs.len());
+        assert_eq!(p["min"].as_f64(), vs.iter().copied().reduce(f64::min));
+        assert_eq!(p["max"].as_f64(), vs.iter().copied().reduce(f64::max));
+        let avg = vs.iter().sum::<f64>() / vs.len() as f64;
+        assert!((p["avg"].as_f64().expect("avg") - avg).abs() < 1e-9);
+    }
+
+    // Blood pressure: two series, converted from kPa to mm[Hg].
+    let uri = format!("/v1/patients/{patient}/vitals?metric=blood_pressure&bucket=1h&from={}&to={}", urlenc(at(0)), urlenc(at(3600)));
+    let (status, body) = get_json(&cfg, &uri).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let series = body["series"].as_array().expect("series");
+    let comps: Vec<_> = series.iter().map(|s| s["component"].as_str().unwrap_or("")).collect();
+    assert_eq!(comps, vec!["diastolic", "systolic"]);
+    let sys = series[1]["points"][0]["avg"].as_f64().expect("systolic");
+    assert!((sys - 120.01).abs() < 0.01, "{sys}");
+
+    // Bad requests get a problem body, not a crash.
+    let (status, body) = get_json(&cfg, &format!("/v1/patients/{patient}/vitals?metric=pulse")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(body["detail"].as_str().unwrap_or("").contains("pulse"), "{body}");
+    let (status, _) = get_json(&cfg, &format!("/v1/patients/{patient}/vitals?metric=heart_rate&bucket=7s")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    device.disconnect().await;
+    pipeline.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writer_crash_mid_stream_loses_and_doubles_nothing() {
+    let mut cfg = config().await;
+    cfg.writer.batch_max_rows = 20;
+    let (device_id, patient) = (ts::unique("dev"), ts::unique("pat"));
+    register(&cfg, &device_id, &patient).await;
+    let ingest = start(&[Service::Ingest], &cfg);
+    let mut device = Device::connect().await;
+    wait_until_ingest_subscribed(&cfg, &mut device).await;
+
+    let topic = mqtt_readings_topic(&cfg.mqtt.topic_root, &device_id);
+    let batches = 1000;
+    for i in 0..batches {
+        let t = at(i * 2);
+        let readings = [hr(60.0 + (i % 40) as f64, t), serde_json::json!({"metric": "spo2", "value": 95, "measured_at": t.to_rfc3339()})];
+        device.publish(&topic, json_batch(&device_id, i as u64, &readings)).await;
+    }
+    device.wait_acked(WAIT).await;
+    let total = batches * 2;
+
+    // First writer: killed (not shut down) once it has stored some rows.
+    let first = start(&[Service::Writer], &cfg);
+    let at_crash = ts::eventually(WAIT, "the first writer to store rows", || async {
+        let n = count_rows(&cfg, &patient).await;
+        (n > 0).then_some(n)
+    })
+    .await;
+    first.task.abort();
+    let _ = first.task.await;
+    assert!(at_crash < total, "the writer finished before it could be killed mid-stream ({at_crash} rows)");
+
+    // A new writer in the same group picks up from the committed offsets.
+    let second = start(&[Service::Writer], &cfg);
+    ts::eventually(WAIT, "every row after the restart", || async {
+        (count_rows(&cfg, &patient).await >= total).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let c = vitalwatch_store::connect(&cfg.database.url).await.expect("db");
+    let row = c
+        .query_one(
+            "SELECT count(*), count(DISTINCT (metric, time)), count(DISTINCT seq) FROM readings WHERE patient_id = $1",
+            &[&patient],
+        )
+        .await
+        .expect("counts");
+    let (rows, distinct, seqs): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!(rows, total, "every published reading stored exactly once");
+    assert_eq!(distinct, total);
+    assert_eq!(seqs, batches);
+
+    device.disconnect().await;
+    second.stop().await;
+    ingest.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_dead_lettered_counted_and_ingest_keeps_running() {
+    let metrics = vitalwatch_api::telemetry::metrics_handle();
+    let cfg = config().await;
+    let (device_id, patient) = (ts::unique("dev"), ts::unique("pat"));
+    register(&cfg, &device_id, &patient).await;
+    let ingest = start(&[Service::Ingest], &cfg);
+    let mut device = Device::connect().await;
+    wait_until_ingest_subscribed(&cfg, &mut device).await;
+
+    let topic = mqtt_readings_topic(&cfg.mqtt.topic_root, &device_id);
+    let garbage = b"\x08\x96\x01\xff\xff garbage".to_vec();
+    device.publish(&topic, garbage.clone()).await;
+    let t = at(0);
+    let unknown = json_batch(&device_id, 2, &[serde_json::json!({"metric": "pulse", "value": 70, "measured_at": t.to_rfc3339()}), hr(71.0, t)]);
+    device.publish(&topic, unknown.clone()).await;
+    let impossible = json_batch(&device_id, 3, &[hr(900.0, at(1))]);
+    device.publish(&topic, impossible.clone()).await;
+    device.publish(&topic, json_batch(&device_id, 4, &[hr(72.0, at(2))])).await;
+    device.wait_acked(WAIT).await;
+
+    let dead = ts::consume_matching(&cfg.kafka, &cfg.kafka.deadletter_topic, 3, WAIT, |m| ts::key(m) == device_id).await;
+    let by_reason: BTreeMap<String, _> = dead.iter().map(|m| (ts::header(m, "reason").unwrap_or_default(), m)).collect();
+    let reasons: Vec<&str> = by_reason.keys().map(String::as_str).collect();
+    assert_eq!(reasons, vec!["malformed_payload", "out_of_range", "unknown_metric"]);
+    for (reason, payload, index) in [
+        ("malformed_payload", &garbage, None),
+        ("unknown_metric", &unknown, Some("0")),
+        ("out_of_range", &impossible, Some("0")),
+    ] {
+        let m = by_reason[reason];
+        use vitalwatch_bus::rdkafka::Message;
+        assert_eq!(m.payload(), Some(&payload[..]), "{reason}: the raw payload is kept");
+        assert_eq!(ts::header(m, "topic").as_deref(), Some(topic.as_str()));
+        assert_eq!(ts::header(m, "reading_index").as_deref(), index);
+        let received: DateTime<Utc> = ts::header(m, "received_at").expect("received_at").parse().expect("rfc3339");
+        assert!((Utc::now() - received).num_seconds().abs() < 120);
+        assert!(!ts::header(m, "detail").unwrap_or_default().is_empty());
+    }
+
+    // Ingest kept running: both valid readings reached the readings topic.
+    let ok = ts::consume_matching(&cfg.kafka, &cfg.kafka.readings_topic, 2, WAIT, |_| true).await;
+    let mut hrs: Vec<f64> = ok
+        .iter()
+        .flat_map(|m| {
+            use vitalwatch_bus::rdkafka::Message;
+            let b = vitalwatch_core::reading::Batch::decode(m.payload().unwrap_or_default()).expect("valid batch");
+            assert_eq!(b.patient_id, patient);
+            assert_eq!(ts::key(m), patient, "keyed by patient");
+            b.readings.into_iter().flat_map(|r| r.values().map(|(_, v)| v).collect::<Vec<_>>())
+        })
+        .collect();
+    hrs.sort_by(f64::total_cmp);
+    assert_eq!(hrs, vec![71.0, 72.0]);
+
+    // …and counted every rejection by reason.
+    let text = metrics.render();
+    for reason in ["malformed_payload", "unknown_metric", "out_of_range"] {
+        let line = format!("vitalwatch_ingest_rejected_total{{reason=\"{reason}\"}}");
+        let n: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix(&line).map(|v| v.trim().parse().unwrap_or(0.0)))
+            .unwrap_or_else(|| panic!("{line} missing from /metrics:\n{text}"));
+        assert!(n >= 1.0, "{line} = {n}");
+    }
+
+    device.disconnect().await;
+    ingest.stop().await;
+}
+
+fn prost_types_ts(t: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds: t.timestamp(), nanos: 0 }
+}
+
+fn urlenc(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true).replace('+', "%2B")
+}

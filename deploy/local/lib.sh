@@ -1,0 +1,81 @@
+# Shared settings and helpers of the local stack scripts. Sourced, not run.
+#
+# Everything listens on 127.0.0.1 only. Override with environment variables:
+#   VITALWATCH_STATE_DIR  where logs, pid files and broker data live   (default: <repo>/.local)
+#   VITALWATCH_TOOLS_DIR  where tansu is installed, shared across clones (default: ~/.cache/vitalwatch)
+#   VITALWATCH_MQTT_PORT  Mosquitto port  (default 18830)
+#   VITALWATCH_KAFKA_PORT tansu port      (default 19092)
+#   VITALWATCH_API_PORT   API port        (default 8080)
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+STATE=${VITALWATCH_STATE_DIR:-$REPO/.local}
+TOOLS=${VITALWATCH_TOOLS_DIR:-$HOME/.cache/vitalwatch}
+MQTT_PORT=${VITALWATCH_MQTT_PORT:-18830}
+KAFKA_PORT=${VITALWATCH_KAFKA_PORT:-19092}
+API_PORT=${VITALWATCH_API_PORT:-8080}
+TANSU_VERSION=0.6.0
+TANSU="$TOOLS/tansu-$TANSU_VERSION/bin/tansu"
+DB_USER=vitalwatch
+DB_PASSWORD=vitalwatch
+DB_NAME=vitalwatch
+mkdir -p "$STATE"
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; fi
+
+log() { printf '\033[1m[vitalwatch]\033[0m %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# port_open PORT: true when something accepts TCP connections on 127.0.0.1:PORT.
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# wait_port PORT WHAT SECONDS
+wait_port() {
+    local i
+    for ((i = 0; i < $3 * 10; i++)); do
+        port_open "$1" && return 0
+        sleep 0.1
+    done
+    die "$2 did not start listening on 127.0.0.1:$1 within $3 s (see the logs in $STATE)"
+}
+
+# running PIDFILE: true when the process in PIDFILE is alive.
+running() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+# stop_pidfile PIDFILE NAME: SIGTERM, wait up to 20 s, then SIGKILL.
+stop_pidfile() {
+    local pid i
+    running "$1" || { rm -f "$1"; return 0; }
+    pid=$(cat "$1")
+    log "stopping $2 (pid $pid)"
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < 200; i++)); do
+        kill -0 "$pid" 2>/dev/null || { rm -f "$1"; return 0; }
+        sleep 0.1
+    done
+    log "$2 did not stop in 20 s; killing it"
+    kill -KILL "$pid" 2>/dev/null || true
+    rm -f "$1"
+}
+
+# The Debian PostgreSQL cluster's version and port (first cluster listed).
+pg_cluster() { pg_lsclusters -h 2>/dev/null | awk 'NR == 1 { print $1, $3 }'; }
+
+database_url() {
+    local port
+    port=$(pg_cluster | awk '{ print $2 }')
+    echo "postgres://$DB_USER:$DB_PASSWORD@127.0.0.1:${port:-5432}/$1"
+}
+
+# The environment every vitalwatch process of the local stack runs with.
+export_stack_env() {
+    export VITALWATCH_DATABASE__URL; VITALWATCH_DATABASE__URL=$(database_url "$DB_NAME")
+    export VITALWATCH_KAFKA__BROKERS="127.0.0.1:$KAFKA_PORT"
+    export VITALWATCH_MQTT__HOST=127.0.0.1
+    export VITALWATCH_MQTT__PORT="$MQTT_PORT"
+    export VITALWATCH_API__LISTEN="127.0.0.1:$API_PORT"
+    export VITALWATCH_TEST_DATABASE_URL; VITALWATCH_TEST_DATABASE_URL=$(database_url postgres)
+    export VITALWATCH_TEST_KAFKA="127.0.0.1:$KAFKA_PORT"
+    export VITALWATCH_TEST_MQTT="127.0.0.1:$MQTT_PORT"
+}
