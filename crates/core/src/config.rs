@@ -8,8 +8,9 @@
 //! keys are errors (the config structs use `deny_unknown_fields`), so a typo
 //! never silently falls back to a default.
 //!
-//! Two variables are not keys: `VITALWATCH_CONFIG` (the file's path) and
-//! `VITALWATCH_LOG` (the log filter).
+//! Some variables are not keys: `VITALWATCH_CONFIG` (the file's path),
+//! `VITALWATCH_LOG` (the log filter) and everything under `VITALWATCH_TEST_`
+//! (where the integration tests find their services).
 
 use std::path::Path;
 
@@ -18,6 +19,8 @@ use toml::{Table, Value};
 
 /// Environment variables that are not configuration keys.
 pub const RESERVED_ENV: [&str; 2] = ["VITALWATCH_CONFIG", "VITALWATCH_LOG"];
+/// Prefix of environment variables that are not configuration keys.
+pub const RESERVED_ENV_PREFIX: &str = "VITALWATCH_TEST_";
 const PREFIX: &str = "VITALWATCH_";
 
 #[derive(Debug, thiserror::Error)]
@@ -48,7 +51,9 @@ pub fn load<T: DeserializeOwned>(
     };
     let mut vars: Vec<(String, String)> = env
         .into_iter()
-        .filter(|(k, _)| k.starts_with(PREFIX) && !RESERVED_ENV.contains(&k.as_str()))
+        .filter(|(k, _)| {
+            k.starts_with(PREFIX) && !RESERVED_ENV.contains(&k.as_str()) && !k.starts_with(RESERVED_ENV_PREFIX)
+        })
         .collect();
     vars.sort();
     for (var, raw) in vars {
@@ -123,7 +128,7 @@ mod tests {
 
     #[test]
     fn env_overrides_with_typed_values() {
-        let c: Cfg = load(None, env(&[("VITALWATCH_MQTT__PORT", "18830"), ("VITALWATCH_MQTT__HOST", "10.0.0.1"), ("VITALWATCH_LOG", "debug"), ("OTHER", "x")]))
+        let c: Cfg = load(None, env(&[("VITALWATCH_MQTT__PORT", "18830"), ("VITALWATCH_MQTT__HOST", "10.0.0.1"), ("VITALWATCH_LOG", "debug"), ("VITALWATCH_TEST_KAFKA", "x"), ("OTHER", "x")]))
             .expect("env");
         assert_eq!(c.mqtt, Mqtt { host: "10.0.0.1".into(), port: 18830 });
     }

@@ -100,12 +100,14 @@ async fn run(c: CohortArgs, rate: f64, duration: u64, host: String, port: u16, r
     let mut next_patient = 0;
     let mut tick = tokio::time::interval(Duration::from_millis(10));
     let mut last_report = Instant::now();
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = &mut ctrl_c => break,
+            _ = sigterm.recv() => break,
         }
         if stop_at.is_some_and(|t| Instant::now() >= t) {
             break;
