@@ -1,0 +1,36 @@
+//! Shared pieces of the vitalwatch benchmarks.
+//!
+//! Benchmarks print their figures; they assert nothing about speed. Run
+//! `cargo bench -p vitalwatch-benches` and copy the figures, with the
+//! machine, into the README.
+#![forbid(unsafe_code)]
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+/// Runs `f` repeatedly for about `budget` after a short warm-up and returns
+/// the mean time per call.
+pub fn measure(budget: Duration, mut f: impl FnMut()) -> Duration {
+    let warm = Instant::now();
+    while warm.elapsed() < budget / 10 {
+        f();
+    }
+    let mut calls: u64 = 0;
+    let start = Instant::now();
+    while start.elapsed() < budget {
+        for _ in 0..64 {
+            f();
+        }
+        calls += 64;
+    }
+    black_box(calls);
+    start.elapsed() / calls.max(1) as u32
+}
+
+/// One line of a benchmark report: name, ns per call, calls per second, and
+/// the items per second when a call handles `items` items.
+pub fn report(name: &str, per_call: Duration, items: u64) {
+    let ns = per_call.as_secs_f64() * 1e9;
+    let calls = 1e9 / ns.max(f64::MIN_POSITIVE);
+    println!("{name:<44} {ns:>10.0} ns/call {calls:>12.0} calls/s {:>12.0} items/s", calls * items as f64);
+}
