@@ -6,6 +6,7 @@
 #   VITALWATCH_MQTT_PORT  Mosquitto port  (default 18830)
 #   VITALWATCH_KAFKA_PORT tansu port      (default 19092)
 #   VITALWATCH_API_PORT   API port        (default 8080)
+#   VITALWATCH_MQTT_PASSWORD  password of the local broker's accounts (default vitalwatch-local)
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -14,6 +15,7 @@ TOOLS=${VITALWATCH_TOOLS_DIR:-$HOME/.cache/vitalwatch}
 MQTT_PORT=${VITALWATCH_MQTT_PORT:-18830}
 KAFKA_PORT=${VITALWATCH_KAFKA_PORT:-19092}
 API_PORT=${VITALWATCH_API_PORT:-8080}
+MQTT_PASSWORD=${VITALWATCH_MQTT_PASSWORD:-vitalwatch-local}
 TANSU_VERSION=0.6.0
 TANSU="$TOOLS/tansu-$TANSU_VERSION/bin/tansu"
 DB_USER=vitalwatch
@@ -74,8 +76,12 @@ export_stack_env() {
     export VITALWATCH_KAFKA__BROKERS="127.0.0.1:$KAFKA_PORT"
     export VITALWATCH_MQTT__HOST=127.0.0.1
     export VITALWATCH_MQTT__PORT="$MQTT_PORT"
+    export VITALWATCH_MQTT__USERNAME=vitalwatch-ingest
+    export VITALWATCH_MQTT__PASSWORD="$MQTT_PASSWORD"
     export VITALWATCH_API__LISTEN="127.0.0.1:$API_PORT"
     export VITALWATCH_TEST_DATABASE_URL; VITALWATCH_TEST_DATABASE_URL=$(database_url postgres)
     export VITALWATCH_TEST_KAFKA="127.0.0.1:$KAFKA_PORT"
     export VITALWATCH_TEST_MQTT="127.0.0.1:$MQTT_PORT"
+    export VITALWATCH_TEST_MQTT_PASSWORD="$MQTT_PASSWORD"
+    export VITALWATCH_TEST_TANSU="$TANSU"
 }

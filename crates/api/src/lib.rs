@@ -3,6 +3,9 @@
 //! - `GET /v1/patients/{patient_id}/vitals?metric=&from=&to=&bucket=`:
 //!   bucketed min/avg/max/count of one metric ([`vitals`]).
 //! - `GET /healthz`: the process is alive.
+//! - `GET /readyz`: every readiness condition of the process holds and the
+//!   database answers with the schema this build expects; 503 otherwise, with
+//!   each condition's state.
 //! - `GET /metrics`: Prometheus text of every vitalwatch metric in the process.
 //!
 //! [`app`] builds the router apart from any socket, so tests call it with
@@ -20,7 +23,8 @@ pub mod vitals;
 
 use std::net::SocketAddr;
 
-use axum::Router;
+use axum::http::StatusCode;
+use axum::{Json, Router};
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
@@ -28,6 +32,7 @@ use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
+use vitalwatch_core::health::Readiness;
 use vitalwatch_store::Pool;
 
 /// `[api]`.
@@ -55,6 +60,8 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// Bound on the size of a trend response.
     pub max_buckets: i64,
+    /// The readiness conditions of every service in the process.
+    pub readiness: Readiness,
 }
 
 /// The router, without a socket.
@@ -62,8 +69,28 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(render_metrics))
+        .route("/readyz", get(readyz))
         .route("/v1/patients/{patient_id}/vitals", get(vitals::get_vitals))
         .with_state(state)
+}
+
+async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    let db = match state.pool.get().await {
+        Ok(client) => match vitalwatch_store::migrate::current_version(&client).await {
+            Ok(v) if v >= vitalwatch_store::migrate::latest_version() => None,
+            Ok(v) => Some(format!("database schema is at version {v}, this build needs {}", vitalwatch_store::migrate::latest_version())),
+            Err(e) => Some(format!("database query failed: {e}")),
+        },
+        Err(e) => Some(format!("database unreachable: {e}")),
+    };
+    state.readiness.set("api.database", db);
+    let (ready, checks) = state.readiness.report();
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let checks: serde_json::Map<String, serde_json::Value> = checks
+        .into_iter()
+        .map(|(k, v)| (k, v.map_or(serde_json::Value::String("ok".into()), serde_json::Value::String)))
+        .collect();
+    (status, Json(serde_json::json!({ "ready": ready, "checks": checks })))
 }
 
 async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {
@@ -85,9 +112,10 @@ pub async fn run(
     cfg: &ApiConfig,
     db: &vitalwatch_store::DatabaseConfig,
     metrics: PrometheusHandle,
+    readiness: Readiness,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
-    let state = AppState { pool: vitalwatch_store::pool(db)?, metrics, max_buckets: cfg.max_buckets };
+    let state = AppState { pool: vitalwatch_store::pool(db)?, metrics, max_buckets: cfg.max_buckets, readiness };
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|source| ServeError::Bind { addr: cfg.listen, source })?;

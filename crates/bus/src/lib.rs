@@ -2,9 +2,10 @@
 //!
 //! - [`KafkaConfig`]: where the brokers are, the topic names, and extra
 //!   librdkafka properties (TLS, SASL) passed through untouched.
-//! - [`producer`] / [`consumer`]: clients configured for our guarantees
-//!   (idempotent `acks=all` producer; consumers that commit only what the
-//!   caller says is durable).
+//! - [`Producer`] / [`consumer`]: clients configured for our guarantees
+//!   (idempotent `acks=all` producer, recreated when the broker stops
+//!   accepting its sequence; consumers that commit only what the caller says
+//!   is durable).
 //! - [`ensure_topics`]: create topics through the Kafka admin API.
 //! - [`DeadLetter`]: send rejected input to `rpm.deadletter.v1` with its reason.
 //!
@@ -13,6 +14,8 @@
 #![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -25,6 +28,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
+use vitalwatch_core::health::Readiness;
 use vitalwatch_core::topics;
 
 pub use rdkafka;
@@ -106,6 +110,73 @@ pub fn producer(cfg: &KafkaConfig) -> Result<FutureProducer, BusError> {
     Ok(base.create()?)
 }
 
+/// The idempotent producer, replaceable. After a broker restart or a long
+/// outage the broker may refuse the producer's sequence numbers for good
+/// (librdkafka then reports errors on every send without marking itself
+/// fatal). [`deliver`] then swaps in a new producer, with a new producer id;
+/// records sent twice that way are turned into no-ops by the stores.
+pub struct Producer {
+    cfg: KafkaConfig,
+    /// The current client and its generation (bumped on every replacement).
+    current: std::sync::RwLock<(u64, FutureProducer)>,
+}
+
+impl std::fmt::Debug for Producer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Producer").field("brokers", &self.cfg.brokers).finish_non_exhaustive()
+    }
+}
+
+impl Producer {
+    pub fn new(cfg: &KafkaConfig) -> Result<Arc<Producer>, BusError> {
+        Ok(Arc::new(Producer { cfg: cfg.clone(), current: std::sync::RwLock::new((0, producer(cfg)?)) }))
+    }
+
+    fn get(&self) -> (u64, FutureProducer) {
+        let c = self.current.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        (c.0, c.1.clone())
+    }
+
+    /// Replaces the client if it is still generation `generation` (so that
+    /// a burst of failures replaces it once).
+    fn replace(&self, generation: u64, why: &KafkaError) {
+        let mut c = self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if c.0 != generation {
+            return;
+        }
+        match producer(&self.cfg) {
+            Ok(p) => {
+                *c = (generation + 1, p);
+                metrics::counter!("vitalwatch_kafka_producer_replaced_total").increment(1);
+                tracing::warn!(error = %why, generation = generation + 1, "kafka refused the producer's records; replaced the producer");
+            }
+            Err(e) => tracing::error!(error = %e, "cannot create a new kafka producer"),
+        }
+    }
+}
+
+/// Errors that mean "the broker is away or slow": retry with the same producer.
+fn is_unavailable(e: &KafkaError) -> bool {
+    use RDKafkaErrorCode as C;
+    match e.rdkafka_error_code() {
+        Some(code) => matches!(
+            code,
+            C::MessageTimedOut
+                | C::QueueFull
+                | C::BrokerTransportFailure
+                | C::AllBrokersDown
+                | C::RequestTimedOut
+                | C::NetworkException
+                | C::LeaderNotAvailable
+                | C::NotLeaderForPartition
+                | C::NotEnoughReplicas
+                | C::NotEnoughReplicasAfterAppend
+                | C::UnknownTopicOrPartition
+        ),
+        None => true,
+    }
+}
+
 /// A consumer in `group_id` that never commits on its own: the caller commits
 /// offsets once what they cover is durable.
 pub fn consumer(cfg: &KafkaConfig, group_id: &str) -> Result<StreamConsumer, BusError> {
@@ -156,12 +227,50 @@ pub struct DeadLetterInfo<'a> {
     pub reading_index: Option<usize>,
 }
 
+/// Whether deliveries to Kafka currently succeed, kept as a readiness
+/// condition: not ready from the first failed attempt until the next success.
+#[derive(Debug, Clone)]
+pub struct DeliveryHealth {
+    readiness: Readiness,
+    name: String,
+    /// Mirrors the condition so the hot path takes no lock unless it flips.
+    failing: Arc<AtomicBool>,
+}
+
+impl DeliveryHealth {
+    pub fn new(readiness: Readiness, name: impl Into<String>) -> DeliveryHealth {
+        let name = name.into();
+        readiness.set_ready(&name);
+        DeliveryHealth { readiness, name, failing: Arc::new(AtomicBool::new(false)) }
+    }
+
+    fn failed(&self, err: &KafkaError) {
+        if !self.failing.swap(true, Ordering::AcqRel) {
+            tracing::warn!(condition = %self.name, error = %err, "kafka deliveries failing; holding records and retrying");
+            self.readiness.set_not_ready(&self.name, format!("kafka deliveries failing: {err}"));
+        }
+    }
+
+    fn succeeded(&self) {
+        if self.failing.swap(false, Ordering::AcqRel) {
+            tracing::info!(condition = %self.name, "kafka deliveries succeed again");
+            self.readiness.set_ready(&self.name);
+        }
+    }
+
+    /// True while deliveries are failing.
+    pub fn is_failing(&self) -> bool {
+        self.failing.load(Ordering::Acquire)
+    }
+}
+
 /// Sends rejected input to the dead-letter topic, retrying until Kafka has
 /// it: a rejection is data too, and is never silently dropped.
 #[derive(Clone)]
 pub struct DeadLetter {
-    producer: FutureProducer,
+    producer: Arc<Producer>,
     topic: String,
+    health: Option<DeliveryHealth>,
 }
 
 impl std::fmt::Debug for DeadLetter {
@@ -171,8 +280,8 @@ impl std::fmt::Debug for DeadLetter {
 }
 
 impl DeadLetter {
-    pub fn new(producer: FutureProducer, topic: impl Into<String>) -> DeadLetter {
-        DeadLetter { producer, topic: topic.into() }
+    pub fn new(producer: Arc<Producer>, topic: impl Into<String>, health: Option<DeliveryHealth>) -> DeadLetter {
+        DeadLetter { producer, topic: topic.into(), health }
     }
 
     /// Delivers one dead-letter record keyed by `key` (the device id), with the
@@ -195,19 +304,21 @@ impl DeadLetter {
         if let Some(i) = &index {
             headers = headers.insert(Header { key: "reading_index", value: Some(i.as_str()) });
         }
-        deliver(&self.producer, &self.topic, key, payload, Some(headers), shutdown).await
+        deliver(&self.producer, &self.topic, key, payload, Some(headers), self.health.as_ref(), shutdown).await
     }
 }
 
 /// Produces one record and waits until Kafka acknowledged it, retrying with
 /// backoff (capped at 5 s) while the broker is unreachable. Gives up only when
 /// `shutdown` fires; the caller then must not treat the record as delivered.
+/// `health`, when given, records failures and recovery.
 pub async fn deliver(
-    producer: &FutureProducer,
+    producer: &Producer,
     topic: &str,
     key: &str,
     payload: &[u8],
     headers: Option<OwnedHeaders>,
+    health: Option<&DeliveryHealth>,
     shutdown: &CancellationToken,
 ) -> Result<(), BusError> {
     let mut backoff = Duration::from_millis(100);
@@ -216,15 +327,30 @@ pub async fn deliver(
         if let Some(h) = &headers {
             record = record.headers(h.clone());
         }
-        let attempt = producer.send(record, Duration::from_secs(5));
+        let (generation, client) = producer.get();
+        let attempt = client.send(record, Duration::from_secs(5));
         let err = tokio::select! {
             r = attempt => match r {
-                Ok(_) => return Ok(()),
+                Ok(_) => {
+                    if let Some(h) = health {
+                        h.succeeded();
+                    }
+                    return Ok(());
+                }
                 Err((e, _)) => e,
             },
             () = shutdown.cancelled() => return Err(BusError::Cancelled),
         };
-        tracing::warn!(topic, error = %err, retry_in_ms = backoff.as_millis() as u64, "kafka delivery failed; retrying");
+        metrics::counter!("vitalwatch_kafka_delivery_retries_total").increment(1);
+        match health {
+            // The health condition logs the outage once, not once per record.
+            Some(h) => h.failed(&err),
+            None => tracing::warn!(topic, error = %err, "kafka delivery failed; retrying"),
+        }
+        tracing::debug!(topic, error = %err, retry_in_ms = backoff.as_millis() as u64, "kafka delivery failed; retrying");
+        if !is_unavailable(&err) {
+            producer.replace(generation, &err);
+        }
         tokio::select! {
             () = tokio::time::sleep(backoff) => {}
             () = shutdown.cancelled() => return Err(BusError::Cancelled),

@@ -13,12 +13,14 @@
 //! - [`reading`]: the validated domain types and their encoding as the value of
 //!   a `rpm.readings.v1` record.
 //! - [`topics`]: the names on the wire (MQTT and Kafka topics).
+//! - [`health`]: readiness conditions shared by the services of a process.
 //! - [`config`]: loading typed configuration from TOML plus `VITALWATCH_*`
 //!   environment variables.
 #![forbid(unsafe_code)]
 
 pub mod catalogue;
 pub mod config;
+pub mod health;
 pub mod payload;
 pub mod reading;
 pub mod topics;

@@ -10,20 +10,29 @@
 //! ```
 //!
 //! - [`classify`]: the pure decision for one message.
-//! - [`registry`]: the in-memory device registry.
+//! - [`dedup`]: recently delivered batches, to drop redeliveries early.
+//! - [`registry`]: the in-memory device registry, refreshed on change.
 //! - [`run`]: the service.
 //!
 //! Delivery guarantee: the MQTT session is persistent (`clean_session =
 //! false`, fixed client id) and acknowledgements are manual, so a message we
 //! have not acknowledged stays with the broker and is delivered again after a
 //! crash or disconnect. We acknowledge only after `acks=all` from Kafka.
-//! Redelivery can produce a record twice; the stores downstream are
-//! idempotent (see ARCHITECTURE.md).
+//! A redelivery of a batch this instance already delivered is acknowledged
+//! without producing it again; anything that slips past (another instance,
+//! an evicted entry) the stores downstream turn into a no-op (see
+//! ARCHITECTURE.md).
+//!
+//! Readiness conditions: `ingest.mqtt` (connected), `ingest.registry`
+//! (loaded), `ingest.kafka` (deliveries succeeding), `ingest.broker_drops`
+//! (the broker's `$SYS` dropped-messages counter is not rising).
 #![forbid(unsafe_code)]
 
 pub mod classify;
+pub mod dedup;
 pub mod registry;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -37,13 +46,18 @@ use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
 use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use vitalwatch_bus::{BusError, DeadLetter, DeadLetterInfo, KafkaConfig};
+use vitalwatch_bus::{BusError, DeadLetter, DeadLetterInfo, DeliveryHealth, KafkaConfig};
+use vitalwatch_core::health::Readiness;
 use vitalwatch_core::topics;
 use vitalwatch_core::validate::{Reason, TimePolicy};
 use vitalwatch_store::{DatabaseConfig, StoreError};
 
 use crate::classify::classify;
+use crate::dedup::RecentBatches;
 use crate::registry::RegistryCache;
+
+/// The broker's counter of messages it dropped (queue limits reached).
+const SYS_DROPPED: &str = "$SYS/broker/publish/messages/dropped";
 
 /// `[mqtt]`: the broker devices publish to.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -103,6 +117,9 @@ pub struct IngestConfig {
     /// On shutdown, how long in-flight messages may take to reach Kafka
     /// before we stop waiting (they are then redelivered later). Default 10 s.
     pub drain_secs: u64,
+    /// Batches remembered to recognise redeliveries. Default 100,000
+    /// (about 3 MiB).
+    pub dedup_capacity: usize,
 }
 
 impl Default for IngestConfig {
@@ -113,6 +130,7 @@ impl Default for IngestConfig {
             max_future_skew_secs: 300,
             max_age_days: 90,
             drain_secs: 10,
+            dedup_capacity: 100_000,
         }
     }
 }
@@ -158,16 +176,23 @@ pub async fn run(
     mqtt: &MqttConfig,
     kafka: &KafkaConfig,
     db: &DatabaseConfig,
+    readiness: Readiness,
     shutdown: CancellationToken,
 ) -> Result<(), IngestError> {
     if cfg.max_in_flight == 0 {
         return Err(IngestError::Config("ingest.max_in_flight must be at least 1".into()));
     }
-    let producer = vitalwatch_bus::producer(kafka)?;
-    let deadletter = DeadLetter::new(producer.clone(), kafka.deadletter_topic.clone());
+    readiness.set_not_ready("ingest.mqtt", "not connected yet");
+    readiness.set_not_ready("ingest.registry", "not loaded yet");
+    readiness.set_ready("ingest.broker_drops");
+    let producer = vitalwatch_bus::Producer::new(kafka)?;
+    let kafka_health = DeliveryHealth::new(readiness.clone(), "ingest.kafka");
+    let deadletter = DeadLetter::new(producer.clone(), kafka.deadletter_topic.clone(), Some(kafka_health.clone()));
     let registry = Arc::new(RegistryCache::new(vitalwatch_store::pool(db)?));
     load_registry(&registry, &shutdown).await;
-    let refresher = tokio::spawn(refresh_registry(registry.clone(), Duration::from_secs(cfg.registry_refresh_secs.max(1)), shutdown.clone()));
+    readiness.set_ready("ingest.registry");
+    let every = Duration::from_secs(cfg.registry_refresh_secs.max(1));
+    let refresher = tokio::spawn(registry.clone().keep_fresh(db.url.clone(), every, shutdown.clone()));
 
     let mut opts = MqttOptions::new(&mqtt.client_id, &mqtt.host, mqtt.port);
     opts.set_keep_alive(Duration::from_secs(mqtt.keep_alive_secs.max(5)))
@@ -181,7 +206,7 @@ pub async fn run(
     let filter = format!("$share/{}/{}", mqtt.share_group, topics::mqtt_readings_filter(&mqtt.topic_root));
     let epoch = Arc::new(AtomicU64::new(0));
     let (tx, rx) = mpsc::channel(cfg.max_in_flight);
-    let events = tokio::spawn(event_loop(eventloop, client.clone(), filter, epoch.clone(), tx, shutdown.clone()));
+    let events = tokio::spawn(event_loop(eventloop, client.clone(), filter, epoch.clone(), tx, readiness.clone(), shutdown.clone()));
     tracing::info!(broker = %format!("{}:{}", mqtt.host, mqtt.port), client_id = %mqtt.client_id, "ingest started");
 
     let ctx = Arc::new(Context {
@@ -192,6 +217,9 @@ pub async fn run(
         registry,
         policy: cfg.time_policy(),
         give_up: CancellationToken::new(),
+        kafka_health,
+        recent: std::sync::Mutex::new(RecentBatches::new(cfg.dedup_capacity)),
+        in_flight: std::sync::Mutex::new(HashMap::new()),
     });
     process(ctx, cfg, rx, &client, &epoch, &shutdown).await;
 
@@ -223,18 +251,6 @@ async fn load_registry(registry: &RegistryCache, shutdown: &CancellationToken) {
     }
 }
 
-async fn refresh_registry(registry: Arc<RegistryCache>, every: Duration, shutdown: CancellationToken) {
-    loop {
-        tokio::select! {
-            () = tokio::time::sleep(every) => {}
-            () = shutdown.cancelled() => return,
-        }
-        if let Err(e) = registry.reload().await {
-            tracing::warn!(error = %e, "device registry reload failed; keeping the last copy");
-        }
-    }
-}
-
 /// Polls the MQTT connection forever (rumqttc reconnects on the next poll
 /// after an error), forwarding publishes to the processor. Ends after our
 /// own disconnect.
@@ -244,11 +260,16 @@ async fn event_loop(
     filter: String,
     epoch: Arc<AtomicU64>,
     tx: mpsc::Sender<Incoming>,
+    readiness: Readiness,
     shutdown: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(200);
+    let mut dropped: Option<u64> = None;
     loop {
         match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::Publish(publish))) if publish.topic == SYS_DROPPED => {
+                watch_drops(&publish.payload, &mut dropped, &readiness);
+            }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
                 backoff = Duration::from_millis(200);
                 metrics::counter!("vitalwatch_ingest_received_total").increment(1);
@@ -271,11 +292,18 @@ async fn event_loop(
                 let e = epoch.fetch_add(1, Ordering::AcqRel) + 1;
                 tracing::info!(session_present = ack.session_present, epoch = e, "mqtt connected");
                 metrics::counter!("vitalwatch_ingest_mqtt_connects_total").increment(1);
+                readiness.set_ready("ingest.mqtt");
+                // A new session has no subscription yet; a resumed one keeps
+                // it (subscribing again is harmless). The $SYS counter is
+                // QoS 0 and always subscribed afresh. try_subscribe cannot
+                // block this loop, which alone drains the request queue.
+                let mut subs = vec![(SYS_DROPPED.to_owned(), QoS::AtMostOnce)];
                 if !ack.session_present {
-                    // A new session has no subscription yet. Subscribing from
-                    // here cannot block: the request queue has room for it.
-                    if let Err(err) = client.try_subscribe(filter.clone(), QoS::AtLeastOnce) {
-                        tracing::error!(error = %err, "cannot queue the mqtt subscription");
+                    subs.push((filter.clone(), QoS::AtLeastOnce));
+                }
+                for (topic, qos) in subs {
+                    if let Err(err) = client.try_subscribe(topic, qos) {
+                        tracing::error!(error = %err, "cannot queue an mqtt subscription");
                     }
                 }
             }
@@ -287,6 +315,7 @@ async fn event_loop(
                 }
                 tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "mqtt connection error; reconnecting");
                 metrics::counter!("vitalwatch_ingest_mqtt_errors_total").increment(1);
+                readiness.set_not_ready("ingest.mqtt", format!("mqtt connection error: {e}"));
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
@@ -294,9 +323,26 @@ async fn event_loop(
     }
 }
 
+/// Follows the broker's dropped-messages counter: a metric, and not ready
+/// while it rises (Mosquitto reports it every `sys_interval`, 10 s by default).
+fn watch_drops(payload: &[u8], last: &mut Option<u64>, readiness: &Readiness) {
+    let Some(now) = std::str::from_utf8(payload).ok().and_then(|s| s.trim().parse::<u64>().ok()) else {
+        return;
+    };
+    metrics::gauge!("vitalwatch_ingest_broker_dropped_messages").set(now as f64);
+    match *last {
+        Some(before) if now > before => {
+            tracing::error!(dropped = now - before, total = now, "the MQTT broker is dropping messages: its queue limits are reached");
+            readiness.set_not_ready("ingest.broker_drops", format!("broker dropped {} messages since the last report", now - before));
+        }
+        _ => readiness.set_ready("ingest.broker_drops"),
+    }
+    *last = Some(now);
+}
+
 /// What every in-flight message needs.
 struct Context {
-    producer: vitalwatch_bus::rdkafka::producer::FutureProducer,
+    producer: Arc<vitalwatch_bus::Producer>,
     deadletter: DeadLetter,
     readings_topic: String,
     topic_root: String,
@@ -304,6 +350,13 @@ struct Context {
     policy: TimePolicy,
     /// Fired when the drain period is over: pending deliveries stop retrying.
     give_up: CancellationToken,
+    /// Readiness condition `ingest.kafka`.
+    kafka_health: DeliveryHealth,
+    /// Batches Kafka already has, to acknowledge their redeliveries at once.
+    recent: std::sync::Mutex<RecentBatches>,
+    /// Batches being delivered now, by identity: a copy that arrives while
+    /// its twin is in flight waits for it instead of producing it again.
+    in_flight: std::sync::Mutex<HashMap<u128, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// Takes messages off the channel, keeps up to `max_in_flight` of them
@@ -320,6 +373,7 @@ async fn process(
     let mut draining = false;
     loop {
         metrics::gauge!("vitalwatch_ingest_in_flight").set(pending.len() as f64);
+        metrics::gauge!("vitalwatch_ingest_backpressure").set(if pending.len() >= cfg.max_in_flight { 1.0 } else { 0.0 });
         tokio::select! {
             biased;
             Some((msg, delivered)) = pending.next(), if !pending.is_empty() => {
@@ -373,9 +427,36 @@ async fn deliver_message(ctx: &Context, msg: &Incoming) -> bool {
     let Some((device_id, json_topic)) = topics::parse_readings_topic(&ctx.topic_root, topic) else {
         return dead_letter(ctx, msg, "", Reason::BadTopic, &format!("{topic:?} is not a readings topic"), None).await;
     };
-    let status = loop {
-        match ctx.registry.status(device_id).await {
-            Ok(s) => break s,
+    let identity = lock(&ctx.recent).identity(device_id, payload);
+    let twin = Arc::clone(lock(&ctx.in_flight).entry(identity).or_default());
+    let guard = twin.lock().await;
+    let delivered = if lock(&ctx.recent).contains(identity) {
+        metrics::counter!("vitalwatch_ingest_duplicates_total", "kind" => "batch").increment(1);
+        tracing::debug!(device_id, dup = msg.publish.dup, "batch already delivered; acknowledging the redelivery");
+        true
+    } else {
+        deliver_new(ctx, msg, device_id, json_topic, identity).await
+    };
+    drop(guard);
+    let mut in_flight = lock(&ctx.in_flight);
+    // Clones are made only under this lock: two left (the map's and ours)
+    // means no twin is waiting, and the entry can go.
+    if Arc::strong_count(&twin) == 2 {
+        in_flight.remove(&identity);
+    }
+    delivered
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Delivers a batch not seen before; remembers it once Kafka has it all.
+async fn deliver_new(ctx: &Context, msg: &Incoming, device_id: &str, json_topic: bool, identity: u128) -> bool {
+    let payload = &msg.publish.payload[..];
+    let device = loop {
+        match ctx.registry.device(device_id).await {
+            Ok(d) => break d,
             Err(e) => {
                 tracing::warn!(error = %e, "device registry unavailable; holding the message");
                 tokio::select! {
@@ -385,24 +466,29 @@ async fn deliver_message(ctx: &Context, msg: &Incoming) -> bool {
             }
         }
     };
-    let outcome = classify(device_id, json_topic, payload, status.as_ref(), msg.received_at, &ctx.policy);
+    let outcome = classify(device_id, json_topic, payload, device.as_ref(), msg.received_at, &ctx.policy);
+    if outcome.duplicates > 0 {
+        metrics::counter!("vitalwatch_ingest_duplicates_total", "kind" => "reading").increment(outcome.duplicates as u64);
+    }
     for r in &outcome.rejected {
         if !dead_letter(ctx, msg, device_id, r.rejection.reason, &r.rejection.detail, r.reading_index).await {
             return false;
         }
     }
-    if let Some(batch) = outcome.accepted {
+    for batch in &outcome.accepted {
         let started = Instant::now();
         let value = batch.encode();
-        if vitalwatch_bus::deliver(&ctx.producer, &ctx.readings_topic, &batch.patient_id, &value, None, &ctx.give_up)
+        let health = Some(&ctx.kafka_health);
+        if vitalwatch_bus::deliver(&ctx.producer, &ctx.readings_topic, &batch.patient_id, &value, None, health, &ctx.give_up)
             .await
             .is_err()
         {
             return false;
         }
         metrics::histogram!("vitalwatch_ingest_kafka_produce_seconds").record(started.elapsed().as_secs_f64());
-        metrics::counter!("vitalwatch_ingest_accepted_readings_total").increment(batch.readings.len() as u64);
     }
+    metrics::counter!("vitalwatch_ingest_accepted_readings_total").increment(outcome.accepted_readings() as u64);
+    lock(&ctx.recent).insert(identity);
     true
 }
 

@@ -1,16 +1,20 @@
 //! An in-memory copy of the device registry, so that ingest does not query
 //! PostgreSQL per message.
 //!
-//! The copy is reloaded every `refresh` interval, and also when a device is
-//! not found (at most once a second), so a newly registered device is
-//! recognised within a second rather than after the next periodic reload.
+//! The copy is reloaded whole (one query) when PostgreSQL notifies a change
+//! on `vitalwatch_registry` (triggers on `devices` and `device_assignments`),
+//! every `refresh` interval as a safety net for missed notifications, and
+//! when a device is not found (at most once a second).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{Mutex, RwLock};
-use vitalwatch_store::registry::{DeviceStatus, device_statuses};
+use futures_util::StreamExt;
+use tokio::sync::{Mutex, RwLock, mpsc};
+use tokio_util::sync::CancellationToken;
+use vitalwatch_store::registry::{CHANGE_CHANNEL, DeviceRecord, load_devices};
+use vitalwatch_store::tokio_postgres::{self, AsyncMessage};
 use vitalwatch_store::{Pool, StoreError};
 
 /// Minimum time between two reloads caused by unknown devices.
@@ -20,7 +24,7 @@ const MISS_RELOAD_INTERVAL: Duration = Duration::from_secs(1);
 pub struct RegistryCache {
     pool: Pool,
     /// The latest snapshot; replaced whole on reload.
-    devices: RwLock<Arc<HashMap<String, DeviceStatus>>>,
+    devices: RwLock<Arc<HashMap<String, DeviceRecord>>>,
     /// When the snapshot was last loaded: rate-limits reloads on misses.
     loaded_at: Mutex<Option<Instant>>,
 }
@@ -34,19 +38,20 @@ impl RegistryCache {
     pub async fn reload(&self) -> Result<usize, StoreError> {
         let mut loaded_at = self.loaded_at.lock().await;
         let client = self.pool.get().await?;
-        let map = device_statuses(&**client).await?;
+        let map = load_devices(&**client).await?;
         let n = map.len();
         *self.devices.write().await = Arc::new(map);
         *loaded_at = Some(Instant::now());
         metrics::gauge!("vitalwatch_ingest_registry_devices").set(n as f64);
+        metrics::counter!("vitalwatch_ingest_registry_reloads_total").increment(1);
         Ok(n)
     }
 
-    /// The device's status, or `None` if it is not registered. An error means
+    /// The device's record, or `None` if it is not registered. An error means
     /// the registry could not be read: the caller must not decide yet.
-    pub async fn status(&self, device_id: &str) -> Result<Option<DeviceStatus>, StoreError> {
-        if let Some(s) = self.devices.read().await.get(device_id) {
-            return Ok(Some(s.clone()));
+    pub async fn device(&self, device_id: &str) -> Result<Option<DeviceRecord>, StoreError> {
+        if let Some(d) = self.devices.read().await.get(device_id) {
+            return Ok(Some(d.clone()));
         }
         let stale = {
             let loaded_at = self.loaded_at.lock().await;
@@ -56,5 +61,69 @@ impl RegistryCache {
             self.reload().await?;
         }
         Ok(self.devices.read().await.get(device_id).cloned())
+    }
+
+    /// Keeps the snapshot fresh until `shutdown`: reloads on every change
+    /// notification and every `every`. Reconnects the listener with backoff.
+    pub async fn keep_fresh(self: Arc<Self>, url: String, every: Duration, shutdown: CancellationToken) {
+        let (tx, mut changed) = mpsc::channel::<()>(1);
+        let listener = tokio::spawn(listen(url, tx, shutdown.clone()));
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(every) => {}
+                Some(()) = changed.recv() => {
+                    // Coalesce a burst of changes (a cohort import) into one reload.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    while changed.try_recv().is_ok() {}
+                }
+                () = shutdown.cancelled() => break,
+            }
+            if let Err(e) = self.reload().await {
+                tracing::warn!(error = %e, "device registry reload failed; keeping the last copy");
+            }
+        }
+        listener.abort();
+    }
+}
+
+/// LISTENs for registry changes and signals `tx` (never blocking: one
+/// pending signal is enough to cause a reload).
+async fn listen(url: String, tx: mpsc::Sender<()>, shutdown: CancellationToken) {
+    let mut backoff = Duration::from_millis(200);
+    while !shutdown.is_cancelled() {
+        match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
+            Ok((client, mut conn)) => {
+                let (up_tx, up_rx) = tokio::sync::oneshot::channel::<()>();
+                let notify = tx.clone();
+                let driver = tokio::spawn(async move {
+                    let mut messages = std::pin::pin!(futures_util::stream::poll_fn(move |cx| conn.poll_message(cx)));
+                    while let Some(Ok(m)) = messages.next().await {
+                        if let AsyncMessage::Notification(_) = m {
+                            let _ = notify.try_send(());
+                        }
+                    }
+                    drop(up_tx);
+                });
+                match client.batch_execute(&format!("LISTEN {CHANGE_CHANNEL}")).await {
+                    Ok(()) => {
+                        backoff = Duration::from_millis(200);
+                        // A reload now covers changes made while we were not listening.
+                        let _ = tx.try_send(());
+                        tokio::select! {
+                            _ = up_rx => tracing::warn!("registry listener connection lost; reconnecting"),
+                            () = shutdown.cancelled() => {}
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot LISTEN for registry changes"),
+                }
+                driver.abort();
+            }
+            Err(e) => tracing::warn!(error = %e, "registry listener cannot connect; retrying"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = shutdown.cancelled() => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(10));
     }
 }

@@ -11,11 +11,10 @@ use crate::StoreError;
 
 /// Every migration, in order. Never edit one that has been released: add
 /// the next.
-pub const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "registry_and_readings",
-    include_str!("../migrations/0001_registry_and_readings.sql"),
-)];
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "registry_and_readings", include_str!("../migrations/0001_registry_and_readings.sql")),
+    (2, "registry_notify", include_str!("../migrations/0002_registry_notify.sql")),
+];
 
 /// Arbitrary, fixed key of the advisory lock that guards migrations.
 const LOCK_KEY: i64 = 0x7669_7461_6c77; // "vitalw"

@@ -1,59 +1,88 @@
-//! The device registry: devices, and which patient each is assigned to.
+//! The device registry: devices, and which patient each was assigned to when.
 
 use std::collections::HashMap;
 
+use chrono::{DateTime, Utc};
 use tokio_postgres::GenericClient;
 
 use crate::StoreError;
 
-/// What ingest needs to know about a device right now.
+/// The channel `NOTIFY`d whenever `devices` or `device_assignments` change.
+pub const CHANGE_CHANNEL: &str = "vitalwatch_registry";
+
+/// One period during which a device belonged to a patient.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DeviceStatus {
-    /// Registered, active and assigned to this patient.
-    Assigned { patient_id: String },
-    /// Registered and active, but not assigned to anyone.
-    Unassigned,
-    /// Registered but deactivated.
-    Inactive,
+pub struct Assignment {
+    pub patient_id: String,
+    pub from: DateTime<Utc>,
+    /// `None` while the assignment is open.
+    pub until: Option<DateTime<Utc>>,
 }
 
-/// The current status of every registered device, in one query.
-pub async fn device_statuses(client: &impl GenericClient) -> Result<HashMap<String, DeviceStatus>, StoreError> {
+/// What ingest needs to know about a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceRecord {
+    pub kind: String,
+    /// A deactivated device's readings are refused.
+    pub active: bool,
+    /// Every assignment, oldest first; periods do not overlap.
+    pub assignments: Vec<Assignment>,
+}
+
+impl DeviceRecord {
+    /// The patient who had the device at `t`, if anyone did.
+    pub fn patient_at(&self, t: DateTime<Utc>) -> Option<&str> {
+        self.assignments
+            .iter()
+            .rev()
+            .find(|a| a.from <= t && a.until.is_none_or(|u| t < u))
+            .map(|a| a.patient_id.as_str())
+    }
+
+    /// The patient who has the device now, if anyone.
+    pub fn current_patient(&self) -> Option<&str> {
+        self.assignments.last().filter(|a| a.until.is_none()).map(|a| a.patient_id.as_str())
+    }
+}
+
+/// Every registered device with its whole assignment history, in one query.
+pub async fn load_devices(client: &impl GenericClient) -> Result<HashMap<String, DeviceRecord>, StoreError> {
     let rows = client
         .query(
-            "SELECT d.device_id, d.active, a.patient_id
+            "SELECT d.device_id, d.kind, d.active, a.patient_id, a.assigned_at, a.unassigned_at
                FROM devices d
-               LEFT JOIN device_assignments a ON a.device_id = d.device_id AND a.unassigned_at IS NULL",
+               LEFT JOIN device_assignments a ON a.device_id = d.device_id
+              ORDER BY d.device_id, a.assigned_at",
             &[],
         )
         .await?;
-    Ok(rows
-        .iter()
-        .map(|r| {
-            let device: String = r.get(0);
-            let active: bool = r.get(1);
-            let patient: Option<String> = r.get(2);
-            let status = match (active, patient) {
-                (false, _) => DeviceStatus::Inactive,
-                (true, None) => DeviceStatus::Unassigned,
-                (true, Some(patient_id)) => DeviceStatus::Assigned { patient_id },
-            };
-            (device, status)
-        })
-        .collect())
+    let mut out: HashMap<String, DeviceRecord> = HashMap::new();
+    for r in &rows {
+        let device: String = r.get(0);
+        let rec = out
+            .entry(device)
+            .or_insert_with(|| DeviceRecord { kind: r.get(1), active: r.get(2), assignments: Vec::new() });
+        if let Some(patient_id) = r.get::<_, Option<String>>(3) {
+            rec.assignments.push(Assignment { patient_id, from: r.get(4), until: r.get(5) });
+        }
+    }
+    Ok(out)
 }
 
 /// Registers a device (idempotent) and, when `patient_id` is given, assigns
-/// it to that patient, closing any other open assignment. The patient is
-/// created if it is new.
+/// it to that patient from `since` (default: now), closing any other open
+/// assignment at that moment. The patient is created if it is new.
 pub async fn register_device(
     client: &mut tokio_postgres::Client,
     device_id: &str,
     kind: &str,
     patient_id: Option<&str>,
+    since: Option<DateTime<Utc>>,
 ) -> Result<(), StoreError> {
     if device_id.is_empty() || device_id.contains(['/', '+', '#']) {
-        return Err(StoreError::Invalid(format!("device id {device_id:?} must be non-empty and contain no '/', '+' or '#'")));
+        return Err(StoreError::Invalid(format!(
+            "device id {device_id:?} must be non-empty and contain no '/', '+' or '#'"
+        )));
     }
     let tx = client.transaction().await?;
     tx.execute(
@@ -64,23 +93,70 @@ pub async fn register_device(
     .await?;
     if let Some(patient) = patient_id {
         tx.execute("INSERT INTO patients (patient_id) VALUES ($1) ON CONFLICT DO NOTHING", &[&patient]).await?;
-        let open: Option<String> = tx
+        let open: Option<(String, DateTime<Utc>)> = tx
             .query_opt(
-                "SELECT patient_id FROM device_assignments WHERE device_id = $1 AND unassigned_at IS NULL FOR UPDATE",
+                "SELECT patient_id, assigned_at FROM device_assignments
+                  WHERE device_id = $1 AND unassigned_at IS NULL FOR UPDATE",
                 &[&device_id],
             )
             .await?
-            .map(|r| r.get(0));
-        if open.as_deref() != Some(patient) {
-            tx.execute(
-                "UPDATE device_assignments SET unassigned_at = now() WHERE device_id = $1 AND unassigned_at IS NULL",
-                &[&device_id],
-            )
-            .await?;
-            tx.execute("INSERT INTO device_assignments (device_id, patient_id) VALUES ($1, $2)", &[&device_id, &patient])
+            .map(|r| (r.get(0), r.get(1)));
+        let since = since.unwrap_or_else(Utc::now);
+        match open {
+            Some((p, _)) if p == patient => {}
+            Some((_, from)) if since < from => {
+                return Err(StoreError::Invalid(format!(
+                    "device {device_id} is assigned since {from}; a new assignment cannot start before that"
+                )));
+            }
+            _ => {
+                tx.execute(
+                    "UPDATE device_assignments SET unassigned_at = $2 WHERE device_id = $1 AND unassigned_at IS NULL",
+                    &[&device_id, &since],
+                )
                 .await?;
+                tx.execute(
+                    "INSERT INTO device_assignments (device_id, patient_id, assigned_at) VALUES ($1, $2, $3)",
+                    &[&device_id, &patient, &since],
+                )
+                .await?;
+            }
         }
     }
     tx.commit().await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn t(h: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 11, 1, h, 0, 0).single().unwrap_or_default()
+    }
+
+    #[test]
+    fn the_patient_is_whoever_had_the_device_then() {
+        let rec = DeviceRecord {
+            kind: "bp_cuff".into(),
+            active: true,
+            assignments: vec![
+                Assignment { patient_id: "a".into(), from: t(1), until: Some(t(5)) },
+                Assignment { patient_id: "b".into(), from: t(5), until: None },
+            ],
+        };
+        assert_eq!(rec.patient_at(t(0)), None, "before the first assignment");
+        assert_eq!(rec.patient_at(t(1)), Some("a"));
+        assert_eq!(rec.patient_at(t(4)), Some("a"));
+        assert_eq!(rec.patient_at(t(5)), Some("b"), "the hand-over instant belongs to the new patient");
+        assert_eq!(rec.patient_at(t(23)), Some("b"));
+        assert_eq!(rec.current_patient(), Some("b"));
+        let returned = DeviceRecord {
+            assignments: vec![Assignment { patient_id: "a".into(), from: t(1), until: Some(t(5)) }],
+            ..rec
+        };
+        assert_eq!(returned.patient_at(t(6)), None, "returned devices belong to no one");
+        assert_eq!(returned.current_patient(), None);
+    }
 }

@@ -6,7 +6,7 @@ use chrono::{DateTime, Duration, TimeZone, Utc};
 use vitalwatch_core::catalogue::Metric;
 use vitalwatch_core::reading::{Batch, Measurement, Quality, Reading};
 use vitalwatch_store::readings::{Rows, insert};
-use vitalwatch_store::registry::{DeviceStatus, device_statuses, register_device};
+use vitalwatch_store::registry::{load_devices, register_device};
 use vitalwatch_store::{migrate, trends};
 use vitalwatch_test_support as ts;
 
@@ -138,30 +138,53 @@ async fn trend_buckets_equal_a_brute_force_computation() {
 }
 
 #[tokio::test]
-async fn registry_tracks_assignment_and_reassignment() {
+async fn registry_tracks_assignment_history() {
     let db = ts::database().await;
     let mut c = vitalwatch_store::connect(&db.url).await.expect("connect");
-    register_device(&mut c, "cuff-1", "bp_cuff", Some("p-1")).await.expect("register");
-    register_device(&mut c, "scale-1", "scale", None).await.expect("register unassigned");
-    let s = device_statuses(&c).await.expect("statuses");
-    assert_eq!(s["cuff-1"], DeviceStatus::Assigned { patient_id: "p-1".into() });
-    assert_eq!(s["scale-1"], DeviceStatus::Unassigned);
+    register_device(&mut c, "cuff-1", "bp_cuff", Some("p-1"), Some(t(0))).await.expect("register");
+    register_device(&mut c, "scale-1", "scale", None, None).await.expect("register unassigned");
+    let d = load_devices(&c).await.expect("devices");
+    assert_eq!(d["cuff-1"].current_patient(), Some("p-1"));
+    assert_eq!(d["cuff-1"].kind, "bp_cuff");
+    assert!(d["scale-1"].assignments.is_empty());
+    assert!(d["scale-1"].active);
 
-    // Registering again is a no-op; moving the device closes the old assignment.
-    register_device(&mut c, "cuff-1", "bp_cuff", Some("p-1")).await.expect("again");
-    register_device(&mut c, "cuff-1", "bp_cuff", Some("p-2")).await.expect("move");
-    let s = device_statuses(&c).await.expect("statuses");
-    assert_eq!(s["cuff-1"], DeviceStatus::Assigned { patient_id: "p-2".into() });
-    let history: Vec<(String, bool)> = c
-        .query("SELECT patient_id, unassigned_at IS NULL FROM device_assignments WHERE device_id = 'cuff-1' ORDER BY assigned_at", &[])
-        .await
-        .expect("history")
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
-    assert_eq!(history, vec![("p-1".to_owned(), false), ("p-2".to_owned(), true)]);
+    // Registering again is a no-op; moving the device closes the old assignment at the hand-over.
+    register_device(&mut c, "cuff-1", "bp_cuff", Some("p-1"), Some(t(50))).await.expect("again");
+    register_device(&mut c, "cuff-1", "bp_cuff", Some("p-2"), Some(t(100))).await.expect("move");
+    let d = load_devices(&c).await.expect("devices");
+    let cuff = &d["cuff-1"];
+    assert_eq!(cuff.assignments.len(), 2);
+    assert_eq!(cuff.patient_at(t(99)), Some("p-1"));
+    assert_eq!(cuff.patient_at(t(100)), Some("p-2"));
+    assert_eq!(cuff.patient_at(t(-1)), None);
+    // A hand-over cannot be dated before the assignment it ends.
+    assert!(register_device(&mut c, "cuff-1", "bp_cuff", Some("p-3"), Some(t(10))).await.is_err());
 
     c.execute("UPDATE devices SET active = false WHERE device_id = 'cuff-1'", &[]).await.expect("deactivate");
-    assert_eq!(device_statuses(&c).await.expect("statuses")["cuff-1"], DeviceStatus::Inactive);
-    assert!(register_device(&mut c, "bad/id", "x", None).await.is_err(), "MQTT wildcards and separators are refused");
+    assert!(!load_devices(&c).await.expect("devices")["cuff-1"].active);
+    assert!(register_device(&mut c, "bad/id", "x", None, None).await.is_err(), "MQTT wildcards and separators are refused");
+}
+
+#[tokio::test]
+async fn registry_changes_are_notified() {
+    let db = ts::database().await;
+    let (client, mut conn) = vitalwatch_store::tokio_postgres::connect(&db.url, vitalwatch_store::tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(futures_util::stream::poll_fn(move |cx| conn.poll_message(cx)));
+        use futures_util::StreamExt;
+        while let Some(Ok(m)) = stream.next().await {
+            if let vitalwatch_store::tokio_postgres::AsyncMessage::Notification(n) = m {
+                let _ = tx.send(n.channel().to_owned());
+            }
+        }
+    });
+    client.batch_execute("LISTEN vitalwatch_registry").await.expect("listen");
+    let mut c = vitalwatch_store::connect(&db.url).await.expect("connect");
+    register_device(&mut c, "ox-1", "pulse_oximeter", Some("p-9"), None).await.expect("register");
+    let got = tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv()).await.expect("notified in time");
+    assert_eq!(got.as_deref(), Some(vitalwatch_store::registry::CHANGE_CHANNEL));
 }

@@ -21,6 +21,16 @@ use vitalwatch_bus::rdkafka::message::OwnedMessage;
 use vitalwatch_ingest::MqttConfig;
 use vitalwatch_store::DatabaseConfig;
 
+/// Sends the services' logs to the test's output (shown for failing tests),
+/// filtered by `VITALWATCH_TEST_LOG` (default `warn`). Safe to call often.
+pub fn logs() {
+    let filter = std::env::var("VITALWATCH_TEST_LOG").unwrap_or_else(|_| "warn".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_test_writer()
+        .try_init();
+}
+
 /// PostgreSQL URL of a role allowed to create databases.
 pub fn admin_database_url() -> String {
     std::env::var("VITALWATCH_TEST_DATABASE_URL")
@@ -29,6 +39,11 @@ pub fn admin_database_url() -> String {
 
 pub fn kafka_brokers() -> String {
     std::env::var("VITALWATCH_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into())
+}
+
+/// Password of the broker accounts (`deploy/local/mosquitto.users`).
+pub fn mqtt_password() -> String {
+    std::env::var("VITALWATCH_TEST_MQTT_PASSWORD").unwrap_or_else(|_| "vitalwatch-local".into())
 }
 
 pub fn mqtt_host_port() -> (String, u16) {
@@ -59,10 +74,15 @@ pub async fn database() -> DatabaseConfig {
     DatabaseConfig { url, pool_size: 4 }
 }
 
-/// Kafka settings with this test's own topics, created.
+/// Kafka settings with this test's own topics, created on the shared broker.
 pub async fn kafka() -> KafkaConfig {
+    kafka_on(&kafka_brokers()).await
+}
+
+/// Kafka settings with this test's own topics, created on `brokers`.
+pub async fn kafka_on(brokers: &str) -> KafkaConfig {
     let cfg = KafkaConfig {
-        brokers: kafka_brokers(),
+        brokers: brokers.to_owned(),
         readings_topic: unique("t.readings"),
         deadletter_topic: unique("t.deadletter"),
         alerts_topic: unique("t.alerts"),
@@ -84,6 +104,8 @@ pub fn mqtt() -> MqttConfig {
         client_id: unique("ingest"),
         share_group: unique("g"),
         topic_root: format!("{}/rpm/v1/devices", unique("t")),
+        username: Some("vitalwatch-ingest".into()),
+        password: Some(mqtt_password()),
         ..MqttConfig::default()
     }
 }
@@ -114,10 +136,14 @@ pub struct Device {
 }
 
 impl Device {
-    pub async fn connect() -> Device {
+    /// Connects as the broker account `user` (a device id listed in
+    /// `deploy/local/mosquitto.users`).
+    pub async fn connect(user: &str) -> Device {
         let (host, port) = mqtt_host_port();
-        let mut opts = MqttOptions::new(unique("device"), host, port);
-        opts.set_keep_alive(Duration::from_secs(30)).set_max_packet_size(1 << 20, 1 << 20);
+        let mut opts = MqttOptions::new(unique(user), host, port);
+        opts.set_keep_alive(Duration::from_secs(30))
+            .set_max_packet_size(1 << 20, 1 << 20)
+            .set_credentials(user, mqtt_password());
         let (client, mut eventloop) = AsyncClient::new(opts, 1000);
         let (tx, acked) = tokio::sync::watch::channel(0u64);
         let task = tokio::spawn(async move {
@@ -196,4 +222,71 @@ pub fn header(m: &OwnedMessage, key: &str) -> Option<String> {
     use vitalwatch_bus::rdkafka::message::Headers;
     let h = m.headers()?;
     h.iter().find(|h| h.key == key).and_then(|h| h.value).map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+/// A Kafka-protocol broker of the test's own (tansu, sqlite storage in a
+/// temporary directory) that the test may stop and start again, on the same
+/// port and with the same data. The binary comes from `VITALWATCH_TEST_TANSU`.
+#[derive(Debug)]
+pub struct PrivateKafka {
+    pub port: u16,
+    dir: std::path::PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl PrivateKafka {
+    pub async fn start() -> PrivateKafka {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("free port").local_addr().expect("addr").port();
+        let dir = std::env::temp_dir().join(unique("tansu"));
+        std::fs::create_dir_all(&dir).expect("tansu dir");
+        let mut k = PrivateKafka { port, dir, child: None };
+        k.resume().await;
+        k
+    }
+
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the broker process (again) and waits until it accepts connections.
+    pub async fn resume(&mut self) {
+        let bin = std::env::var("VITALWATCH_TEST_TANSU").expect("VITALWATCH_TEST_TANSU names the tansu binary");
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("tansu.log")).expect("log");
+        let child = std::process::Command::new(bin)
+            .current_dir(&self.dir)
+            .env_remove("STORAGE_ENGINE")
+            .env_remove("LISTENER_URL")
+            .env_remove("ADVERTISED_LISTENER_URL")
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", "sqlite://tansu.db"])
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start tansu");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_err() {
+            assert!(Instant::now() < deadline, "private tansu did not start");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Kills the broker process (its data stays on disk).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for PrivateKafka {
+    fn drop(&mut self) {
+        self.stop();
+        if std::thread::panicking() {
+            eprintln!("private tansu data and log kept in {}", self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
 }

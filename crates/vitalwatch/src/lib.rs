@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use vitalwatch_alerts::AlertsConfig;
 use vitalwatch_api::ApiConfig;
 use vitalwatch_bus::KafkaConfig;
+use vitalwatch_core::health::Readiness;
 use vitalwatch_ingest::{IngestConfig, MqttConfig};
 use vitalwatch_store::DatabaseConfig;
 use vitalwatch_writer::WriterConfig;
@@ -55,25 +56,41 @@ pub enum Service {
 }
 
 /// Runs `service` until `shutdown` fires or it fails.
-pub async fn run_service(service: Service, cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// `readiness` collects the conditions of every service in the process.
+pub async fn run_service(
+    service: Service,
+    cfg: &Config,
+    readiness: Readiness,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     match service {
-        Service::Ingest => vitalwatch_ingest::run(&cfg.ingest, &cfg.mqtt, &cfg.kafka, &cfg.database, shutdown).await?,
-        Service::Writer => vitalwatch_writer::run(&cfg.writer, &cfg.kafka, &cfg.database, shutdown).await?,
+        Service::Ingest => {
+            vitalwatch_ingest::run(&cfg.ingest, &cfg.mqtt, &cfg.kafka, &cfg.database, readiness, shutdown).await?;
+        }
+        Service::Writer => vitalwatch_writer::run(&cfg.writer, &cfg.kafka, &cfg.database, readiness, shutdown).await?,
         Service::Alerts => vitalwatch_alerts::run(&cfg.alerts, &cfg.kafka, shutdown).await?,
         Service::Api => {
-            vitalwatch_api::run(&cfg.api, &cfg.database, vitalwatch_api::telemetry::metrics_handle(), shutdown).await?;
+            let metrics = vitalwatch_api::telemetry::metrics_handle();
+            vitalwatch_api::run(&cfg.api, &cfg.database, metrics, readiness, shutdown).await?;
         }
     }
     Ok(())
 }
 
-/// Runs several services in this process. The first to fail stops the rest.
-pub async fn run_services(services: &[Service], cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// Runs several services in this process, sharing one [`Readiness`]. The
+/// first to fail stops the rest.
+pub async fn run_services(
+    services: &[Service],
+    cfg: &Config,
+    readiness: Readiness,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let mut set = tokio::task::JoinSet::new();
     for &s in services {
         let cfg = cfg.clone();
         let token = shutdown.clone();
-        set.spawn(async move { (s, run_service(s, &cfg, token).await) });
+        let readiness = readiness.clone();
+        set.spawn(async move { (s, run_service(s, &cfg, readiness, token).await) });
     }
     let mut first_error = None;
     while let Some(joined) = set.join_next().await {

@@ -48,8 +48,11 @@ enum Devices {
         patient: Option<String>,
         #[arg(long, default_value = "unknown")]
         kind: String,
+        /// When the assignment starts (RFC 3339); default: now.
+        #[arg(long)]
+        since: Option<chrono::DateTime<chrono::Utc>>,
     },
-    /// Import `device_id,patient_id,kind` lines from a CSV file.
+    /// Import `device_id,patient_id,kind[,assigned_at]` lines from a CSV file.
     Import { file: PathBuf },
 }
 
@@ -84,8 +87,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             return Ok(());
         }
         Command::Topics => return vitalwatch::create_topics(&cfg.kafka).await,
-        Command::Devices(Devices::Register { device, patient, kind }) => {
-            let entry = vitalwatch::devices::Entry { device_id: device, patient_id: patient, kind };
+        Command::Devices(Devices::Register { device, patient, kind, since }) => {
+            let entry = vitalwatch::devices::Entry { device_id: device, patient_id: patient, kind, since };
             vitalwatch::devices::register(&cfg.database, &[entry]).await?;
             return Ok(());
         }
@@ -108,5 +111,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if services.len() > 1 {
         vitalwatch::create_topics(&cfg.kafka).await?;
     }
-    vitalwatch::run_services(services, &cfg, vitalwatch::shutdown_on_signals()).await
+    let readiness = vitalwatch_core::health::Readiness::new();
+    vitalwatch::run_services(services, &cfg, readiness, vitalwatch::shutdown_on_signals()).await
 }

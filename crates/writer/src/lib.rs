@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use vitalwatch_bus::rdkafka::consumer::{CommitMode, Consumer};
 use vitalwatch_bus::rdkafka::{Message, Offset, TopicPartitionList};
 use vitalwatch_bus::{BusError, DeadLetter, DeadLetterInfo, KafkaConfig};
+use vitalwatch_core::health::Readiness;
 use vitalwatch_core::reading::Batch;
 use vitalwatch_store::readings::{self, Rows};
 use vitalwatch_store::{DatabaseConfig, Pool, StoreError};
@@ -69,10 +70,19 @@ struct Record {
 
 /// Runs the writer until `shutdown` fires. The batch in hand when it fires
 /// is still written if the database is up, then its offsets are committed.
-pub async fn run(cfg: &WriterConfig, kafka: &KafkaConfig, db: &DatabaseConfig, shutdown: CancellationToken) -> Result<(), WriterError> {
+///
+/// Readiness condition `writer.database`: not ready while writes fail.
+pub async fn run(
+    cfg: &WriterConfig,
+    kafka: &KafkaConfig,
+    db: &DatabaseConfig,
+    readiness: Readiness,
+    shutdown: CancellationToken,
+) -> Result<(), WriterError> {
     let consumer = vitalwatch_bus::consumer(kafka, &cfg.group_id)?;
     consumer.subscribe(&[kafka.readings_topic.as_str()])?;
-    let deadletter = DeadLetter::new(vitalwatch_bus::producer(kafka)?, kafka.deadletter_topic.clone());
+    let deadletter = DeadLetter::new(vitalwatch_bus::Producer::new(kafka)?, kafka.deadletter_topic.clone(), None);
+    readiness.set_ready("writer.database");
     let pool = vitalwatch_store::pool(db)?;
     tracing::info!(group = %cfg.group_id, topic = %kafka.readings_topic, "writer started");
     let max_wait = Duration::from_millis(cfg.batch_max_wait_ms);
@@ -129,7 +139,7 @@ pub async fn run(cfg: &WriterConfig, kafka: &KafkaConfig, db: &DatabaseConfig, s
         if offsets.is_empty() {
             continue;
         }
-        if write(&pool, &records, &deadletter, &shutdown).await.is_err() {
+        if write(&pool, &records, &deadletter, &readiness, &shutdown).await.is_err() {
             break; // shut down while the database was away: nothing committed
         }
         let mut tpl = TopicPartitionList::new();
@@ -154,19 +164,25 @@ pub async fn run(cfg: &WriterConfig, kafka: &KafkaConfig, db: &DatabaseConfig, s
 /// Writes every record's rows durably. Waits out transient database errors;
 /// if the database refuses the batch for good, writes record by record and
 /// dead-letters the ones it refuses. `Err` only when `shutdown` fired first.
-async fn write(pool: &Pool, records: &[Record], deadletter: &DeadLetter, shutdown: &CancellationToken) -> Result<(), ()> {
+async fn write(
+    pool: &Pool,
+    records: &[Record],
+    deadletter: &DeadLetter,
+    readiness: &Readiness,
+    shutdown: &CancellationToken,
+) -> Result<(), ()> {
     let mut rows = Rows::default();
     for r in records {
         rows.push(&r.batch);
     }
-    match insert_retrying(pool, &rows, shutdown).await? {
+    match insert_retrying(pool, &rows, readiness, shutdown).await? {
         Ok(()) => return Ok(()),
         Err(e) => tracing::warn!(error = %e, "database refused a batch; writing its records one by one"),
     }
     for r in records {
         let mut one = Rows::default();
         one.push(&r.batch);
-        if let Err(e) = insert_retrying(pool, &one, shutdown).await? {
+        if let Err(e) = insert_retrying(pool, &one, readiness, shutdown).await? {
             let detail = e.to_string();
             let info = DeadLetterInfo {
                 reason: "store_rejected",
@@ -184,18 +200,27 @@ async fn write(pool: &Pool, records: &[Record], deadletter: &DeadLetter, shutdow
 }
 
 /// `Ok(Ok)` written, `Ok(Err)` refused for good, `Err` shut down while waiting.
-async fn insert_retrying(pool: &Pool, rows: &Rows, shutdown: &CancellationToken) -> Result<Result<(), StoreError>, ()> {
+async fn insert_retrying(
+    pool: &Pool,
+    rows: &Rows,
+    readiness: &Readiness,
+    shutdown: &CancellationToken,
+) -> Result<Result<(), StoreError>, ()> {
     let mut backoff = Duration::from_millis(100);
     loop {
         let started = Instant::now();
         match insert_once(pool, rows).await {
             Ok(new) => {
+                if readiness.is_ready("writer.database") != Some(true) {
+                    readiness.set_ready("writer.database");
+                }
                 metrics::histogram!("vitalwatch_writer_batch_seconds").record(started.elapsed().as_secs_f64());
                 metrics::counter!("vitalwatch_writer_rows_total").increment(new);
                 metrics::counter!("vitalwatch_writer_duplicate_rows_total").increment(rows.len() as u64 - new);
                 return Ok(Ok(()));
             }
             Err(e) if e.is_transient() => {
+                readiness.set_not_ready("writer.database", format!("database writes failing: {e}"));
                 tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "database unavailable; holding the batch");
                 metrics::counter!("vitalwatch_writer_retries_total").increment(1);
             }

@@ -52,6 +52,11 @@ enum Command {
         topic_root: String,
         #[arg(long, value_enum, default_value_t = Format::Json)]
         format: Format,
+        /// MQTT user name (a gateway account allowed to publish for the cohort).
+        #[arg(long, env = "VITALWATCH_SIM_USERNAME")]
+        username: Option<String>,
+        #[arg(long, env = "VITALWATCH_SIM_PASSWORD", default_value = "")]
+        password: String,
     },
 }
 
@@ -62,18 +67,30 @@ async fn main() -> anyhow::Result<()> {
             print!("{}", Cohort::new(c.patients, &c.prefix, c.seed).registry_csv());
             Ok(())
         }
-        Command::Run { cohort, rate, duration, host, port, topic_root, format } => {
-            run(cohort, rate, duration, host, port, topic_root, format).await
+        Command::Run { cohort, rate, duration, host, port, topic_root, format, username, password } => {
+            let broker = Broker { host, port, username, password };
+            run(cohort, rate, duration, broker, topic_root, format).await
         }
     }
 }
 
-async fn run(c: CohortArgs, rate: f64, duration: u64, host: String, port: u16, root: String, format: Format) -> anyhow::Result<()> {
+struct Broker {
+    host: String,
+    port: u16,
+    username: Option<String>,
+    password: String,
+}
+
+async fn run(c: CohortArgs, rate: f64, duration: u64, broker: Broker, root: String, format: Format) -> anyhow::Result<()> {
+    let Broker { host, port, username, password } = broker;
     anyhow::ensure!(c.patients > 0, "--patients must be at least 1");
     anyhow::ensure!(rate > 0.0 && rate.is_finite(), "--rate must be positive");
     let mut cohort = Cohort::new(c.patients, &c.prefix, c.seed);
     let mut opts = MqttOptions::new(format!("{}-sim-{}", c.prefix, std::process::id()), host.clone(), port);
     opts.set_keep_alive(Duration::from_secs(30)).set_inflight(1000).set_max_packet_size(1 << 20, 1 << 20);
+    if let Some(user) = username {
+        opts.set_credentials(user, password);
+    }
     let (client, mut eventloop) = AsyncClient::new(opts, 2000);
     let acked = Arc::new(AtomicU64::new(0));
     let acked_in_loop = acked.clone();

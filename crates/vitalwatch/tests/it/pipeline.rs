@@ -1,131 +1,28 @@
-//! End to end through the real services: a device publishes over MQTT
-//! (Mosquitto), ingest produces to Kafka (tansu), the writer stores rows in
-//! PostgreSQL, and the API serves the trend.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! End to end: a device publishes over MQTT (Mosquitto), ingest produces
+//! to Kafka (tansu), the writer stores rows in PostgreSQL, and the API serves
+//! the trend.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use axum::body::Body;
-use axum::http::{Request, StatusCode};
-use chrono::{DateTime, TimeZone, Utc};
-use http_body_util::BodyExt;
+use axum::http::StatusCode;
+use chrono::{DateTime, Utc};
 use prost::Message as _;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
-use tower::ServiceExt;
-use vitalwatch::{Config, Service};
+use vitalwatch::Service;
 use vitalwatch_core::proto;
 use vitalwatch_core::topics::mqtt_readings_topic;
 use vitalwatch_test_support::{self as ts, Device};
 
-const WAIT: Duration = Duration::from_secs(60);
-
-/// A configuration whose database, topics, groups and MQTT root belong to
-/// this test alone.
-async fn config() -> Config {
-    let mut cfg = Config {
-        database: ts::database().await,
-        kafka: ts::kafka().await,
-        mqtt: ts::mqtt(),
-        ..Config::default()
-    };
-    cfg.writer.group_id = ts::unique("writer");
-    cfg.writer.batch_max_wait_ms = 50;
-    cfg.alerts.group_id = ts::unique("alerts");
-    cfg
-}
-
-struct Running {
-    token: CancellationToken,
-    task: JoinHandle<anyhow::Result<()>>,
-}
-
-fn start(services: &[Service], cfg: &Config) -> Running {
-    let token = CancellationToken::new();
-    let (services, cfg, t) = (services.to_vec(), cfg.clone(), token.clone());
-    let task = tokio::spawn(async move { vitalwatch::run_services(&services, &cfg, t).await });
-    Running { token, task }
-}
-
-impl Running {
-    async fn stop(self) {
-        self.token.cancel();
-        tokio::time::timeout(Duration::from_secs(30), self.task)
-            .await
-            .expect("services stop within 30 s")
-            .expect("services task joined")
-            .expect("services ended cleanly");
-    }
-}
-
-async fn register(cfg: &Config, device: &str, patient: &str) {
-    let e = vitalwatch::devices::Entry { device_id: device.into(), patient_id: Some(patient.into()), kind: "test".into() };
-    vitalwatch::devices::register(&cfg.database, &[e]).await.expect("register device");
-}
-
-async fn count_rows(cfg: &Config, patient: &str) -> i64 {
-    let c = vitalwatch_store::connect(&cfg.database.url).await.expect("db");
-    c.query_one("SELECT count(*) FROM readings WHERE patient_id = $1", &[&patient]).await.expect("count").get(0)
-}
-
-/// Publishes probes from an unregistered device until one comes out of the
-/// dead-letter topic: from then on ingest's subscription is live and no
-/// publish of the test can fall between the broker and a missing subscriber.
-async fn wait_until_ingest_subscribed(cfg: &Config, device: &mut Device) {
-    use vitalwatch_bus::rdkafka::consumer::Consumer;
-    let consumer = vitalwatch_bus::consumer(&cfg.kafka, &ts::unique("probe")).expect("consumer");
-    consumer.subscribe(&[cfg.kafka.deadletter_topic.as_str()]).expect("subscribe");
-    let topic = mqtt_readings_topic(&cfg.mqtt.topic_root, "probe");
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        assert!(tokio::time::Instant::now() < deadline, "ingest never subscribed");
-        device.publish(&topic, b"{}".to_vec()).await;
-        if let Ok(Ok(m)) = tokio::time::timeout(Duration::from_millis(500), consumer.recv()).await {
-            if ts::key(&m.detach()) == "probe" {
-                return;
-            }
-        }
-    }
-}
-
-fn at(secs: i64) -> DateTime<Utc> {
-    // Aligned to a 5-minute boundary, an hour ago, so all test buckets are whole.
-    let base = (Utc::now().timestamp() / 300 - 12) * 300;
-    Utc.timestamp_opt(base + secs, 0).single().expect("valid time")
-}
-
-fn json_batch(device: &str, seq: u64, readings: &[serde_json::Value]) -> Vec<u8> {
-    serde_json::json!({"device_id": device, "seq": seq, "readings": readings}).to_string().into_bytes()
-}
-
-fn hr(value: f64, t: DateTime<Utc>) -> serde_json::Value {
-    serde_json::json!({"metric": "heart_rate", "value": value, "unit": "/min", "measured_at": t.to_rfc3339()})
-}
-
-async fn get_json(cfg: &Config, uri: &str) -> (StatusCode, serde_json::Value) {
-    let state = vitalwatch_api::AppState {
-        pool: vitalwatch_store::pool(&cfg.database).expect("pool"),
-        metrics: vitalwatch_api::telemetry::metrics_handle(),
-        max_buckets: 10_000,
-    };
-    let resp = vitalwatch_api::app(state)
-        .oneshot(Request::get(uri).body(Body::empty()).expect("request"))
-        .await
-        .expect("response");
-    let status = resp.status();
-    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
-    (status, serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null))
-}
+use crate::util::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reading_travels_from_device_to_trend() {
     let cfg = config().await;
-    let (device_id, patient) = (ts::unique("dev"), ts::unique("pat"));
+    let (device_id, patient) = ("test-dev-1".to_owned(), ts::unique("pat"));
     register(&cfg, &device_id, &patient).await;
     let pipeline = start(&[Service::Ingest, Service::Writer], &cfg);
-    let mut device = Device::connect().await;
-    wait_until_ingest_subscribed(&cfg, &mut device).await;
+    wait_until_ingest_subscribed(&cfg).await;
+    let mut device = Device::connect(&device_id).await;
 
     // Heart rate over three 5-minute buckets, in JSON and protobuf, plus blood pressure.
     let topic = mqtt_readings_topic(&cfg.mqtt.topic_root, &device_id);
@@ -213,11 +110,11 @@ async fn a_reading_travels_from_device_to_trend() {
 async fn writer_crash_mid_stream_loses_and_doubles_nothing() {
     let mut cfg = config().await;
     cfg.writer.batch_max_rows = 20;
-    let (device_id, patient) = (ts::unique("dev"), ts::unique("pat"));
+    let (device_id, patient) = ("test-dev-1".to_owned(), ts::unique("pat"));
     register(&cfg, &device_id, &patient).await;
     let ingest = start(&[Service::Ingest], &cfg);
-    let mut device = Device::connect().await;
-    wait_until_ingest_subscribed(&cfg, &mut device).await;
+    wait_until_ingest_subscribed(&cfg).await;
+    let mut device = Device::connect(&device_id).await;
 
     let topic = mqtt_readings_topic(&cfg.mqtt.topic_root, &device_id);
     let batches = 1000;
@@ -269,11 +166,11 @@ async fn writer_crash_mid_stream_loses_and_doubles_nothing() {
 async fn bad_input_is_dead_lettered_counted_and_ingest_keeps_running() {
     let metrics = vitalwatch_api::telemetry::metrics_handle();
     let cfg = config().await;
-    let (device_id, patient) = (ts::unique("dev"), ts::unique("pat"));
+    let (device_id, patient) = ("test-dev-1".to_owned(), ts::unique("pat"));
     register(&cfg, &device_id, &patient).await;
     let ingest = start(&[Service::Ingest], &cfg);
-    let mut device = Device::connect().await;
-    wait_until_ingest_subscribed(&cfg, &mut device).await;
+    wait_until_ingest_subscribed(&cfg).await;
+    let mut device = Device::connect(&device_id).await;
 
     let topic = mqtt_readings_topic(&cfg.mqtt.topic_root, &device_id);
     let garbage = b"\x08\x96\x01\xff\xff garbage".to_vec();
@@ -323,12 +220,8 @@ async fn bad_input_is_dead_lettered_counted_and_ingest_keeps_running() {
     // …and counted every rejection by reason.
     let text = metrics.render();
     for reason in ["malformed_payload", "unknown_metric", "out_of_range"] {
-        let line = format!("vitalwatch_ingest_rejected_total{{reason=\"{reason}\"}}");
-        let n: f64 = text
-            .lines()
-            .find_map(|l| l.strip_prefix(&line).map(|v| v.trim().parse().unwrap_or(0.0)))
-            .unwrap_or_else(|| panic!("{line} missing from /metrics:\n{text}"));
-        assert!(n >= 1.0, "{line} = {n}");
+        let series = format!("vitalwatch_ingest_rejected_total{{reason=\"{reason}\"}}");
+        assert!(metric(&text, &series) >= 1.0, "{series} missing or zero in:\n{text}");
     }
 
     device.disconnect().await;
@@ -337,8 +230,4 @@ async fn bad_input_is_dead_lettered_counted_and_ingest_keeps_running() {
 
 fn prost_types_ts(t: DateTime<Utc>) -> prost_types::Timestamp {
     prost_types::Timestamp { seconds: t.timestamp(), nanos: 0 }
-}
-
-fn urlenc(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true).replace('+', "%2B")
 }

@@ -1,0 +1,7 @@
+//! Integration tests of the whole pipeline, through the real services that
+//! `deploy/local/test` starts: Mosquitto, tansu and PostgreSQL.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod ingest;
+mod pipeline;
+mod util;

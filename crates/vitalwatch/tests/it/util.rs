@@ -1,0 +1,139 @@
+//! Helpers shared by the pipeline tests.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use chrono::{DateTime, TimeZone, Utc};
+use http_body_util::BodyExt;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+use vitalwatch::{Config, Service};
+use vitalwatch_core::health::Readiness;
+use vitalwatch_core::topics::mqtt_readings_topic;
+use vitalwatch_test_support::{self as ts, Device};
+
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// A configuration whose database, topics, groups and MQTT root belong to
+/// this test alone.
+pub async fn config() -> Config {
+    ts::logs();
+    let mut cfg = Config { database: ts::database().await, kafka: ts::kafka().await, mqtt: ts::mqtt(), ..Config::default() };
+    cfg.writer.group_id = ts::unique("writer");
+    cfg.writer.batch_max_wait_ms = 50;
+    cfg.alerts.group_id = ts::unique("alerts");
+    cfg
+}
+
+pub struct Running {
+    pub token: CancellationToken,
+    pub task: JoinHandle<anyhow::Result<()>>,
+    pub readiness: Readiness,
+}
+
+pub fn start(services: &[Service], cfg: &Config) -> Running {
+    let token = CancellationToken::new();
+    let readiness = Readiness::new();
+    let (services, cfg, t, r) = (services.to_vec(), cfg.clone(), token.clone(), readiness.clone());
+    let task = tokio::spawn(async move { vitalwatch::run_services(&services, &cfg, r, t).await });
+    Running { token, task, readiness }
+}
+
+impl Running {
+    pub async fn stop(self) {
+        self.token.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("services stop within 30 s")
+            .expect("services task joined")
+            .expect("services ended cleanly");
+    }
+}
+
+/// Registers `device` and assigns it to `patient` since 30 days ago.
+pub async fn register(cfg: &Config, device: &str, patient: &str) {
+    register_since(cfg, device, Some(patient), Some(Utc::now() - chrono::Duration::days(30))).await;
+}
+
+pub async fn register_since(cfg: &Config, device: &str, patient: Option<&str>, since: Option<DateTime<Utc>>) {
+    let e = vitalwatch::devices::Entry {
+        device_id: device.into(),
+        patient_id: patient.map(Into::into),
+        kind: "test".into(),
+        since,
+    };
+    vitalwatch::devices::register(&cfg.database, &[e]).await.expect("register device");
+}
+
+pub async fn count_rows(cfg: &Config, patient: &str) -> i64 {
+    let c = vitalwatch_store::connect(&cfg.database.url).await.expect("db");
+    c.query_one("SELECT count(*) FROM readings WHERE patient_id = $1", &[&patient]).await.expect("count").get(0)
+}
+
+/// Publishes probes as the unregistered device `probe` until one comes out
+/// of the dead-letter topic: from then on ingest's subscription is live and
+/// no publish of the test can fall between the broker and a missing
+/// subscriber.
+pub async fn wait_until_ingest_subscribed(cfg: &Config) {
+    use vitalwatch_bus::rdkafka::consumer::Consumer;
+    let mut probe = Device::connect("probe").await;
+    let consumer = vitalwatch_bus::consumer(&cfg.kafka, &ts::unique("probe")).expect("consumer");
+    consumer.subscribe(&[cfg.kafka.deadletter_topic.as_str()]).expect("subscribe");
+    let topic = mqtt_readings_topic(&cfg.mqtt.topic_root, "probe");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        assert!(tokio::time::Instant::now() < deadline, "ingest never subscribed");
+        // Distinct payloads, so that ingest does not take them for redeliveries.
+        let n = tokio::time::Instant::now().elapsed().as_nanos();
+        probe.publish(&topic, format!("{{\"seq\": {n}}}").into_bytes()).await;
+        if let Ok(Ok(m)) = tokio::time::timeout(Duration::from_millis(500), consumer.recv()).await
+            && ts::key(&m.detach()) == "probe"
+        {
+            break;
+        }
+    }
+    probe.disconnect().await;
+}
+
+/// A time aligned to a 5-minute boundary about an hour ago, plus `secs`.
+pub fn at(secs: i64) -> DateTime<Utc> {
+    let base = (Utc::now().timestamp() / 300 - 12) * 300;
+    Utc.timestamp_opt(base + secs, 0).single().expect("valid time")
+}
+
+pub fn json_batch(device: &str, seq: u64, readings: &[serde_json::Value]) -> Vec<u8> {
+    serde_json::json!({"device_id": device, "seq": seq, "readings": readings}).to_string().into_bytes()
+}
+
+pub fn hr(value: f64, t: DateTime<Utc>) -> serde_json::Value {
+    serde_json::json!({"metric": "heart_rate", "value": value, "unit": "/min", "measured_at": t.to_rfc3339()})
+}
+
+pub async fn get_json(cfg: &Config, uri: &str) -> (StatusCode, serde_json::Value) {
+    let state = vitalwatch_api::AppState {
+        pool: vitalwatch_store::pool(&cfg.database).expect("pool"),
+        metrics: vitalwatch_api::telemetry::metrics_handle(),
+        max_buckets: 10_000,
+        readiness: Readiness::new(),
+    };
+    let resp = vitalwatch_api::app(state)
+        .oneshot(Request::get(uri).body(Body::empty()).expect("request"))
+        .await
+        .expect("response");
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+    (status, serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null))
+}
+
+/// The value of a Prometheus counter or gauge line, 0 when absent.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')).map(|v| v.trim().parse().unwrap_or(0.0)))
+        .unwrap_or(0.0)
+}
+
+pub fn urlenc(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true).replace('+', "%2B")
+}
