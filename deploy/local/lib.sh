@@ -61,12 +61,12 @@ stop_pidfile() {
     rm -f "$1"
 }
 
-# The Debian PostgreSQL cluster's version and port (first cluster listed).
-pg_cluster() { pg_lsclusters -h 2>/dev/null | awk 'NR == 1 { print $1, $3 }'; }
+# The Debian PostgreSQL cluster's version, name and port (first cluster listed).
+pg_cluster() { pg_lsclusters -h 2>/dev/null | awk 'NR == 1 { print $1, $2, $3 }'; }
 
 database_url() {
     local port
-    port=$(pg_cluster | awk '{ print $2 }')
+    port=$(pg_cluster | awk '{ print $3 }')
     echo "postgres://$DB_USER:$DB_PASSWORD@127.0.0.1:${port:-5432}/$1"
 }
 

@@ -69,7 +69,15 @@ pub async fn get_vitals(
     let bucket = q.bucket.unwrap_or_else(|| "1h".into());
     let bucket_seconds = parse_bucket(&bucket).map_err(ApiError::BadRequest)?;
     let to = q.to.unwrap_or_else(Utc::now);
-    let from = q.from.unwrap_or(to - Duration::hours(24));
+    let from = match q.from {
+        Some(f) => f,
+        None => to.checked_sub_signed(Duration::hours(24)).ok_or_else(|| ApiError::BadRequest("to is out of range".into()))?,
+    };
+    for (name, t) in [("from", from), ("to", to)] {
+        if !(1970..=9999).contains(&chrono::Datelike::year(&t)) {
+            return Err(ApiError::BadRequest(format!("{name} must be between the years 1970 and 9999")));
+        }
+    }
     if from >= to {
         return Err(ApiError::BadRequest("from must be before to".into()));
     }

@@ -348,7 +348,8 @@ pub async fn deliver(
             None => tracing::warn!(topic, error = %err, "kafka delivery failed; retrying"),
         }
         tracing::debug!(topic, error = %err, retry_in_ms = backoff.as_millis() as u64, "kafka delivery failed; retrying");
-        if !is_unavailable(&err) {
+        let fatal = rdkafka::producer::Producer::client(&client).fatal_error();
+        if fatal.is_some() || !is_unavailable(&err) {
             producer.replace(generation, &err);
         }
         tokio::select! {

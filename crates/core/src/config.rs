@@ -4,13 +4,16 @@
 //! An environment variable names a key path with `__` between levels:
 //! `VITALWATCH_DATABASE__URL=postgres://…` sets `[database] url`. Its value is
 //! read as a TOML value when it parses as one (`1883`, `true`, `[1, 2]`) and
-//! as a string otherwise. Environment variables win over the file. Unknown
-//! keys are errors (the config structs use `deny_unknown_fields`), so a typo
-//! never silently falls back to a default.
+//! as a string otherwise; where the field is a string, the raw text is used
+//! (a password `123456` stays a string). Environment variables win over the
+//! file. Unknown keys are errors (the config structs use
+//! `deny_unknown_fields`), so a typo never silently falls back to a default.
 //!
-//! Some variables are not keys: `VITALWATCH_CONFIG` (the file's path),
-//! `VITALWATCH_LOG` (the log filter) and everything under `VITALWATCH_TEST_`
-//! (where the integration tests find their services).
+//! Only variables with a `__` are keys (every key lives in a section), so the
+//! scripts' own `VITALWATCH_MQTT_PORT` and the like never collide. Also not
+//! keys: `VITALWATCH_CONFIG` (the file's path), `VITALWATCH_LOG` (the log
+//! filter) and everything under `VITALWATCH_TEST_` (where the integration
+//! tests find their services).
 
 use std::path::Path;
 
@@ -41,7 +44,7 @@ pub fn load<T: DeserializeOwned>(
     file: Option<&Path>,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<T, ConfigError> {
-    let mut table = match file {
+    let table = match file {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
@@ -49,21 +52,51 @@ pub fn load<T: DeserializeOwned>(
         }
         None => Table::new(),
     };
-    let mut vars: Vec<(String, String)> = env
-        .into_iter()
-        .filter(|(k, _)| {
-            k.starts_with(PREFIX) && !RESERVED_ENV.contains(&k.as_str()) && !k.starts_with(RESERVED_ENV_PREFIX)
-        })
-        .collect();
-    vars.sort();
-    for (var, raw) in vars {
+    let mut vars: Vec<(String, Vec<String>, String)> = Vec::new();
+    for (var, raw) in env {
+        if !var.starts_with(PREFIX)
+            || !var.contains("__")
+            || RESERVED_ENV.contains(&var.as_str())
+            || var.starts_with(RESERVED_ENV_PREFIX)
+        {
+            continue;
+        }
         let path: Vec<String> = var[PREFIX.len()..].split("__").map(str::to_ascii_lowercase).collect();
         if path.iter().any(String::is_empty) {
             return Err(ConfigError::Env { var, why: "empty key segment".into() });
         }
-        set(&mut table, &path, parse_value(&raw)).map_err(|why| ConfigError::Env { var, why })?;
+        vars.push((var, path, raw));
     }
-    Ok(Value::Table(table).try_into()?)
+    vars.sort();
+    // Typed values first; a variable whose typed value is refused is then
+    // tried as its raw text (a numeric password), one at a time.
+    let mut as_text = vec![false; vars.len()];
+    loop {
+        let mut t = table.clone();
+        for ((var, path, raw), text) in vars.iter().zip(&as_text) {
+            let value = if *text { Value::String(raw.clone()) } else { parse_value(raw) };
+            set(&mut t, path, value).map_err(|why| ConfigError::Env { var: var.clone(), why })?;
+        }
+        let first_error = match Value::Table(t.clone()).try_into::<T>() {
+            Ok(v) => return Ok(v),
+            Err(e) => e,
+        };
+        let fix = vars.iter().zip(&as_text).position(|((_, path, raw), text)| {
+            if *text || matches!(parse_value(raw), Value::String(_)) {
+                return false;
+            }
+            let mut t2 = t.clone();
+            let _ = set(&mut t2, path, Value::String(raw.clone()));
+            match Value::Table(t2).try_into::<T>() {
+                Ok(_) => true,
+                Err(e) => e.to_string() != first_error.to_string(),
+            }
+        });
+        match fix {
+            Some(i) => as_text[i] = true,
+            None => return Err(first_error.into()),
+        }
+    }
 }
 
 fn parse_value(raw: &str) -> Value {
@@ -108,11 +141,12 @@ mod tests {
     struct Mqtt {
         host: String,
         port: u16,
+        password: Option<String>,
     }
 
     impl Default for Mqtt {
         fn default() -> Self {
-            Mqtt { host: "127.0.0.1".into(), port: 1883 }
+            Mqtt { host: "127.0.0.1".into(), port: 1883, password: None }
         }
     }
 
@@ -130,7 +164,7 @@ mod tests {
     fn env_overrides_with_typed_values() {
         let c: Cfg = load(None, env(&[("VITALWATCH_MQTT__PORT", "18830"), ("VITALWATCH_MQTT__HOST", "10.0.0.1"), ("VITALWATCH_LOG", "debug"), ("VITALWATCH_TEST_KAFKA", "x"), ("OTHER", "x")]))
             .expect("env");
-        assert_eq!(c.mqtt, Mqtt { host: "10.0.0.1".into(), port: 18830 });
+        assert_eq!(c.mqtt, Mqtt { host: "10.0.0.1".into(), port: 18830, password: None });
     }
 
     #[test]
@@ -140,10 +174,26 @@ mod tests {
         let path = dir.join("c.toml");
         std::fs::write(&path, "[mqtt]\nhost = \"broker\"\nport = 1\n").expect("write");
         let c: Cfg = load(Some(&path), env(&[("VITALWATCH_MQTT__PORT", "2")])).expect("file");
-        assert_eq!(c.mqtt, Mqtt { host: "broker".into(), port: 2 });
+        assert_eq!(c.mqtt, Mqtt { host: "broker".into(), port: 2, password: None });
         std::fs::write(&path, "[mqtt]\nhots = \"typo\"\n").expect("write");
         let err = load::<Cfg>(Some(&path), env(&[])).expect_err("unknown key");
         assert!(err.to_string().contains("hots"), "{err}");
+    }
+
+    #[test]
+    fn text_that_looks_typed_stays_text_where_a_string_is_wanted() {
+        let c: Cfg = load(None, env(&[("VITALWATCH_MQTT__PASSWORD", "123456"), ("VITALWATCH_MQTT__PORT", "18830")]))
+            .expect("numeric password");
+        assert_eq!(c.mqtt.password.as_deref(), Some("123456"));
+        assert_eq!(c.mqtt.port, 18830);
+        let c: Cfg = load(None, env(&[("VITALWATCH_MQTT__PASSWORD", "true")])).expect("boolean-looking password");
+        assert_eq!(c.mqtt.password.as_deref(), Some("true"));
+    }
+
+    #[test]
+    fn script_variables_without_a_section_are_not_keys() {
+        let c: Cfg = load(None, env(&[("VITALWATCH_MQTT_PORT", "28830"), ("VITALWATCH_SIM_PATIENTS", "5")])).expect("ignored");
+        assert_eq!(c.mqtt, Mqtt::default());
     }
 
     #[test]

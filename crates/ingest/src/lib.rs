@@ -293,18 +293,28 @@ async fn event_loop(
                 tracing::info!(session_present = ack.session_present, epoch = e, "mqtt connected");
                 metrics::counter!("vitalwatch_ingest_mqtt_connects_total").increment(1);
                 readiness.set_ready("ingest.mqtt");
-                // A new session has no subscription yet; a resumed one keeps
-                // it (subscribing again is harmless). The $SYS counter is
-                // QoS 0 and always subscribed afresh. try_subscribe cannot
-                // block this loop, which alone drains the request queue.
-                let mut subs = vec![(SYS_DROPPED.to_owned(), QoS::AtMostOnce)];
-                if !ack.session_present {
-                    subs.push((filter.clone(), QoS::AtLeastOnce));
+                // Subscribe on every connection: a new session has no
+                // subscription, and a resumed one may predate a changed
+                // share group or root (subscribing again is harmless). The
+                // $SYS counter is QoS 0. try_subscribe cannot block this
+                // loop, which alone drains the request queue.
+                let subs = [
+                    rumqttc::SubscribeFilter::new(filter.clone(), QoS::AtLeastOnce),
+                    rumqttc::SubscribeFilter::new(SYS_DROPPED.to_owned(), QoS::AtMostOnce),
+                ];
+                if let Err(err) = client.try_subscribe_many(subs) {
+                    tracing::error!(error = %err, "cannot queue the mqtt subscriptions");
+                    readiness.set_not_ready("ingest.mqtt", format!("cannot subscribe: {err}"));
                 }
-                for (topic, qos) in subs {
-                    if let Err(err) = client.try_subscribe(topic, qos) {
-                        tracing::error!(error = %err, "cannot queue an mqtt subscription");
-                    }
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                use rumqttc::SubscribeReasonCode::Failure;
+                if ack.return_codes.first() == Some(&Failure) {
+                    tracing::error!(filter = %filter, "the broker refused the readings subscription (ACL?); ingest receives nothing");
+                    readiness.set_not_ready("ingest.mqtt", format!("subscription to {filter} refused by the broker"));
+                }
+                if ack.return_codes.get(1) == Some(&Failure) {
+                    tracing::warn!("the broker refused $SYS; dropped-message monitoring is off");
                 }
             }
             Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
@@ -313,6 +323,11 @@ async fn event_loop(
                 if shutdown.is_cancelled() {
                     return;
                 }
+                // Publishes rumqttc read before the error would come out after
+                // the next ConnAck, under the new epoch, and their acks would
+                // name packet ids of the old connection. The broker redelivers
+                // them; drop these copies.
+                eventloop.state.events.clear();
                 tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "mqtt connection error; reconnecting");
                 metrics::counter!("vitalwatch_ingest_mqtt_errors_total").increment(1);
                 readiness.set_not_ready("ingest.mqtt", format!("mqtt connection error: {e}"));
@@ -370,6 +385,10 @@ async fn process(
     shutdown: &CancellationToken,
 ) {
     let mut pending: FuturesOrdered<Pending> = FuturesOrdered::new();
+    // Acks the client's request queue had no room for, oldest first. Never
+    // awaiting room keeps this loop from blocking on the event loop while the
+    // event loop blocks on us.
+    let mut unsent: std::collections::VecDeque<Incoming> = std::collections::VecDeque::new();
     let mut draining = false;
     loop {
         metrics::gauge!("vitalwatch_ingest_in_flight").set(pending.len() as f64);
@@ -378,8 +397,12 @@ async fn process(
             biased;
             Some((msg, delivered)) = pending.next(), if !pending.is_empty() => {
                 if delivered {
-                    acknowledge(client, &msg, epoch).await;
+                    unsent.push_back(msg);
+                    flush_acks(client, &mut unsent, epoch);
                 }
+            }
+            () = tokio::time::sleep(Duration::from_millis(5)), if !unsent.is_empty() => {
+                flush_acks(client, &mut unsent, epoch);
             }
             () = shutdown.cancelled(), if !draining => {
                 draining = true;
@@ -397,21 +420,38 @@ async fn process(
             },
         }
         if draining && pending.is_empty() {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+            while !unsent.is_empty() && tokio::time::Instant::now() < deadline {
+                flush_acks(client, &mut unsent, epoch);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
             break;
         }
     }
     ctx.give_up.cancel();
 }
 
-async fn acknowledge(client: &AsyncClient, msg: &Incoming, epoch: &AtomicU64) {
-    if msg.epoch != epoch.load(Ordering::Acquire) {
-        metrics::counter!("vitalwatch_ingest_stale_acks_skipped_total").increment(1);
-        return;
+/// Queues the acks in `unsent`, in order, as far as the client has room.
+fn flush_acks(client: &AsyncClient, unsent: &mut std::collections::VecDeque<Incoming>, epoch: &AtomicU64) {
+    while let Some(msg) = unsent.front() {
+        if msg.epoch != epoch.load(Ordering::Acquire) {
+            metrics::counter!("vitalwatch_ingest_stale_acks_skipped_total").increment(1);
+            unsent.pop_front();
+            continue;
+        }
+        match client.try_ack(&msg.publish) {
+            Ok(()) => {
+                metrics::histogram!("vitalwatch_ingest_mqtt_to_kafka_seconds").record(msg.since.elapsed().as_secs_f64());
+                unsent.pop_front();
+            }
+            // Full: try again shortly. Closed: the broker redelivers.
+            Err(rumqttc::ClientError::TryRequest(rumqttc::Request::PubAck(_))) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot queue mqtt ack; the broker will redeliver");
+                unsent.pop_front();
+            }
+        }
     }
-    if let Err(e) = client.ack(&msg.publish).await {
-        tracing::warn!(error = %e, "cannot queue mqtt ack; the broker will redeliver");
-    }
-    metrics::histogram!("vitalwatch_ingest_mqtt_to_kafka_seconds").record(msg.since.elapsed().as_secs_f64());
 }
 
 /// Sends everything one message produces to Kafka. Returns `true` once all

@@ -37,6 +37,10 @@ impl RegistryCache {
     /// Reloads the snapshot from the database.
     pub async fn reload(&self) -> Result<usize, StoreError> {
         let mut loaded_at = self.loaded_at.lock().await;
+        self.reload_locked(&mut loaded_at).await
+    }
+
+    async fn reload_locked(&self, loaded_at: &mut Option<Instant>) -> Result<usize, StoreError> {
         let client = self.pool.get().await?;
         let map = load_devices(&**client).await?;
         let n = map.len();
@@ -53,12 +57,13 @@ impl RegistryCache {
         if let Some(d) = self.devices.read().await.get(device_id) {
             return Ok(Some(d.clone()));
         }
-        let stale = {
-            let loaded_at = self.loaded_at.lock().await;
-            loaded_at.is_none_or(|t| t.elapsed() >= MISS_RELOAD_INTERVAL)
-        };
-        if stale {
-            self.reload().await?;
+        {
+            // Decide under the lock, so a burst of unknown devices causes one
+            // reload, not one each.
+            let mut loaded_at = self.loaded_at.lock().await;
+            if loaded_at.is_none_or(|t| t.elapsed() >= MISS_RELOAD_INTERVAL) {
+                self.reload_locked(&mut loaded_at).await?;
+            }
         }
         Ok(self.devices.read().await.get(device_id).cloned())
     }

@@ -48,6 +48,19 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// True when the database refused the *data* (SQLSTATE class 22, data
+    /// exception, or 23, integrity constraint violation): retrying the same
+    /// rows cannot succeed. Every other error may be the server's state
+    /// (down, read-only after a failover, a missing grant) and is worth
+    /// waiting out rather than giving the data up.
+    pub fn is_data_error(&self) -> bool {
+        match self {
+            StoreError::Db(e) => e.code().is_some_and(|c| c.code().starts_with("22") || c.code().starts_with("23")),
+            StoreError::Invalid(_) => true,
+            StoreError::Pool(_) | StoreError::CreatePool(_) => false,
+        }
+    }
+
     /// True when retrying later may succeed (the server is down or
     /// restarting), false for errors that retrying cannot fix.
     pub fn is_transient(&self) -> bool {

@@ -31,7 +31,7 @@ pub fn parse_csv(text: &str) -> anyhow::Result<Vec<Entry>> {
         let fields: Vec<&str> = line.split(',').map(str::trim).collect();
         let (device, patient, kind, since) = match fields[..] {
             [d, p, k] => (d, p, k, None),
-            [d, p, k, s] if s.is_empty() => (d, p, k, None),
+            [d, p, k, ""] => (d, p, k, None),
             [d, p, k, s] => {
                 let t = DateTime::parse_from_rfc3339(s)
                     .with_context(|| format!("line {}: assigned_at {s:?} is not RFC 3339", n + 1))?;

@@ -63,7 +63,6 @@ struct Record {
     topic: String,
     partition: i32,
     offset: i64,
-    key: String,
     payload: Vec<u8>,
     batch: Batch,
 }
@@ -118,7 +117,7 @@ pub async fn run(
             match Batch::decode(&payload) {
                 Ok(batch) => {
                     rows += batch.readings.iter().map(|r| r.values().count()).sum::<usize>();
-                    records.push(Record { topic, partition, offset, key, payload, batch });
+                    records.push(Record { topic, partition, offset, payload, batch });
                 }
                 Err(e) => {
                     let info = DeadLetterInfo {
@@ -192,14 +191,15 @@ async fn write(
                 reading_index: None,
             };
             tracing::error!(partition = r.partition, offset = r.offset, error = %e, "database refused a record; dead-lettering");
-            deadletter.send(&r.key, &r.payload, info, shutdown).await.map_err(|_| ())?;
+            deadletter.send(&r.batch.device_id, &r.payload, info, shutdown).await.map_err(|_| ())?;
             metrics::counter!("vitalwatch_writer_deadlettered_total").increment(1);
         }
     }
     Ok(())
 }
 
-/// `Ok(Ok)` written, `Ok(Err)` refused for good, `Err` shut down while waiting.
+/// `Ok(Ok)` written, `Ok(Err)` the data was refused for good (SQLSTATE 22 or
+/// 23), `Err` shut down while waiting. Any other error is waited out.
 async fn insert_retrying(
     pool: &Pool,
     rows: &Rows,
@@ -219,7 +219,7 @@ async fn insert_retrying(
                 metrics::counter!("vitalwatch_writer_duplicate_rows_total").increment(rows.len() as u64 - new);
                 return Ok(Ok(()));
             }
-            Err(e) if e.is_transient() => {
+            Err(e) if !e.is_data_error() => {
                 readiness.set_not_ready("writer.database", format!("database writes failing: {e}"));
                 tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "database unavailable; holding the batch");
                 metrics::counter!("vitalwatch_writer_retries_total").increment(1);

@@ -53,8 +53,9 @@ async fn every_rejection_reason_is_dead_lettered_with_its_headers() {
     let mismatch = json_batch("test-dev-8", 4, &[hr(70.0, t)]);
 
     // (device, topic, payload, reason, reading index)
+    type Case<'a> = (&'a str, String, Vec<u8>, &'a str, Option<usize>);
     let dev1 = mqtt_readings_topic(root, "test-dev-1");
-    let cases: Vec<(&str, String, Vec<u8>, &str, Option<usize>)> = vec![
+    let cases: Vec<Case> = vec![
         ("test-dev-1", dev1.clone(), b"\x08\xff\xff\xff\xff".to_vec(), "malformed_payload", None),
         ("test-dev-1", format!("{dev1}/json"), b"{\"readings\": []}".to_vec(), "empty_batch", None),
         ("", format!("{dev1}/xml"), good.clone(), "bad_topic", None),
