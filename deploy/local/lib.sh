@@ -4,6 +4,7 @@
 #   VITALWATCH_STATE_DIR  where logs, pid files and broker data live   (default: <repo>/.local)
 #   VITALWATCH_TOOLS_DIR  where tansu is installed, shared across clones (default: ~/.cache/vitalwatch)
 #   VITALWATCH_MQTT_PORT  Mosquitto port  (default 18830)
+#   VITALWATCH_MQTT_TLS_PORT  Mosquitto TLS port (default 18831)
 #   VITALWATCH_KAFKA_PORT tansu port      (default 19092)
 #   VITALWATCH_API_PORT   API port        (default 8080)
 #   VITALWATCH_MQTT_PASSWORD  password of the local broker's accounts (default vitalwatch-local)
@@ -13,6 +14,7 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 STATE=${VITALWATCH_STATE_DIR:-$REPO/.local}
 TOOLS=${VITALWATCH_TOOLS_DIR:-$HOME/.cache/vitalwatch}
 MQTT_PORT=${VITALWATCH_MQTT_PORT:-18830}
+MQTT_TLS_PORT=${VITALWATCH_MQTT_TLS_PORT:-18831}
 KAFKA_PORT=${VITALWATCH_KAFKA_PORT:-19092}
 API_PORT=${VITALWATCH_API_PORT:-8080}
 MQTT_PASSWORD=${VITALWATCH_MQTT_PASSWORD:-vitalwatch-local}
@@ -84,4 +86,6 @@ export_stack_env() {
     export VITALWATCH_TEST_MQTT="127.0.0.1:$MQTT_PORT"
     export VITALWATCH_TEST_MQTT_PASSWORD="$MQTT_PASSWORD"
     export VITALWATCH_TEST_TANSU="$TANSU"
+    export VITALWATCH_TEST_MQTT_TLS="127.0.0.1:$MQTT_TLS_PORT"
+    export VITALWATCH_TEST_MQTT_CA="$STATE/tls/ca.crt"
 }

@@ -82,6 +82,41 @@ pub struct MqttConfig {
     pub max_packet_bytes: usize,
     pub username: Option<String>,
     pub password: Option<String>,
+    /// TLS to the broker; plain TCP when absent.
+    pub tls: Option<MqttTls>,
+}
+
+/// `[mqtt.tls]`: files in PEM.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MqttTls {
+    /// CA certificate(s) the broker's certificate must chain to.
+    pub ca_file: std::path::PathBuf,
+    /// Client certificate, when the broker authenticates clients by certificate.
+    pub client_cert_file: Option<std::path::PathBuf>,
+    /// Its private key.
+    pub client_key_file: Option<std::path::PathBuf>,
+}
+
+impl MqttTls {
+    /// rumqttc's transport for these files. Installs ring as the process's
+    /// rustls crypto provider if none is installed yet.
+    pub fn transport(&self) -> Result<rumqttc::Transport, IngestError> {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| IngestError::Config(format!("mqtt.tls: cannot read {}: {e}", p.display())))
+        };
+        let client_auth = match (&self.client_cert_file, &self.client_key_file) {
+            (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+            (None, None) => None,
+            _ => return Err(IngestError::Config("mqtt.tls: client_cert_file and client_key_file go together".into())),
+        };
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        Ok(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Simple {
+            ca: read(&self.ca_file)?,
+            alpn: None,
+            client_auth,
+        }))
+    }
 }
 
 impl Default for MqttConfig {
@@ -96,6 +131,7 @@ impl Default for MqttConfig {
             max_packet_bytes: 1 << 20,
             username: None,
             password: None,
+            tls: None,
         }
     }
 }
@@ -201,6 +237,9 @@ pub async fn run(
         .set_max_packet_size(mqtt.max_packet_bytes, mqtt.max_packet_bytes);
     if let Some(user) = &mqtt.username {
         opts.set_credentials(user, mqtt.password.as_deref().unwrap_or(""));
+    }
+    if let Some(tls) = &mqtt.tls {
+        opts.set_transport(tls.transport()?);
     }
     let (client, eventloop) = AsyncClient::new(opts, cfg.max_in_flight * 2);
     let filter = format!("$share/{}/{}", mqtt.share_group, topics::mqtt_readings_filter(&mqtt.topic_root));

@@ -272,3 +272,68 @@ async fn a_device_cannot_publish_under_another_devices_topic() {
     intruder.disconnect().await;
     pipeline.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_reads_the_broker_over_tls() {
+    let mut cfg = config().await;
+    let tls = std::env::var("VITALWATCH_TEST_MQTT_TLS").unwrap_or_else(|_| "127.0.0.1:18831".into());
+    let (host, port) = tls.rsplit_once(':').expect("host:port");
+    cfg.mqtt.host = host.to_owned();
+    cfg.mqtt.port = port.parse().expect("port");
+    let ca = std::env::var("VITALWATCH_TEST_MQTT_CA").unwrap_or_else(|_| ".local/tls/ca.crt".into());
+    cfg.mqtt.tls = Some(vitalwatch_ingest::MqttTls { ca_file: ca.into(), client_cert_file: None, client_key_file: None });
+    let patient = ts::unique("pat");
+    register(&cfg, "test-dev-1", &patient).await;
+    let pipeline = start(&[Service::Ingest, Service::Writer], &cfg);
+    wait_until_ingest_subscribed(&cfg).await;
+
+    let mut device = Device::connect("test-dev-1").await;
+    device.publish(&mqtt_readings_topic(&cfg.mqtt.topic_root, "test-dev-1"), json_batch("test-dev-1", 1, &[hr(70.0, at(0))])).await;
+    device.wait_acked(WAIT).await;
+    ts::eventually(WAIT, "the reading, through ingest's TLS connection", || async {
+        (count_rows(&cfg, &patient).await == 1).then_some(())
+    })
+    .await;
+    device.disconnect().await;
+    pipeline.stop().await;
+
+    // A CA that did not sign the broker's certificate: no connection, and
+    // readiness says why.
+    let mut wrong = cfg.clone();
+    let bogus = std::env::temp_dir().join(ts::unique("bogus-ca"));
+    std::fs::write(&bogus, include_str!("bogus_ca.pem")).expect("write CA");
+    wrong.mqtt.tls = Some(vitalwatch_ingest::MqttTls { ca_file: bogus.clone(), client_cert_file: None, client_key_file: None });
+    wrong.mqtt.client_id = ts::unique("ingest");
+    let refused = start(&[Service::Ingest], &wrong);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(refused.readiness.is_ready("ingest.mqtt"), Some(false), "{:?}", refused.readiness.report());
+    refused.stop().await;
+    let _ = std::fs::remove_file(bogus);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_ingest_instances_share_the_work_without_doubling_it() {
+    let cfg = config().await;
+    let mut second = cfg.clone();
+    second.mqtt.client_id = ts::unique("ingest"); // same share group, own session
+    let patient = ts::unique("pat");
+    register(&cfg, "test-dev-1", &patient).await;
+    let a = start(&[Service::Ingest, Service::Writer], &cfg);
+    let b = start(&[Service::Ingest], &second);
+    wait_until_ingest_subscribed(&cfg).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let topic = mqtt_readings_topic(&cfg.mqtt.topic_root, "test-dev-1");
+    let mut device = Device::connect("test-dev-1").await;
+    let batches = 400i64;
+    for i in 0..batches {
+        device.publish(&topic, json_batch("test-dev-1", i as u64, &[hr(60.0 + (i % 50) as f64, at(i))])).await;
+    }
+    device.wait_acked(WAIT).await;
+    ts::eventually(WAIT, "every reading", || async { (count_rows(&cfg, &patient).await >= batches).then_some(()) }).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(count_rows(&cfg, &patient).await, batches);
+    device.disconnect().await;
+    b.stop().await;
+    a.stop().await;
+}
