@@ -146,35 +146,40 @@ impl Producer {
         }
         match producer(&self.cfg) {
             Ok(p) => {
-                *c = (generation + 1, p);
+                let old = std::mem::replace(&mut *c, (generation + 1, p));
+                // Dropping a client flushes and joins its threads: not on an
+                // async worker.
+                drop(c);
+                tokio::task::spawn_blocking(move || drop(old));
                 metrics::counter!("vitalwatch_kafka_producer_replaced_total").increment(1);
                 tracing::warn!(error = %why, generation = generation + 1, "kafka refused the producer's records; replaced the producer");
+                return;
             }
             Err(e) => tracing::error!(error = %e, "cannot create a new kafka producer"),
         }
     }
 }
 
-/// Errors that mean "the broker is away or slow": retry with the same producer.
-fn is_unavailable(e: &KafkaError) -> bool {
+/// Errors after which the broker will not take this producer's records
+/// again (its producer id or sequence is no longer accepted): only a new
+/// producer helps. Every other error is retried with the same producer, and
+/// shows in readiness while it lasts.
+fn needs_new_producer(e: &KafkaError) -> bool {
     use RDKafkaErrorCode as C;
-    match e.rdkafka_error_code() {
-        Some(code) => matches!(
-            code,
-            C::MessageTimedOut
-                | C::QueueFull
-                | C::BrokerTransportFailure
-                | C::AllBrokersDown
-                | C::RequestTimedOut
-                | C::NetworkException
-                | C::LeaderNotAvailable
-                | C::NotLeaderForPartition
-                | C::NotEnoughReplicas
-                | C::NotEnoughReplicasAfterAppend
-                | C::UnknownTopicOrPartition
-        ),
-        None => true,
-    }
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            C::OutOfOrderSequenceNumber
+                | C::DuplicateSequenceNumber
+                | C::UnknownProducerId
+                | C::InvalidProducerEpoch
+                | C::InvalidProducerIdMapping
+                | C::ProducerFenced
+                | C::Fatal
+                // What tansu answers after its restart for a producer it lost.
+                | C::Unknown
+        )
+    )
 }
 
 /// A consumer in `group_id` that never commits on its own: the caller commits
@@ -349,7 +354,8 @@ pub async fn deliver(
         }
         tracing::debug!(topic, error = %err, retry_in_ms = backoff.as_millis() as u64, "kafka delivery failed; retrying");
         let fatal = rdkafka::producer::Producer::client(&client).fatal_error();
-        if fatal.is_some() || !is_unavailable(&err) {
+        drop(client);
+        if fatal.is_some() || needs_new_producer(&err) {
             producer.replace(generation, &err);
         }
         tokio::select! {

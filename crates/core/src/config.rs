@@ -100,6 +100,10 @@ pub fn load<T: DeserializeOwned>(
 }
 
 fn parse_value(raw: &str) -> Value {
+    // Quotes belong to the value: `"abc"` stays `"abc"`, not `abc`.
+    if raw.starts_with(['"', '\'']) {
+        return Value::String(raw.to_owned());
+    }
     format!("v = {raw}")
         .parse::<Table>()
         .ok()
@@ -188,6 +192,8 @@ mod tests {
         assert_eq!(c.mqtt.port, 18830);
         let c: Cfg = load(None, env(&[("VITALWATCH_MQTT__PASSWORD", "true")])).expect("boolean-looking password");
         assert_eq!(c.mqtt.password.as_deref(), Some("true"));
+        let c: Cfg = load(None, env(&[("VITALWATCH_MQTT__PASSWORD", "\"quoted\"")])).expect("quoted password");
+        assert_eq!(c.mqtt.password.as_deref(), Some("\"quoted\""));
     }
 
     #[test]

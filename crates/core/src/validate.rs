@@ -43,10 +43,12 @@ pub enum Reason {
     FutureTimestamp,
     /// Older than the retention window.
     TooOld,
+    /// The batch already holds this metric at this instant with another value.
+    ConflictingReading,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 15] = [
+    pub const ALL: [Reason; 16] = [
         Reason::MalformedPayload,
         Reason::EmptyBatch,
         Reason::BadTopic,
@@ -62,6 +64,7 @@ impl Reason {
         Reason::MissingTimestamp,
         Reason::FutureTimestamp,
         Reason::TooOld,
+        Reason::ConflictingReading,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -81,6 +84,7 @@ impl Reason {
             Reason::MissingTimestamp => "missing_timestamp",
             Reason::FutureTimestamp => "future_timestamp",
             Reason::TooOld => "too_old",
+            Reason::ConflictingReading => "conflicting_reading",
         }
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! No I/O: the registry record and the clock are passed in.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, Utc};
 use vitalwatch_core::payload::{self, DecodeError, PayloadFormat};
@@ -28,7 +28,9 @@ pub struct Outcome {
     /// Everything else, for `rpm.deadletter.v1`.
     pub rejected: Vec<Rejected>,
     /// Readings dropped because the same batch already held them (same
-    /// metric at the same instant): the store would refuse them anyway.
+    /// metric, instant and value): the store would refuse them anyway. The
+    /// same metric and instant with another value is a rejection
+    /// (`conflicting_reading`), not a duplicate.
     pub duplicates: usize,
 }
 
@@ -79,7 +81,7 @@ pub fn classify(
         );
     }
     let mut by_patient: BTreeMap<&str, Vec<_>> = BTreeMap::new();
-    let mut seen = HashSet::new();
+    let mut seen = HashMap::new();
     let mut out = Outcome::default();
     for (i, raw) in batch.readings.iter().enumerate() {
         let reading = match validate::validate(raw, received_at, policy) {
@@ -94,9 +96,19 @@ pub fn classify(
             out.rejected.push(Rejected { rejection: Rejection::new(Reason::UnassignedDevice, detail), reading_index: Some(i) });
             continue;
         };
-        if !seen.insert((reading.metric, reading.measured_at)) {
-            out.duplicates += 1;
-            continue;
+        match seen.get(&(reading.metric, reading.measured_at)) {
+            Some(first) if *first == reading.measurement => {
+                out.duplicates += 1;
+                continue;
+            }
+            Some(_) => {
+                let detail = format!("{} at {} appears earlier in the batch with another value", reading.metric, reading.measured_at);
+                out.rejected.push(Rejected { rejection: Rejection::new(Reason::ConflictingReading, detail), reading_index: Some(i) });
+                continue;
+            }
+            None => {
+                seen.insert((reading.metric, reading.measured_at), reading.measurement);
+            }
         }
         by_patient.entry(patient).or_default().push(reading);
     }
@@ -195,12 +207,13 @@ mod tests {
         let payload = br#"{"readings": [
             {"metric": "heart_rate", "value": 72, "measured_at": "2026-11-29T07:59:00Z"},
             {"metric": "heart_rate", "value": 72, "measured_at": "2026-11-29T07:59:00Z"},
-            {"metric": "spo2", "value": 97, "measured_at": "2026-11-29T07:59:00Z"}
+            {"metric": "spo2", "value": 97, "measured_at": "2026-11-29T07:59:00Z"},
+            {"metric": "heart_rate", "value": 75, "measured_at": "2026-11-29T07:59:00Z"}
         ]}"#;
         let o = classify("d-1", false, payload, Some(&assigned()), now(), &TimePolicy::default());
         assert_eq!(o.duplicates, 1);
         assert_eq!(o.accepted_readings(), 2);
-        assert!(o.rejected.is_empty());
+        assert_eq!(reasons(&o), vec![(Reason::ConflictingReading, Some(3))], "another value is not a duplicate");
     }
 
     #[test]

@@ -2,8 +2,8 @@
 //! retry of a batch Kafka already has is acknowledged without producing it
 //! again.
 //!
-//! The identity of a batch is a 128-bit keyed hash of the device id and the
-//! exact payload bytes: a redelivery or retry is byte-identical, while a
+//! The identity of a batch is a 128-bit keyed hash of the MQTT topic (which
+//! names the device and the encoding) and the exact payload bytes: a redelivery or retry is byte-identical, while a
 //! device that restarts its sequence numbers sends new bytes and is never
 //! mistaken for a duplicate. The set is bounded (oldest evicted first) and
 //! per process; what it misses (another instance of the shared subscription,
@@ -31,11 +31,11 @@ impl RecentBatches {
         }
     }
 
-    /// The identity of a batch.
-    pub fn identity(&self, device_id: &str, payload: &[u8]) -> u128 {
+    /// The identity of a batch published on `topic`.
+    pub fn identity(&self, topic: &str, payload: &[u8]) -> u128 {
         let half = |s: &RandomState| {
             let mut h = s.build_hasher();
-            h.write(device_id.as_bytes());
+            h.write(topic.as_bytes());
             h.write_u8(0xff);
             h.write(payload);
             h.finish()
@@ -80,7 +80,7 @@ mod tests {
         let b = r.identity("d", b"two");
         let c = r.identity("d", b"three");
         assert_ne!(a, b);
-        assert_ne!(r.identity("d", b"one"), r.identity("e", b"one"), "the device is part of the identity");
+        assert_ne!(r.identity("d", b"one"), r.identity("e", b"one"), "the topic is part of the identity");
         assert_eq!(a, r.identity("d", b"one"));
         r.insert(a);
         r.insert(b);

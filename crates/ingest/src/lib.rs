@@ -330,6 +330,12 @@ async fn event_loop(
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 let e = epoch.fetch_add(1, Ordering::AcqRel) + 1;
                 tracing::info!(session_present = ack.session_present, epoch = e, "mqtt connected");
+                if !ack.session_present && e > 1 {
+                    // Our session (and any messages queued for it) is gone:
+                    // the broker restarted without persistence, or expired it.
+                    tracing::error!("the broker did not keep ingest's session; messages queued for it may be lost");
+                    metrics::counter!("vitalwatch_ingest_mqtt_sessions_lost_total").increment(1);
+                }
                 metrics::counter!("vitalwatch_ingest_mqtt_connects_total").increment(1);
                 readiness.set_ready("ingest.mqtt");
                 // Subscribe on every connection: a new session has no
@@ -347,10 +353,18 @@ async fn event_loop(
                 }
             }
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                use rumqttc::SubscribeReasonCode::Failure;
-                if ack.return_codes.first() == Some(&Failure) {
-                    tracing::error!(filter = %filter, "the broker refused the readings subscription (ACL?); ingest receives nothing");
-                    readiness.set_not_ready("ingest.mqtt", format!("subscription to {filter} refused by the broker"));
+                use rumqttc::SubscribeReasonCode::{Failure, Success};
+                match ack.return_codes.first() {
+                    Some(Success(QoS::AtLeastOnce | QoS::ExactlyOnce)) => {}
+                    Some(Failure) => {
+                        tracing::error!(filter = %filter, "the broker refused the readings subscription (ACL?); ingest receives nothing");
+                        readiness.set_not_ready("ingest.mqtt", format!("subscription to {filter} refused by the broker"));
+                    }
+                    other => {
+                        // QoS 0 would mean no redelivery: not acceptable for readings.
+                        tracing::error!(filter = %filter, granted = ?other, "the broker downgraded the readings subscription below QoS 1");
+                        readiness.set_not_ready("ingest.mqtt", format!("subscription to {filter} granted as {other:?}, not QoS 1"));
+                    }
                 }
                 if ack.return_codes.get(1) == Some(&Failure) {
                     tracing::warn!("the broker refused $SYS; dropped-message monitoring is off");
@@ -367,6 +381,9 @@ async fn event_loop(
                 // name packet ids of the old connection. The broker redelivers
                 // them; drop these copies.
                 eventloop.state.events.clear();
+                // Acks of this connection must not be queued while we
+                // reconnect: the next connection may start a new session.
+                epoch.fetch_add(1, Ordering::AcqRel);
                 tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "mqtt connection error; reconnecting");
                 metrics::counter!("vitalwatch_ingest_mqtt_errors_total").increment(1);
                 readiness.set_not_ready("ingest.mqtt", format!("mqtt connection error: {e}"));
@@ -483,7 +500,9 @@ fn flush_acks(client: &AsyncClient, unsent: &mut std::collections::VecDeque<Inco
                 metrics::histogram!("vitalwatch_ingest_mqtt_to_kafka_seconds").record(msg.since.elapsed().as_secs_f64());
                 unsent.pop_front();
             }
-            // Full: try again shortly. Closed: the broker redelivers.
+            // The request queue is full (or the event loop is gone, which
+            // rumqttc reports the same way): try again shortly; unacked
+            // messages are the broker's to redeliver.
             Err(rumqttc::ClientError::TryRequest(rumqttc::Request::PubAck(_))) => return,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot queue mqtt ack; the broker will redeliver");
@@ -506,7 +525,7 @@ async fn deliver_message(ctx: &Context, msg: &Incoming) -> bool {
     let Some((device_id, json_topic)) = topics::parse_readings_topic(&ctx.topic_root, topic) else {
         return dead_letter(ctx, msg, "", Reason::BadTopic, &format!("{topic:?} is not a readings topic"), None).await;
     };
-    let identity = lock(&ctx.recent).identity(device_id, payload);
+    let identity = lock(&ctx.recent).identity(topic, payload);
     let twin = Arc::clone(lock(&ctx.in_flight).entry(identity).or_default());
     let guard = twin.lock().await;
     let delivered = if lock(&ctx.recent).contains(identity) {
@@ -534,7 +553,7 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 async fn deliver_new(ctx: &Context, msg: &Incoming, device_id: &str, json_topic: bool, identity: u128) -> bool {
     let payload = &msg.publish.payload[..];
     let device = loop {
-        match ctx.registry.device(device_id).await {
+        match ctx.registry.device(device_id, msg.since).await {
             Ok(d) => break d,
             Err(e) => {
                 tracing::warn!(error = %e, "device registry unavailable; holding the message");
@@ -567,7 +586,12 @@ async fn deliver_new(ctx: &Context, msg: &Incoming, device_id: &str, json_topic:
         metrics::histogram!("vitalwatch_ingest_kafka_produce_seconds").record(started.elapsed().as_secs_f64());
     }
     metrics::counter!("vitalwatch_ingest_accepted_readings_total").increment(outcome.accepted_readings() as u64);
-    lock(&ctx.recent).insert(identity);
+    // A payload refused whole (unknown device, bad topic, …) may be sent
+    // again once the cause is fixed (the device registered): that copy must
+    // be judged afresh, not taken for a redelivery.
+    if outcome.rejected.iter().all(|r| r.reading_index.is_some()) {
+        lock(&ctx.recent).insert(identity);
+    }
     true
 }
 

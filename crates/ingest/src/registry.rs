@@ -4,7 +4,9 @@
 //! The copy is reloaded whole (one query) when PostgreSQL notifies a change
 //! on `vitalwatch_registry` (triggers on `devices` and `device_assignments`),
 //! every `refresh` interval as a safety net for missed notifications, and
-//! when a device is not found (at most once a second).
+//! when a device is not found in a copy loaded before its message arrived
+//! (so a device registered a moment before it publishes is found, and a
+//! burst of unknown devices costs one reload).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,9 +18,6 @@ use tokio_util::sync::CancellationToken;
 use vitalwatch_store::registry::{CHANGE_CHANNEL, DeviceRecord, load_devices};
 use vitalwatch_store::tokio_postgres::{self, AsyncMessage};
 use vitalwatch_store::{Pool, StoreError};
-
-/// Minimum time between two reloads caused by unknown devices.
-const MISS_RELOAD_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 pub struct RegistryCache {
@@ -51,9 +50,10 @@ impl RegistryCache {
         Ok(n)
     }
 
-    /// The device's record, or `None` if it is not registered. An error means
-    /// the registry could not be read: the caller must not decide yet.
-    pub async fn device(&self, device_id: &str) -> Result<Option<DeviceRecord>, StoreError> {
+    /// The device's record, or `None` if it is not registered, for a message
+    /// that arrived at `arrived`. An error means the registry could not be
+    /// read: the caller must not decide yet.
+    pub async fn device(&self, device_id: &str, arrived: Instant) -> Result<Option<DeviceRecord>, StoreError> {
         if let Some(d) = self.devices.read().await.get(device_id) {
             return Ok(Some(d.clone()));
         }
@@ -61,7 +61,7 @@ impl RegistryCache {
             // Decide under the lock, so a burst of unknown devices causes one
             // reload, not one each.
             let mut loaded_at = self.loaded_at.lock().await;
-            if loaded_at.is_none_or(|t| t.elapsed() >= MISS_RELOAD_INTERVAL) {
+            if loaded_at.is_none_or(|t| t < arrived) {
                 self.reload_locked(&mut loaded_at).await?;
             }
         }

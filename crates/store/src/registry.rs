@@ -93,20 +93,28 @@ pub async fn register_device(
     .await?;
     if let Some(patient) = patient_id {
         tx.execute("INSERT INTO patients (patient_id) VALUES ($1) ON CONFLICT DO NOTHING", &[&patient]).await?;
-        let open: Option<(String, DateTime<Utc>)> = tx
+        // The latest period, open or closed: a new one may not overlap it.
+        let latest: Option<(String, DateTime<Utc>, Option<DateTime<Utc>>)> = tx
             .query_opt(
-                "SELECT patient_id, assigned_at FROM device_assignments
-                  WHERE device_id = $1 AND unassigned_at IS NULL FOR UPDATE",
+                "SELECT patient_id, assigned_at, unassigned_at FROM device_assignments
+                  WHERE device_id = $1 ORDER BY assigned_at DESC LIMIT 1 FOR UPDATE",
                 &[&device_id],
             )
             .await?
-            .map(|r| (r.get(0), r.get(1)));
+            .map(|r| (r.get(0), r.get(1), r.get(2)));
         let since = since.unwrap_or_else(Utc::now);
-        match open {
-            Some((p, _)) if p == patient => {}
-            Some((_, from)) if since < from => {
+        match latest {
+            // Already assigned to this patient: nothing to do (`since` does
+            // not move the start of an open assignment).
+            Some((p, _, None)) if p == patient => {}
+            Some((_, from, None)) if since <= from => {
                 return Err(StoreError::Invalid(format!(
-                    "device {device_id} is assigned since {from}; a new assignment cannot start before that"
+                    "device {device_id} is assigned since {from}; a hand-over must come after that"
+                )));
+            }
+            Some((_, _, Some(until))) if since < until => {
+                return Err(StoreError::Invalid(format!(
+                    "device {device_id} was assigned until {until}; a new assignment cannot start before that"
                 )));
             }
             _ => {

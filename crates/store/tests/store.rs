@@ -160,6 +160,16 @@ async fn registry_tracks_assignment_history() {
     assert_eq!(cuff.patient_at(t(-1)), None);
     // A hand-over cannot be dated before the assignment it ends.
     assert!(register_device(&mut c, "cuff-1", "bp_cuff", Some("p-3"), Some(t(10))).await.is_err());
+    assert!(register_device(&mut c, "cuff-1", "bp_cuff", Some("p-3"), Some(t(100))).await.is_err(), "a zero-length period");
+    // A returned device (closed by hand) cannot be given out inside its last period.
+    c.execute("UPDATE device_assignments SET unassigned_at = $1 WHERE device_id = 'cuff-1' AND unassigned_at IS NULL", &[&t(200)])
+        .await
+        .expect("return the device");
+    assert!(register_device(&mut c, "cuff-1", "bp_cuff", Some("p-3"), Some(t(150))).await.is_err(), "overlap");
+    register_device(&mut c, "cuff-1", "bp_cuff", Some("p-3"), Some(t(200))).await.expect("after the return");
+    let d = load_devices(&c).await.expect("devices");
+    assert_eq!(d["cuff-1"].patient_at(t(199)), Some("p-2"));
+    assert_eq!(d["cuff-1"].patient_at(t(200)), Some("p-3"));
 
     c.execute("UPDATE devices SET active = false WHERE device_id = 'cuff-1'", &[]).await.expect("deactivate");
     assert!(!load_devices(&c).await.expect("devices")["cuff-1"].active);

@@ -46,6 +46,7 @@ async fn every_rejection_reason_is_dead_lettered_with_its_headers() {
         reading("spo2", 95.into(), now + hour),                                             // 7
         reading("spo2", 95.into(), now - chrono::Duration::days(365)),                      // 8
         reading("body_temperature", 37.1.into(), t),                                        // 9: valid
+        reading("body_temperature", 38.0.into(), t),                                        // 10
     ]})
     .to_string()
     .into_bytes();
@@ -73,9 +74,10 @@ async fn every_rejection_reason_is_dead_lettered_with_its_headers() {
         ("test-dev-1", dev1.clone(), mixed.clone(), "missing_timestamp", Some(6)),
         ("test-dev-1", dev1.clone(), mixed.clone(), "future_timestamp", Some(7)),
         ("test-dev-1", dev1.clone(), mixed.clone(), "too_old", Some(8)),
+        ("test-dev-1", dev1.clone(), mixed.clone(), "conflicting_reading", Some(10)),
     ];
     // Each device publishes its own messages (the broker ACL demands it); the
-    // mixed batch is published once and yields nine dead letters.
+    // mixed batch is published once and yields ten dead letters.
     let mut published = std::collections::HashSet::new();
     for (device, topic, payload, _, _) in &cases {
         let user = if device.is_empty() { "test-dev-1" } else { device };

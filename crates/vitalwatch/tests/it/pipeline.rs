@@ -110,6 +110,10 @@ async fn a_reading_travels_from_device_to_trend() {
 async fn writer_crash_mid_stream_loses_and_doubles_nothing() {
     let mut cfg = config().await;
     cfg.writer.batch_max_rows = 20;
+    // A killed consumer never says goodbye: the group waits out its session
+    // before handing its partitions on. Keep that wait short here.
+    cfg.kafka.properties.insert("session.timeout.ms".into(), "6000".into());
+    cfg.kafka.properties.insert("heartbeat.interval.ms".into(), "1000".into());
     let (device_id, patient) = ("test-dev-1".to_owned(), ts::unique("pat"));
     register(&cfg, &device_id, &patient).await;
     let ingest = start(&[Service::Ingest], &cfg);
@@ -139,7 +143,7 @@ async fn writer_crash_mid_stream_loses_and_doubles_nothing() {
 
     // A new writer in the same group picks up from the committed offsets.
     let second = start(&[Service::Writer], &cfg);
-    ts::eventually(WAIT, "every row after the restart", || async {
+    ts::eventually(Duration::from_secs(120), "every row after the restart", || async {
         (count_rows(&cfg, &patient).await >= total).then_some(())
     })
     .await;
