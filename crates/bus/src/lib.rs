@@ -153,7 +153,6 @@ impl Producer {
                 tokio::task::spawn_blocking(move || drop(old));
                 metrics::counter!("vitalwatch_kafka_producer_replaced_total").increment(1);
                 tracing::warn!(error = %why, generation = generation + 1, "kafka refused the producer's records; replaced the producer");
-                return;
             }
             Err(e) => tracing::error!(error = %e, "cannot create a new kafka producer"),
         }
