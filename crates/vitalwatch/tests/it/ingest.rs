@@ -215,6 +215,7 @@ async fn ingest_killed_mid_stream_loses_nothing() {
             .env("VITALWATCH_MQTT__PASSWORD", cfg.mqtt.password.as_deref().unwrap_or_default())
             .env("VITALWATCH_LOG", "warn")
             .spawn()
+            .map(KillOnDrop)
             .expect("start vitalwatch ingest")
     };
     let mut ingest = spawn_ingest();
@@ -234,22 +235,20 @@ async fn ingest_killed_mid_stream_loses_nothing() {
         device.disconnect().await;
     });
     ts::eventually(WAIT, "some rows before the kill", || async { (count_rows(&cfg, &patient).await > 100).then_some(()) }).await;
-    ingest.kill().expect("SIGKILL ingest");
-    ingest.wait().expect("reaped");
+    ingest.0.kill().expect("SIGKILL ingest");
+    ingest.0.wait().expect("reaped");
     let at_kill = count_rows(&cfg, &patient).await;
     publisher.await.expect("publisher");
     assert!(at_kill < batches, "ingest finished before it was killed ({at_kill} rows)");
 
     // Same client id: the broker hands the new process the old session's messages.
-    let mut ingest = spawn_ingest();
+    let _ingest = spawn_ingest();
     ts::eventually(Duration::from_secs(120), "every reading after the restart", || async {
         (count_rows(&cfg, &patient).await >= batches).then_some(())
     })
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(count_rows(&cfg, &patient).await, batches, "nothing lost, nothing doubled");
-    let _ = ingest.kill();
-    let _ = ingest.wait();
     writer.stop().await;
 }
 
@@ -338,4 +337,14 @@ async fn two_ingest_instances_share_the_work_without_doubling_it() {
     device.disconnect().await;
     b.stop().await;
     a.stop().await;
+}
+
+/// A child process that is killed when the test ends, passing or failing.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
