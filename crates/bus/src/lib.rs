@@ -88,13 +88,23 @@ impl KafkaConfig {
         }
         c
     }
+
+    /// The client settings, with `defaults` for what `properties` leaves unset.
+    fn with_defaults(&self, defaults: &[(&str, &str)]) -> ClientConfig {
+        let mut c = self.base();
+        for (k, v) in defaults {
+            if c.get(k).is_none() {
+                c.set(*k, *v);
+            }
+        }
+        c
+    }
 }
 
 /// A producer for records that must not be lost or doubled by the producer
 /// itself: idempotent, `acks=all`, small linger so records travel in batches.
-pub fn producer(cfg: &KafkaConfig) -> Result<FutureProducer, BusError> {
-    let mut base = cfg.base();
-    for (k, v) in [
+fn producer(cfg: &KafkaConfig) -> Result<FutureProducer, BusError> {
+    let defaults = [
         ("enable.idempotence", "true"),
         ("acks", "all"),
         ("linger.ms", "5"),
@@ -102,12 +112,8 @@ pub fn producer(cfg: &KafkaConfig) -> Result<FutureProducer, BusError> {
         // A delivery that fails after this is retried by the caller, which
         // holds the device's acknowledgement until it succeeds.
         ("message.timeout.ms", "30000"),
-    ] {
-        if base.get(k).is_none() {
-            base.set(k, v);
-        }
-    }
-    Ok(base.create()?)
+    ];
+    Ok(cfg.with_defaults(&defaults).create()?)
 }
 
 /// The idempotent producer, replaceable. After a broker restart or a long
@@ -184,19 +190,14 @@ fn needs_new_producer(e: &KafkaError) -> bool {
 /// A consumer in `group_id` that never commits on its own: the caller commits
 /// offsets once what they cover is durable.
 pub fn consumer(cfg: &KafkaConfig, group_id: &str) -> Result<StreamConsumer, BusError> {
-    let mut base = cfg.base();
-    for (k, v) in [
+    let defaults = [
         ("group.id", group_id),
         ("enable.auto.commit", "false"),
         ("enable.auto.offset.store", "false"),
         ("auto.offset.reset", "earliest"),
         ("enable.partition.eof", "false"),
-    ] {
-        if base.get(k).is_none() {
-            base.set(k, v);
-        }
-    }
-    Ok(base.create()?)
+    ];
+    Ok(cfg.with_defaults(&defaults).create()?)
 }
 
 /// Creates the topics that do not exist yet; existing ones are left alone.
@@ -260,11 +261,6 @@ impl DeliveryHealth {
             tracing::info!(condition = %self.name, "kafka deliveries succeed again");
             self.readiness.set_ready(&self.name);
         }
-    }
-
-    /// True while deliveries are failing.
-    pub fn is_failing(&self) -> bool {
-        self.failing.load(Ordering::Acquire)
     }
 }
 
