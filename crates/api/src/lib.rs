@@ -22,6 +22,7 @@ pub mod telemetry;
 pub mod vitals;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use axum::http::StatusCode;
 use axum::{Json, Router};
@@ -34,6 +35,7 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 use vitalwatch_core::health::Readiness;
 use vitalwatch_store::Pool;
+use vitalwatch_store::storage::Layout;
 
 /// `[api]`.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -62,6 +64,19 @@ pub struct AppState {
     pub max_buckets: i64,
     /// The readiness conditions of every service in the process.
     pub readiness: Readiness,
+    /// How `readings` is stored, read from the database at first use.
+    pub layout: Arc<tokio::sync::OnceCell<Layout>>,
+}
+
+impl AppState {
+    pub fn new(pool: Pool, metrics: PrometheusHandle, max_buckets: i64, readiness: Readiness) -> Self {
+        AppState { pool, metrics, max_buckets, readiness, layout: Arc::default() }
+    }
+
+    /// The storage layout (TimescaleDB or native).
+    pub async fn layout(&self, client: &vitalwatch_store::tokio_postgres::Client) -> Result<Layout, vitalwatch_store::StoreError> {
+        self.layout.get_or_try_init(|| vitalwatch_store::storage::layout(client)).await.copied()
+    }
 }
 
 /// The router, without a socket.
@@ -115,7 +130,7 @@ pub async fn run(
     readiness: Readiness,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
-    let state = AppState { pool: vitalwatch_store::pool(db)?, metrics, max_buckets: cfg.max_buckets, readiness };
+    let state = AppState::new(vitalwatch_store::pool(db)?, metrics, cfg.max_buckets, readiness);
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|source| ServeError::Bind { addr: cfg.listen, source })?;

@@ -90,7 +90,8 @@ pub async fn get_vitals(
         )));
     }
     let client = state.pool.get().await.map_err(vitalwatch_store::StoreError::from)?;
-    let rows = trends::buckets(&**client, &patient_id, metric.name(), from, to, bucket_seconds).await?;
+    let layout = state.layout(&client).await?;
+    let rows = trends::buckets(&client, layout, &patient_id, metric.name(), from, to, bucket_seconds).await?;
     let mut series: Vec<Series> = Vec::new();
     for b in rows {
         let component = (!b.component.is_empty()).then(|| b.component.clone());

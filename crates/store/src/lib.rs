@@ -5,13 +5,16 @@
 //! - [`migrate`]: versioned, embedded migrations, safe to run concurrently
 //!   and twice.
 //! - [`registry`]: devices and their assignment to patients.
-//! - [`readings`]: idempotent batched inserts of reading rows.
+//! - [`storage`]: the `readings` layout (TimescaleDB or native partitions)
+//!   and the policies that keep it in shape.
+//! - [`readings`]: idempotent batched writes of reading rows.
 //! - [`trends`]: bucketed min/avg/max/count for charts.
 #![forbid(unsafe_code)]
 
 pub mod migrate;
 pub mod readings;
 pub mod registry;
+pub mod storage;
 pub mod trends;
 
 use serde::Deserialize;
@@ -27,11 +30,52 @@ pub struct DatabaseConfig {
     pub url: String,
     /// Connections in each service's pool. Default 8.
     pub pool_size: usize,
+    /// `auto` (default): TimescaleDB when the server has it; `off`: plain
+    /// PostgreSQL; `required`: refuse to migrate without it. Read once, by
+    /// the migration that creates the readings table.
+    pub timescaledb: storage::TimescaleMode,
+    /// TimescaleDB chunk width in hours (native partitions are one UTC day).
+    /// Default 24.
+    pub chunk_hours: u32,
+    /// TimescaleDB compresses chunks older than this. 0: never. Default 7.
+    pub compress_after_days: u32,
+    /// Raw readings older than this are dropped, on both layouts. 0: kept
+    /// forever. Must be 0 or more than the aggregates' refresh window
+    /// (100 days). Default 730. The continuous aggregates are kept.
+    pub retain_days: u32,
+    /// Native layout: partitions are created this many days ahead. Default 7.
+    pub premake_days: u32,
 }
 
 impl Default for DatabaseConfig {
     fn default() -> Self {
-        DatabaseConfig { url: "postgres://vitalwatch:vitalwatch@127.0.0.1:5432/vitalwatch".into(), pool_size: 8 }
+        DatabaseConfig {
+            url: "postgres://vitalwatch:vitalwatch@127.0.0.1:5432/vitalwatch".into(),
+            pool_size: 8,
+            timescaledb: storage::TimescaleMode::Auto,
+            chunk_hours: 24,
+            compress_after_days: 7,
+            retain_days: 730,
+            premake_days: 7,
+        }
+    }
+}
+
+impl DatabaseConfig {
+    /// Checks the settings that the database would otherwise refuse late.
+    pub fn validate(&self) -> Result<(), StoreError> {
+        if self.chunk_hours == 0 {
+            return Err(StoreError::Invalid("database.chunk_hours must be at least 1".into()));
+        }
+        if self.retain_days != 0 && self.retain_days <= storage::REFRESH_WINDOW_DAYS {
+            return Err(StoreError::Invalid(format!(
+                "database.retain_days = {} must be 0 (keep forever) or more than {} days, \
+                 the window in which late readings are still folded into the aggregates",
+                self.retain_days,
+                storage::REFRESH_WINDOW_DAYS
+            )));
+        }
+        Ok(())
     }
 }
 

@@ -1,13 +1,37 @@
-//! Writing reading rows: one statement per batch of Kafka records, never a
-//! query per reading, and idempotent through the `readings_identity` key.
+//! Writing reading rows: a few statements per batch of Kafka records, never
+//! a query per reading, and idempotent through the `readings_identity` key.
+//!
+//! [`insert`] (the writer's path): binary `COPY` into a session-local
+//! staging table, then one `INSERT … SELECT … ON CONFLICT DO NOTHING`.
+//! [`insert_unnest`] does the same with array parameters; `benches`
+//! measures both against PostgreSQL's own `COPY` limit.
 
 use chrono::{DateTime, Utc};
 use tokio_postgres::GenericClient;
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::{ToSql, Type};
 use vitalwatch_core::reading::Batch;
 
 use crate::StoreError;
 
-/// Column-wise rows for one `INSERT ... SELECT FROM unnest(...)`.
+/// The columns written, in the order of [`COLUMN_TYPES`].
+pub const COLUMNS: &str = "time, patient_id, device_id, metric, component, value, unit, seq, quality, received_at";
+
+/// Binary COPY types of [`COLUMNS`].
+pub const COLUMN_TYPES: &[Type] = &[
+    Type::TIMESTAMPTZ,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::FLOAT8,
+    Type::TEXT,
+    Type::INT8,
+    Type::INT2,
+    Type::TIMESTAMPTZ,
+];
+
+/// Column-wise rows for one batched write.
 #[derive(Debug, Default)]
 pub struct Rows {
     time: Vec<DateTime<Utc>>,
@@ -29,6 +53,61 @@ impl Rows {
 
     pub fn is_empty(&self) -> bool {
         self.time.is_empty()
+    }
+
+    /// The distinct UTC days of `time`, in order.
+    pub fn days(&self) -> Vec<chrono::NaiveDate> {
+        let days: std::collections::BTreeSet<_> = self.time.iter().map(|t| t.date_naive()).collect();
+        days.into_iter().collect()
+    }
+
+    /// Appends one row (benchmarks and loaders; the writer uses [`Rows::push`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn push_row(
+        &mut self,
+        time: DateTime<Utc>,
+        patient_id: &str,
+        device_id: &str,
+        metric: &'static str,
+        component: &'static str,
+        value: f64,
+        unit: &'static str,
+        seq: Option<i64>,
+        quality: i16,
+        received_at: DateTime<Utc>,
+    ) {
+        self.time.push(time);
+        self.patient_id.push(patient_id.to_owned());
+        self.device_id.push(device_id.to_owned());
+        self.metric.push(metric);
+        self.component.push(component);
+        self.value.push(value);
+        self.unit.push(unit);
+        self.seq.push(seq);
+        self.quality.push(quality);
+        self.received_at.push(received_at);
+    }
+
+    /// Writes every row into an open binary `COPY … FROM STDIN` of
+    /// [`COLUMNS`].
+    pub async fn copy_into(&self, writer: BinaryCopyInWriter) -> Result<u64, StoreError> {
+        let mut writer = std::pin::pin!(writer);
+        for i in 0..self.len() {
+            let row: [&(dyn ToSql + Sync); 10] = [
+                &self.time[i],
+                &self.patient_id[i],
+                &self.device_id[i],
+                &self.metric[i],
+                &self.component[i],
+                &self.value[i],
+                &self.unit[i],
+                &self.seq[i],
+                &self.quality[i],
+                &self.received_at[i],
+            ];
+            writer.as_mut().write(&row).await?;
+        }
+        Ok(writer.finish().await?)
     }
 
     /// Adds every value of every reading of `batch`.
@@ -53,8 +132,40 @@ impl Rows {
     }
 }
 
-/// Inserts `rows`, skipping those already stored. Returns how many were new.
-pub async fn insert(client: &impl GenericClient, rows: &Rows) -> Result<u64, StoreError> {
+/// Inserts `rows` inside the transaction `tx`, skipping those already
+/// stored (and repeats within `rows`). Returns how many were new.
+///
+/// Binary `COPY` into `readings_staging`, a temporary table private to the
+/// connection and emptied at every commit, then one
+/// `INSERT … ON CONFLICT DO NOTHING` from it.
+pub async fn insert(tx: &tokio_postgres::Transaction<'_>, rows: &Rows) -> Result<u64, StoreError> {
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    tx.batch_execute(
+        "CREATE TEMP TABLE IF NOT EXISTS readings_staging (
+             time timestamptz, patient_id text, device_id text, metric text, component text,
+             value float8, unit text, seq int8, quality int2, received_at timestamptz
+         ) ON COMMIT DELETE ROWS",
+    )
+    .await?;
+    let sink = tx.copy_in(&format!("COPY readings_staging ({COLUMNS}) FROM STDIN BINARY")).await?;
+    rows.copy_into(BinaryCopyInWriter::new(sink, COLUMN_TYPES)).await?;
+    let n = tx
+        .execute(
+            &format!(
+                "INSERT INTO readings ({COLUMNS}) SELECT {COLUMNS} FROM readings_staging
+                 ON CONFLICT (device_id, metric, component, time) DO NOTHING"
+            ),
+            &[],
+        )
+        .await?;
+    Ok(n)
+}
+
+/// The same as [`insert`] with one `INSERT … SELECT FROM unnest($1, …)`:
+/// no staging table, and it needs no transaction of its own.
+pub async fn insert_unnest(client: &impl GenericClient, rows: &Rows) -> Result<u64, StoreError> {
     if rows.is_empty() {
         return Ok(0);
     }
@@ -63,7 +174,7 @@ pub async fn insert(client: &impl GenericClient, rows: &Rows) -> Result<u64, Sto
             "INSERT INTO readings (time, patient_id, device_id, metric, component, value, unit, seq, quality, received_at)
              SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[],
                                   $6::float8[], $7::text[], $8::int8[], $9::int2[], $10::timestamptz[])
-             ON CONFLICT ON CONSTRAINT readings_identity DO NOTHING",
+             ON CONFLICT (device_id, metric, component, time) DO NOTHING",
             &[
                 &rows.time,
                 &rows.patient_id,

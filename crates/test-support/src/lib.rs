@@ -62,6 +62,12 @@ pub fn unique(prefix: &str) -> String {
 /// A new, migrated database (named `vw_test_…`; `deploy/local/test` drops
 /// old ones before each run).
 pub async fn database() -> DatabaseConfig {
+    database_with(DatabaseConfig::default()).await
+}
+
+/// A fresh, migrated database of its own, with `settings`' storage options
+/// (its `url` and `pool_size` are replaced).
+pub async fn database_with(settings: DatabaseConfig) -> DatabaseConfig {
     let name = unique("vw_test");
     let admin = vitalwatch_store::connect(&admin_database_url()).await.expect("connect to the test PostgreSQL");
     admin.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create test database");
@@ -69,9 +75,10 @@ pub async fn database() -> DatabaseConfig {
         Some((base, _)) => format!("{base}/{name}"),
         None => panic!("VITALWATCH_TEST_DATABASE_URL must end in /dbname"),
     };
-    let mut client = vitalwatch_store::connect(&url).await.expect("connect to the test database");
-    vitalwatch_store::migrate::migrate(&mut client).await.expect("migrate");
-    DatabaseConfig { url, pool_size: 4 }
+    let cfg = DatabaseConfig { url, pool_size: 4, ..settings };
+    let mut client = vitalwatch_store::connect(&cfg.url).await.expect("connect to the test database");
+    vitalwatch_store::migrate::migrate(&mut client, &cfg).await.expect("migrate");
+    cfg
 }
 
 /// Kafka settings with this test's own topics, created on the shared broker.
@@ -285,6 +292,138 @@ impl Drop for PrivateKafka {
         self.stop();
         if std::thread::panicking() {
             eprintln!("private tansu data and log kept in {}", self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Whether the test PostgreSQL can give a database TimescaleDB (installed,
+/// preloaded, and the role may create it): tried in a scratch database.
+/// `Err` says why not, for the test's output.
+pub async fn timescaledb_available() -> Result<(), String> {
+    let url = empty_database().await;
+    let c = vitalwatch_store::connect(&url).await.expect("connect to the scratch database");
+    match c.batch_execute("CREATE EXTENSION timescaledb").await {
+        Ok(()) => Ok(()),
+        Err(e) => Err(e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_owned())),
+    }
+}
+
+/// An empty database of its own (not migrated); returns its URL.
+pub async fn empty_database() -> String {
+    let name = unique("vw_test_empty");
+    let admin = vitalwatch_store::connect(&admin_database_url()).await.expect("connect to the test PostgreSQL");
+    admin.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create test database");
+    match admin_database_url().rsplit_once('/') {
+        Some((base, _)) => format!("{base}/{name}"),
+        None => panic!("VITALWATCH_TEST_DATABASE_URL must end in /dbname"),
+    }
+}
+
+/// A PostgreSQL server of the test's own, in a temporary directory, that
+/// the test may stop (as a crash would: `pg_ctl stop -m immediate`) and
+/// start again with the same data. Binaries from `VITALWATCH_TEST_PG_BIN`
+/// (else the newest `/usr/lib/postgresql/*/bin`); run as the `postgres` user
+/// when the tests run as root, since PostgreSQL refuses root.
+#[derive(Debug)]
+pub struct PrivatePostgres {
+    pub port: u16,
+    dir: std::path::PathBuf,
+    bin: std::path::PathBuf,
+    as_postgres: bool,
+}
+
+impl PrivatePostgres {
+    pub async fn start() -> PrivatePostgres {
+        let bin = match std::env::var("VITALWATCH_TEST_PG_BIN") {
+            Ok(b) => std::path::PathBuf::from(b),
+            Err(_) => {
+                let mut versions: Vec<_> = std::fs::read_dir("/usr/lib/postgresql")
+                    .expect("PostgreSQL binaries in /usr/lib/postgresql (or set VITALWATCH_TEST_PG_BIN)")
+                    .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+                    .collect();
+                versions.sort_unstable();
+                let v = versions.last().expect("a PostgreSQL version in /usr/lib/postgresql");
+                std::path::PathBuf::from(format!("/usr/lib/postgresql/{v}/bin"))
+            }
+        };
+        let uid = std::process::Command::new("id").arg("-u").output().expect("id -u");
+        let as_postgres = String::from_utf8_lossy(&uid.stdout).trim() == "0";
+        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("free port").local_addr().expect("addr").port();
+        let dir = std::env::temp_dir().join(unique("postgres"));
+        std::fs::create_dir_all(&dir).expect("postgres dir");
+        let pg = PrivatePostgres { port, dir, bin, as_postgres };
+        if as_postgres {
+            pg.run("chown", &["-R", "postgres:postgres", &pg.dir.to_string_lossy()], false);
+        }
+        let data = pg.dir.join("data");
+        pg.run(
+            &pg.bin.join("initdb").to_string_lossy(),
+            &["-D", &data.to_string_lossy(), "-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8"],
+            true,
+        );
+        pg.resume().await;
+        pg
+    }
+
+    /// URL of database `db` as the superuser.
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    fn run(&self, program: &str, args: &[&str], as_postgres: bool) {
+        let mut cmd = if as_postgres && self.as_postgres {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--", program]);
+            c
+        } else {
+            std::process::Command::new(program)
+        };
+        let out = cmd.args(args).output().unwrap_or_else(|e| panic!("run {program}: {e}"));
+        assert!(
+            out.status.success(),
+            "{program} {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn pg_ctl(&self, args: &[&str]) {
+        let data = self.dir.join("data").to_string_lossy().into_owned();
+        let mut all = vec!["-D", &data];
+        all.extend_from_slice(args);
+        self.run(&self.bin.join("pg_ctl").to_string_lossy(), &all, true);
+    }
+
+    /// Starts the server (again) and waits until it accepts connections.
+    pub async fn resume(&self) {
+        let log = self.dir.join("postgres.log").to_string_lossy().into_owned();
+        let opts = format!("-p {} -c listen_addresses=127.0.0.1 -k {}", self.port, self.dir.display());
+        self.pg_ctl(&["-l", &log, "-o", &opts, "-w", "-t", "60", "start"]);
+    }
+
+    /// Stops the server at once, without a checkpoint, as a crash would; its
+    /// data stays, and the next start recovers from the WAL.
+    pub fn crash(&self) {
+        self.pg_ctl(&["-m", "immediate", "-w", "stop"]);
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let data = self.dir.join("data");
+        let pg_ctl = self.bin.join("pg_ctl");
+        let mut cmd = if self.as_postgres {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&pg_ctl);
+            c
+        } else {
+            std::process::Command::new(&pg_ctl)
+        };
+        let _ = cmd.args(["-D", &data.to_string_lossy(), "-m", "immediate", "stop"]).output();
+        if std::thread::panicking() {
+            eprintln!("private PostgreSQL data and log kept in {}", self.dir.display());
         } else {
             let _ = std::fs::remove_dir_all(&self.dir);
         }

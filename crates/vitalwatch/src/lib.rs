@@ -114,7 +114,7 @@ pub async fn migrate(db: &DatabaseConfig, wait: Duration) -> anyhow::Result<Vec<
     let mut backoff = Duration::from_millis(200);
     loop {
         match vitalwatch_store::connect(&db.url).await {
-            Ok(mut client) => return Ok(vitalwatch_store::migrate::migrate(&mut client).await?),
+            Ok(mut client) => return Ok(vitalwatch_store::migrate::migrate(&mut client, db).await?),
             Err(e) if e.is_transient() && tokio::time::Instant::now() < deadline => {
                 tracing::warn!(error = %e, "database not reachable yet; retrying");
                 tokio::time::sleep(backoff).await;

@@ -2,9 +2,14 @@
 //!
 //! ```text
 //! consumer group ──▶ collect up to batch_max_rows rows or batch_max_wait_ms
-//!                ──▶ one INSERT … SELECT FROM unnest(…) ON CONFLICT DO NOTHING, one transaction
+//!                ──▶ (native layout: make sure the day partitions exist)
+//!                ──▶ one transaction: binary COPY into a staging table,
+//!                    INSERT … SELECT … ON CONFLICT DO NOTHING
 //!                ──▶ COMMIT ──▶ commit the Kafka offsets the batch covered
 //! ```
+//!
+//! On the native layout the writer also runs [`storage::maintain`] at start
+//! and every hour: partitions ahead of time, and retention.
 //!
 //! Delivery guarantee: offsets are committed only after the transaction that
 //! holds their rows committed, so a crash replays records rather than losing
@@ -27,6 +32,7 @@ use vitalwatch_bus::{BusError, DeadLetter, DeadLetterInfo, KafkaConfig};
 use vitalwatch_core::health::Readiness;
 use vitalwatch_core::reading::Batch;
 use vitalwatch_store::readings::{self, Rows};
+use vitalwatch_store::storage::{self, Layout};
 use vitalwatch_store::{DatabaseConfig, Pool, StoreError};
 
 /// `[writer]`.
@@ -83,6 +89,8 @@ pub async fn run(
     let deadletter = DeadLetter::new(vitalwatch_bus::Producer::new(kafka)?, kafka.deadletter_topic.clone(), None);
     readiness.set_ready("writer.database");
     let pool = vitalwatch_store::pool(db)?;
+    let store = Store { pool: pool.clone(), layout: tokio::sync::OnceCell::new() };
+    tokio::spawn(maintenance(pool.clone(), db.clone(), shutdown.clone()));
     tracing::info!(group = %cfg.group_id, topic = %kafka.readings_topic, "writer started");
     let max_wait = Duration::from_millis(cfg.batch_max_wait_ms);
     let mut last_commit: Option<TopicPartitionList> = None;
@@ -138,7 +146,7 @@ pub async fn run(
         if offsets.is_empty() {
             continue;
         }
-        if write(&pool, &records, &deadletter, &readiness, &shutdown).await.is_err() {
+        if write(&store, &records, &deadletter, &readiness, &shutdown).await.is_err() {
             break; // shut down while the database was away: nothing committed
         }
         let mut tpl = TopicPartitionList::new();
@@ -164,7 +172,7 @@ pub async fn run(
 /// if the database refuses the batch for good, writes record by record and
 /// dead-letters the ones it refuses. `Err` only when `shutdown` fired first.
 async fn write(
-    pool: &Pool,
+    store: &Store,
     records: &[Record],
     deadletter: &DeadLetter,
     readiness: &Readiness,
@@ -174,14 +182,14 @@ async fn write(
     for r in records {
         rows.push(&r.batch);
     }
-    match insert_retrying(pool, &rows, readiness, shutdown).await? {
+    match insert_retrying(store, &rows, readiness, shutdown).await? {
         Ok(()) => return Ok(()),
         Err(e) => tracing::warn!(error = %e, "database refused a batch; writing its records one by one"),
     }
     for r in records {
         let mut one = Rows::default();
         one.push(&r.batch);
-        if let Err(e) = insert_retrying(pool, &one, readiness, shutdown).await? {
+        if let Err(e) = insert_retrying(store, &one, readiness, shutdown).await? {
             let detail = e.to_string();
             let info = DeadLetterInfo {
                 reason: "store_rejected",
@@ -201,7 +209,7 @@ async fn write(
 /// `Ok(Ok)` written, `Ok(Err)` the data was refused for good (SQLSTATE 22 or
 /// 23), `Err` shut down while waiting. Any other error is waited out.
 async fn insert_retrying(
-    pool: &Pool,
+    store: &Store,
     rows: &Rows,
     readiness: &Readiness,
     shutdown: &CancellationToken,
@@ -209,7 +217,7 @@ async fn insert_retrying(
     let mut backoff = Duration::from_millis(100);
     loop {
         let started = Instant::now();
-        match insert_once(pool, rows).await {
+        match store.insert(rows).await {
             Ok(new) => {
                 if readiness.is_ready("writer.database") != Some(true) {
                     readiness.set_ready("writer.database");
@@ -234,10 +242,49 @@ async fn insert_retrying(
     }
 }
 
-async fn insert_once(pool: &Pool, rows: &Rows) -> Result<u64, StoreError> {
-    let mut client = pool.get().await?;
-    let tx = client.transaction().await?;
-    let n = readings::insert(&*tx, rows).await?;
-    tx.commit().await?;
-    Ok(n)
+/// The database as the writer uses it.
+struct Store {
+    pool: Pool,
+    /// Read from the database at the first write.
+    layout: tokio::sync::OnceCell<Layout>,
+}
+
+impl Store {
+    /// Writes `rows` in one transaction; returns how many were new.
+    async fn insert(&self, rows: &Rows) -> Result<u64, StoreError> {
+        let mut client = self.pool.get().await?;
+        let layout = *self.layout.get_or_try_init(|| storage::layout(&**client)).await?;
+        if layout == Layout::Native {
+            // Its own short transaction: creating a partition locks the
+            // parent table, which must not be held across the write.
+            storage::ensure_partitions_for(&**client, &rows.days()).await?;
+        }
+        let tx = client.transaction().await?;
+        let n = readings::insert(&tx, rows).await?;
+        tx.commit().await?;
+        Ok(n)
+    }
+}
+
+/// Native layout: partitions ahead of time and retention, at start and
+/// every hour. Failures are logged and retried at the next run.
+async fn maintenance(pool: Pool, db: DatabaseConfig, shutdown: CancellationToken) {
+    loop {
+        let result = match pool.get().await {
+            Ok(client) => storage::maintain(&**client, &db, Utc::now()).await,
+            Err(e) => Err(e.into()),
+        };
+        let next = match result {
+            Ok(_) => Duration::from_secs(3600),
+            Err(e) => {
+                tracing::warn!(error = %e, "storage maintenance failed; retrying in a minute");
+                metrics::counter!("vitalwatch_writer_maintenance_errors_total").increment(1);
+                Duration::from_secs(60)
+            }
+        };
+        tokio::select! {
+            () = tokio::time::sleep(next) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
 }

@@ -112,12 +112,12 @@ pub fn hr(value: f64, t: DateTime<Utc>) -> serde_json::Value {
 }
 
 pub async fn get_json(cfg: &Config, uri: &str) -> (StatusCode, serde_json::Value) {
-    let state = vitalwatch_api::AppState {
-        pool: vitalwatch_store::pool(&cfg.database).expect("pool"),
-        metrics: vitalwatch_api::telemetry::metrics_handle(),
-        max_buckets: 10_000,
-        readiness: Readiness::new(),
-    };
+    let state = vitalwatch_api::AppState::new(
+        vitalwatch_store::pool(&cfg.database).expect("pool"),
+        vitalwatch_api::telemetry::metrics_handle(),
+        10_000,
+        Readiness::new(),
+    );
     let resp = vitalwatch_api::app(state)
         .oneshot(Request::get(uri).body(Body::empty()).expect("request"))
         .await
