@@ -61,8 +61,16 @@ pub fn unique(prefix: &str) -> String {
 
 /// A new, migrated database (named `vw_test_…`; `deploy/local/test` drops
 /// old ones before each run).
+///
+/// TimescaleDB is used where the server has it, unless
+/// `VITALWATCH_TEST_TIMESCALEDB=off` asks for the native layout (to run the
+/// whole suite on it where TimescaleDB is installed).
 pub async fn database() -> DatabaseConfig {
-    database_with(DatabaseConfig::default()).await
+    let mut settings = DatabaseConfig::default();
+    if std::env::var("VITALWATCH_TEST_TIMESCALEDB").is_ok_and(|v| v == "off") {
+        settings.timescaledb = vitalwatch_store::storage::TimescaleMode::Off;
+    }
+    database_with(settings).await
 }
 
 /// A fresh, migrated database of its own, with `settings`' storage options

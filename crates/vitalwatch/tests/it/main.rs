@@ -5,3 +5,4 @@
 mod ingest;
 mod pipeline;
 mod util;
+mod writer;
