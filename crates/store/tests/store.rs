@@ -35,8 +35,8 @@ async fn insert_rows(db: &DatabaseConfig, rows: &Rows) -> u64 {
     if storage::layout(&c).await.expect("layout") == Layout::Native {
         storage::ensure_partitions_for(&c, &rows.days()).await.expect("partitions");
     }
-    let tx = c.transaction().await.expect("tx");
-    let n = insert(&tx, rows).await.expect("insert");
+    let mut tx = c.transaction().await.expect("tx");
+    let n = insert(&mut tx, rows).await.expect("insert");
     tx.commit().await.expect("commit");
     n
 }
@@ -115,9 +115,17 @@ async fn upgrading_a_version_2_database_keeps_its_readings() {
         let cfg = DatabaseConfig { url, ..cfg };
         let mut c = vitalwatch_store::connect(&cfg.url).await.expect("connect");
         assert_eq!(migrate::migrate_to(&mut c, &cfg, 2).await.expect("to v2"), vec![1, 2]);
+        for (s, v) in [(0, 60.0), (86_400 * 3, 61.0)] {
+            c.execute(
+                "INSERT INTO readings (time, patient_id, device_id, metric, value, unit, seq, received_at)
+                 VALUES ($1, 'p', 'd', 'heart_rate', $2, '/min', 1, $1)",
+                &[&t(s), &v],
+            )
+            .await
+            .expect("insert into the v2 table");
+        }
         let mut rows = Rows::default();
         rows.push(&batch("p", "d", 1, &[(0, 60.0), (86_400 * 3, 61.0)]));
-        assert_eq!(insert_unnest(&c, &rows).await.expect("insert into the v2 table"), 2);
         assert_eq!(migrate::migrate(&mut c, &cfg).await.expect("upgrade"), vec![3, 4]);
         assert_eq!(storage::layout(&c).await.expect("layout"), layout);
         assert_eq!(count(&c, "SELECT count(*) FROM readings WHERE patient_id = 'p'").await, 2, "{layout}");

@@ -3,8 +3,9 @@
 //! ```text
 //! consumer group ──▶ collect up to batch_max_rows rows or batch_max_wait_ms
 //!                ──▶ (native layout: make sure the day partitions exist)
-//!                ──▶ one transaction: binary COPY into a staging table,
-//!                    INSERT … SELECT … ON CONFLICT DO NOTHING
+//!                ──▶ one transaction: binary COPY into `readings` (a
+//!                    duplicate sends the batch through a staging table and
+//!                    INSERT … SELECT … ON CONFLICT DO NOTHING instead)
 //!                ──▶ COMMIT ──▶ commit the Kafka offsets the batch covered
 //! ```
 //!
@@ -259,8 +260,8 @@ impl Store {
             // parent table, which must not be held across the write.
             storage::ensure_partitions_for(&**client, &rows.days()).await?;
         }
-        let tx = client.transaction().await?;
-        let n = readings::insert(&tx, rows).await?;
+        let mut tx = client.transaction().await?;
+        let n = readings::insert(&mut tx, rows).await?;
         tx.commit().await?;
         Ok(n)
     }
