@@ -44,6 +44,19 @@ impl Config {
     pub fn load(file: Option<&Path>) -> Result<Config, vitalwatch_core::config::ConfigError> {
         vitalwatch_core::config::load(file, std::env::vars())
     }
+
+    /// Checks settings that depend on each other.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        self.database.validate()?;
+        let window = i64::from(vitalwatch_store::storage::REFRESH_WINDOW_DAYS);
+        if self.ingest.max_age_days >= window {
+            anyhow::bail!(
+                "ingest.max_age_days = {} must be below {window}: older readings would miss the trend aggregates' refresh window",
+                self.ingest.max_age_days
+            );
+        }
+        Ok(())
+    }
 }
 
 /// One of the long-running services.

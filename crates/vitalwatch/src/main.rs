@@ -80,6 +80,7 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let cfg = Config::load(cli.config.as_deref())?;
+    cfg.validate()?;
     let services: &[Service] = match cli.command {
         Command::Migrate => {
             let applied = vitalwatch::migrate(&cfg.database, Duration::from_secs(60)).await?;

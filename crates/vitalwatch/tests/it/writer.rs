@@ -179,3 +179,36 @@ async fn a_postgres_crash_during_writing_loses_and_doubles_nothing() {
     assert_eq!(row.get::<_, i64>(2), records as i64);
     writer.stop().await;
 }
+
+/// Two writers run at once in one group, one of them joining while records
+/// flow, so the group rebalances mid-stream: every row is stored once and
+/// every offset is committed. (Which partitions each member held is not
+/// asserted: tansu 0.6 answers no DescribeGroups request.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_writers_in_one_group_store_every_row_once_across_a_rebalance() {
+    let cfg = config().await;
+    let producer = Producer::new(&cfg.kafka).expect("producer");
+    let start = Utc::now() - chrono::Duration::hours(1);
+    let record = |i: u64| batch(&format!("pat-{}", i % 6), &format!("dev-{}", i % 6), i, start + chrono::Duration::minutes(i as i64), 10);
+    let first = start_writer(&cfg);
+    for i in 0..30_u64 {
+        produce(&cfg.kafka, &producer, &record(i)).await;
+    }
+    ts::eventually(WAIT, "the first writer to store rows", || async { (digest(&cfg.database.url).await.0 > 0).then_some(()) }).await;
+    let second = start_writer(&cfg);
+    for i in 30..90_u64 {
+        produce(&cfg.kafka, &producer, &record(i)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    ts::eventually(WAIT, "all 900 rows", || async { (digest(&cfg.database.url).await.0 >= 900).then_some(()) }).await;
+    ts::eventually(WAIT, "every offset committed", || async {
+        let (committed, ends) = committed_and_end(&cfg.kafka, &cfg.writer.group_id);
+        (committed == ends).then_some(())
+    })
+    .await;
+    let c = vitalwatch_store::connect(&cfg.database.url).await.expect("db");
+    let row = c.query_one("SELECT count(*), count(DISTINCT (patient_id, time)) FROM readings", &[]).await.expect("counts");
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (900, 900), "every reading once");
+    first.stop().await;
+    second.stop().await;
+}
