@@ -29,8 +29,8 @@ CREATE TABLE readings (
 
 -- Creates the missing partitions of the given UTC days; returns how many
 -- it created. Concurrent callers are serialized by a lock on `readings`
--- that conflicts only with itself (not with writes), so two writers never
--- race to create the same partition.
+-- that conflicts with itself and DDL but not with reads or writes, so two
+-- writers never race to create the same partition.
 CREATE FUNCTION vitalwatch_ensure_partitions(days date[]) RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -45,7 +45,11 @@ BEGIN
         -- Taking the lock also makes partitions committed meanwhile visible.
         LOCK TABLE readings IN SHARE UPDATE EXCLUSIVE MODE;
         CONTINUE WHEN to_regclass(quote_ident(name)) IS NOT NULL;
-        EXECUTE format('CREATE TABLE %I PARTITION OF readings FOR VALUES FROM (%L) TO (%L)',
+        -- Created apart, then attached: ATTACH PARTITION takes only SHARE
+        -- UPDATE EXCLUSIVE on `readings`, where CREATE TABLE ... PARTITION OF
+        -- would take ACCESS EXCLUSIVE and block every read and write.
+        EXECUTE format('CREATE TABLE %I (LIKE readings INCLUDING DEFAULTS)', name);
+        EXECUTE format('ALTER TABLE readings ATTACH PARTITION %I FOR VALUES FROM (%L) TO (%L)',
                        name, day::timestamp AT TIME ZONE 'UTC', (day + 1)::timestamp AT TIME ZONE 'UTC');
         created := created + 1;
     END LOOP;
@@ -61,7 +65,8 @@ LANGUAGE sql AS $$
 $$;
 
 -- Retention: drops the day partitions that end at or before `cutoff` and
--- returns their names.
+-- returns their names. (Dropping a partition briefly locks `readings`
+-- exclusively; retention runs hourly.)
 CREATE FUNCTION vitalwatch_drop_partitions_before(cutoff timestamptz) RETURNS SETOF text
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -76,7 +81,7 @@ BEGIN
            AND ((to_date(substr(c.relname, 11), 'YYYYMMDD') + 1)::timestamp AT TIME ZONE 'UTC') <= cutoff
          ORDER BY 1
     LOOP
-        EXECUTE format('DROP TABLE %I', part);
+        EXECUTE format('DROP TABLE IF EXISTS %I', part);
         RETURN NEXT part;
     END LOOP;
 END;

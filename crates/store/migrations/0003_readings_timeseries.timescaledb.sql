@@ -32,11 +32,11 @@ CREATE TABLE readings (
 SELECT create_hypertable('readings', by_range('time', INTERVAL '1 day'));
 
 -- Compressed chunks keep one segment per patient and metric, the shape of
--- every trend query.
+-- every trend query, ordered by the rest of the unique key.
 ALTER TABLE readings SET (
     timescaledb.compress,
     timescaledb.compress_segmentby = 'patient_id, metric',
-    timescaledb.compress_orderby = 'time DESC, component'
+    timescaledb.compress_orderby = 'time DESC, component, device_id'
 );
 
 -- Continuous aggregates keep min, max, sum and count, so that a coarser
@@ -66,8 +66,9 @@ SELECT time_bucket(INTERVAL '1 day', bucket) AS bucket, patient_id, metric, comp
  GROUP BY 1, 2, 3, 4
 WITH NO DATA;
 
--- Move the rows of the old table over (the aggregates pick them up at
--- their first refresh, and real-time aggregation shows them before that).
+-- Move the rows of the old table over. The aggregates are refreshed over
+-- all history once, outside this transaction, by the next `migrate`
+-- (`storage::apply_policies`): the refresh policies look back 100 days only.
 INSERT INTO readings (time, patient_id, device_id, metric, component, value, unit, seq, quality, received_at)
 SELECT time, patient_id, device_id, metric, component, value, unit, seq, quality, received_at FROM readings_v1;
 DROP TABLE readings_v1;

@@ -89,6 +89,10 @@ pub enum StoreError {
     CreatePool(#[from] deadpool_postgres::CreatePoolError),
     #[error("{0}")]
     Invalid(String),
+    /// The schema is not (yet) what this build needs: worth waiting for a
+    /// migration, never a reason to give data up.
+    #[error("{0}")]
+    Schema(String),
 }
 
 impl StoreError {
@@ -101,7 +105,7 @@ impl StoreError {
         match self {
             StoreError::Db(e) => e.code().is_some_and(|c| c.code().starts_with("22") || c.code().starts_with("23")),
             StoreError::Invalid(_) => true,
-            StoreError::Pool(_) | StoreError::CreatePool(_) => false,
+            StoreError::Pool(_) | StoreError::CreatePool(_) | StoreError::Schema(_) => false,
         }
     }
 
@@ -109,7 +113,7 @@ impl StoreError {
     /// restarting), false for errors that retrying cannot fix.
     pub fn is_transient(&self) -> bool {
         match self {
-            StoreError::Pool(_) => true,
+            StoreError::Pool(_) | StoreError::Schema(_) => true,
             StoreError::Db(e) => match e.code() {
                 None => true, // I/O or connection closed
                 Some(code) => {

@@ -72,6 +72,10 @@ pub async fn load_devices(client: &impl GenericClient) -> Result<HashMap<String,
 /// Registers a device (idempotent) and, when `patient_id` is given, assigns
 /// it to that patient from `since` (default: now), closing any other open
 /// assignment at that moment. The patient is created if it is new.
+/// Longest device or patient id, in bytes: both are part of the readings'
+/// unique key, whose index rows must stay well below PostgreSQL's limit.
+pub const MAX_ID_LEN: usize = 128;
+
 pub async fn register_device(
     client: &mut tokio_postgres::Client,
     device_id: &str,
@@ -79,10 +83,15 @@ pub async fn register_device(
     patient_id: Option<&str>,
     since: Option<DateTime<Utc>>,
 ) -> Result<(), StoreError> {
-    if device_id.is_empty() || device_id.contains(['/', '+', '#']) {
+    if device_id.is_empty() || device_id.len() > MAX_ID_LEN || device_id.contains(['/', '+', '#']) {
         return Err(StoreError::Invalid(format!(
-            "device id {device_id:?} must be non-empty and contain no '/', '+' or '#'"
+            "device id {device_id:?} must be 1 to {MAX_ID_LEN} bytes and contain no '/', '+' or '#'"
         )));
+    }
+    if let Some(p) = patient_id
+        && (p.is_empty() || p.len() > MAX_ID_LEN)
+    {
+        return Err(StoreError::Invalid(format!("patient id {p:?} must be 1 to {MAX_ID_LEN} bytes")));
     }
     let tx = client.transaction().await?;
     tx.execute(

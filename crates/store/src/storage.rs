@@ -80,7 +80,7 @@ pub async fn recorded_layout(client: &impl GenericClient) -> Result<Option<Layou
     Ok(match row.map(|r| r.get::<_, String>(0)).as_deref() {
         Some("timescaledb") => Some(Layout::TimescaleDb),
         Some("native") => Some(Layout::Native),
-        Some(other) => return Err(StoreError::Invalid(format!("unknown storage layout {other:?} in storage_layout"))),
+        Some(other) => return Err(StoreError::Schema(format!("unknown storage layout {other:?} in storage_layout"))),
         None => None,
     })
 }
@@ -89,7 +89,7 @@ pub async fn recorded_layout(client: &impl GenericClient) -> Result<Option<Layou
 pub async fn layout(client: &impl GenericClient) -> Result<Layout, StoreError> {
     recorded_layout(client)
         .await?
-        .ok_or_else(|| StoreError::Invalid("the database is not migrated: run `vitalwatch migrate`".into()))
+        .ok_or_else(|| StoreError::Schema("the database is not migrated: run `vitalwatch migrate`".into()))
 }
 
 /// Decides the layout inside the migration transaction `tx` and records it.
@@ -109,7 +109,7 @@ pub(crate) async fn choose_layout(
                 .await?
                 .get(0);
             let mut why_not = String::from("the server does not have the timescaledb extension");
-            let usable = if installed {
+            let mut usable = if installed {
                 true
             } else if available {
                 let sp = tx.transaction().await?;
@@ -127,6 +127,27 @@ pub(crate) async fn choose_layout(
             } else {
                 false
             };
+            if usable {
+                // Continuous aggregates and compression are in the Timescale
+                // License edition only, and `by_range` needs 2.13.
+                let row = tx
+                    .query_one(
+                        "SELECT coalesce(current_setting('timescaledb.license', true), ''),
+                                (SELECT extversion FROM pg_extension WHERE extname = 'timescaledb')",
+                        &[],
+                    )
+                    .await?;
+                let (license, version): (String, String) = (row.get(0), row.get(1));
+                let parts: Vec<u32> = version.split(['.', '-']).filter_map(|p| p.parse().ok()).collect();
+                let recent = parts.first().copied().unwrap_or(0) > 2
+                    || (parts.first() == Some(&2) && parts.get(1).copied().unwrap_or(0) >= 13);
+                if license != "timescale" || !recent {
+                    why_not = format!(
+                        "TimescaleDB {version} ({license} license) lacks what this needs: continuous aggregates and compression (timescale license), by_range (2.13 or later)"
+                    );
+                    usable = false;
+                }
+            }
             match (usable, cfg.timescaledb) {
                 (true, _) => Layout::TimescaleDb,
                 (false, TimescaleMode::Required) => {
@@ -142,7 +163,10 @@ pub(crate) async fn choose_layout(
     tx.batch_execute(
         "CREATE TABLE storage_layout (
              layout     text PRIMARY KEY CHECK (layout IN ('timescaledb', 'native')),
-             decided_at timestamptz NOT NULL DEFAULT now()
+             decided_at timestamptz NOT NULL DEFAULT now(),
+             -- TimescaleDB: whether the aggregates were refreshed over all
+             -- history once (the refresh policies look back 100 days only).
+             aggregates_backfilled boolean NOT NULL DEFAULT false
          )",
     )
     .await?;
@@ -155,14 +179,22 @@ fn db_message(e: &tokio_postgres::Error) -> String {
     e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_owned())
 }
 
-/// Brings TimescaleDB's policies in line with the configuration: chunk
-/// width, compression age, retention, and the aggregates' refresh
-/// schedules. A policy already as configured is left alone. Runs under the
-/// migration lock, after the migrations.
+/// Brings the storage in line with the configuration. TimescaleDB: chunk
+/// width, compression age and retention policies (a policy already as
+/// configured is left alone, a changed one replaced), refresh policies for
+/// the aggregates (added when missing), and once, the aggregates refreshed
+/// over all history. Native: [`maintain`] (partitions ahead, retention).
+/// Runs under the migration lock, after the migrations, outside any
+/// transaction.
 pub async fn apply_policies(client: &tokio_postgres::Client, cfg: &DatabaseConfig) -> Result<(), StoreError> {
     cfg.validate()?;
-    if recorded_layout(client).await? != Some(Layout::TimescaleDb) {
-        return Ok(());
+    match recorded_layout(client).await? {
+        None => return Ok(()),
+        Some(Layout::Native) => {
+            maintain(client, cfg, Utc::now()).await?;
+            return Ok(());
+        }
+        Some(Layout::TimescaleDb) => {}
     }
     let chunk = format!("{} hours", cfg.chunk_hours);
     client.execute("SELECT set_chunk_time_interval('readings', $1::text::interval)", &[&chunk]).await?;
@@ -188,8 +220,8 @@ pub async fn apply_policies(client: &tokio_postgres::Client, cfg: &DatabaseConfi
     )
     .await?;
     // Refresh policies are fixed by the design, not configured; they are
-    // added here (not in the migration) so a database migrated before a
-    // change of schedule gets the new one.
+    // added here, when missing. (A later change of schedule must remove the
+    // old policies in a migration.)
     for (width, view) in AGGREGATES {
         let exists: bool = client
             .query_one(
@@ -220,6 +252,21 @@ pub async fn apply_policies(client: &tokio_postgres::Client, cfg: &DatabaseConfi
                 &[&format!("{REFRESH_WINDOW_DAYS} days"), &end_offset, &schedule],
             )
             .await?;
+    }
+    // Rows that predate the aggregates (moved in from an older schema)
+    // reach back further than any refresh policy looks: refresh all of
+    // history once, finest level first. Cannot run inside a transaction.
+    let backfilled: bool = client.query_one("SELECT aggregates_backfilled FROM storage_layout", &[]).await?.get(0);
+    if !backfilled {
+        for (width, view) in AGGREGATES {
+            client
+                .batch_execute(&format!(
+                    "CALL refresh_continuous_aggregate('{view}', NULL, now() - interval '{width} seconds')"
+                ))
+                .await?;
+        }
+        client.batch_execute("UPDATE storage_layout SET aggregates_backfilled = true").await?;
+        tracing::info!("continuous aggregates refreshed over all history");
     }
     Ok(())
 }

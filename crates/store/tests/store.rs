@@ -109,28 +109,56 @@ async fn the_audit_log_is_append_only() {
 }
 
 #[tokio::test]
-async fn upgrading_a_version_2_database_keeps_its_readings() {
+async fn upgrading_a_version_2_database_keeps_its_readings_and_their_trends() {
+    let now = Utc::now();
+    let old = now - Duration::days(200);
+    let mut trends_by_layout = Vec::new();
     for (layout, cfg) in layouts().await {
         let url = ts::empty_database().await;
         let cfg = DatabaseConfig { url, ..cfg };
         let mut c = vitalwatch_store::connect(&cfg.url).await.expect("connect");
         assert_eq!(migrate::migrate_to(&mut c, &cfg, 2).await.expect("to v2"), vec![1, 2]);
-        for (s, v) in [(0, 60.0), (86_400 * 3, 61.0)] {
+        // History in the v2 table: far older than any refresh policy looks back.
+        for (i, at) in [old, old + Duration::minutes(7), old + Duration::hours(30), now - Duration::days(2)].iter().enumerate() {
             c.execute(
                 "INSERT INTO readings (time, patient_id, device_id, metric, value, unit, seq, received_at)
                  VALUES ($1, 'p', 'd', 'heart_rate', $2, '/min', 1, $1)",
-                &[&t(s), &v],
+                &[at, &(60.0 + i as f64)],
             )
             .await
             .expect("insert into the v2 table");
         }
-        let mut rows = Rows::default();
-        rows.push(&batch("p", "d", 1, &[(0, 60.0), (86_400 * 3, 61.0)]));
         assert_eq!(migrate::migrate(&mut c, &cfg).await.expect("upgrade"), vec![3, 4]);
         assert_eq!(storage::layout(&c).await.expect("layout"), layout);
-        assert_eq!(count(&c, "SELECT count(*) FROM readings WHERE patient_id = 'p'").await, 2, "{layout}");
+        assert_eq!(count(&c, "SELECT count(*) FROM readings WHERE patient_id = 'p'").await, 4, "{layout}");
+        if layout == Layout::TimescaleDb {
+            // The refresh policies run as in production, moving the
+            // real-time watermark up to now.
+            for r in c
+                .query("SELECT job_id FROM timescaledb_information.jobs WHERE proc_name = 'policy_refresh_continuous_aggregate'
+                         ORDER BY hypertable_name DESC", &[])
+                .await
+                .expect("jobs")
+            {
+                c.batch_execute(&format!("CALL run_job({})", r.get::<_, i32>(0))).await.expect("refresh job");
+            }
+        }
+        let pool = vitalwatch_store::pool(&cfg).expect("pool");
+        let client = pool.get().await.expect("client");
+        let mut got = Vec::new();
+        for bucket in [3600, 86_400] {
+            let b = trends::buckets(&client, layout, "p", "heart_rate", old - Duration::days(1), now, bucket).await.expect("trend");
+            got.push(b.iter().map(|b| (b.start, b.count, b.min, b.max)).collect::<Vec<_>>());
+        }
+        assert_eq!(got[1].iter().map(|b| b.1).sum::<i64>(), 4, "{layout}: every moved reading is on the daily chart");
+        trends_by_layout.push((layout, got));
         // And the unique key still holds after the move.
+        let mut rows = Rows::default();
+        rows.push(&batch_at("p", "d", 1, &[(old, 60.0)]));
         assert_eq!(insert_rows(&cfg, &rows).await, 0, "{layout}");
+    }
+    for (layout, got) in &trends_by_layout[1..] {
+        assert_eq!(got, &trends_by_layout[0].1, "{layout} gives the native layout's trends");
     }
 }
 
@@ -193,11 +221,13 @@ async fn native_layout_makes_partitions_ahead_and_drops_them_for_retention() {
             .expect("partitions");
         rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>()
     };
-    let now = Utc.with_ymd_and_hms(2026, 11, 29, 13, 0, 0).single().expect("now");
+    // A day well away from today (migrate already made today's partitions).
+    let now = Utc.with_ymd_and_hms(2027, 6, 15, 13, 0, 0).single().expect("now");
     let m = storage::maintain(&c, &db, now).await.expect("maintain");
     assert_eq!(m.created, 9, "yesterday, today and 7 days ahead");
-    assert_eq!(partitions().await.first().map(String::as_str), Some("readings_p20261128"));
-    assert_eq!(partitions().await.last().map(String::as_str), Some("readings_p20261206"));
+    let made = partitions().await;
+    assert!(made.contains(&"readings_p20270614".to_owned()) && made.contains(&"readings_p20270622".to_owned()), "{made:?}");
+    assert!(!made.contains(&"readings_p20270623".to_owned()));
     assert_eq!(storage::maintain(&c, &db, now).await.expect("again").created, 0);
 
     // A late reading 60 days back gets its partition on demand; concurrent
@@ -211,23 +241,27 @@ async fn native_layout_makes_partitions_ahead_and_drops_them_for_retention() {
             storage::ensure_partitions(&c, old, old + Duration::hours(30)).await.expect("ensure")
         }));
     }
-    let mut made = 0;
+    let mut created = 0;
     for h in handles {
-        made += h.await.expect("join");
+        created += h.await.expect("join");
     }
-    assert_eq!(made, 2, "two days, each made once");
+    assert_eq!(created, 2, "two days, each made once");
     let mut rows = Rows::default();
     rows.push(&batch_at("p", "d", 1, &[(old, 70.0), (now, 71.0)]));
     assert_eq!(insert_rows(&db, &rows).await, 2);
-
-    assert_eq!(partitions().await.len(), 11, "a write creates only its own days' partitions");
+    assert_eq!(partitions().await.len(), made.len() + 2, "a write creates only its own days' partitions");
 
     // 100 days later the 60-day-old partitions are past 120 days (cutoff
-    // 2026-11-09): dropped, with their row; the newer ones stay.
+    // 2027-05-26): dropped, with their row; the newer ones stay.
     let later = storage::maintain(&c, &db, now + Duration::days(100)).await.expect("retention");
-    assert_eq!(later.dropped, ["readings_p20260930", "readings_p20261001"]);
-    assert!(partitions().await.contains(&"readings_p20261128".to_owned()));
+    assert!(later.dropped.contains(&"readings_p20270416".to_owned()) && later.dropped.contains(&"readings_p20270417".to_owned()));
+    assert!(later.dropped.iter().all(|p| p.as_str() < "readings_p20270526"), "{:?}", later.dropped);
+    assert!(partitions().await.contains(&"readings_p20270614".to_owned()));
     assert_eq!(count(&c, "SELECT count(*) FROM readings").await, 1, "the recent reading stays");
+    // The attached partitions carry the unique key.
+    let mut again = Rows::default();
+    again.push(&batch_at("p", "d", 1, &[(now, 71.0)]));
+    assert_eq!(insert_rows(&db, &again).await, 0);
 }
 
 #[tokio::test]

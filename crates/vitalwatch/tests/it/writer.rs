@@ -77,6 +77,14 @@ fn committed_and_end(kafka: &KafkaConfig, group: &str) -> (Vec<i64>, Vec<i64>) {
     (got, ends)
 }
 
+/// Records on the dead-letter topic (the sum of its high watermarks).
+fn deadletters(kafka: &KafkaConfig) -> i64 {
+    let consumer = vitalwatch_bus::consumer(kafka, &ts::unique("probe")).expect("consumer");
+    (0..kafka.partitions)
+        .map(|p| consumer.fetch_watermarks(&kafka.deadletter_topic, p, Duration::from_secs(10)).expect("watermarks").1)
+        .sum()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_consumed_again_after_an_offset_reset_leave_the_table_unchanged() {
     let cfg = config().await;
@@ -177,6 +185,34 @@ async fn a_postgres_crash_during_writing_loses_and_doubles_nothing() {
     assert_eq!(row.get::<_, i64>(0), total, "every reading exactly once");
     assert_eq!(row.get::<_, i64>(1), total);
     assert_eq!(row.get::<_, i64>(2), records as i64);
+    assert_eq!(deadletters(&cfg.kafka), 0, "the outage dead-lettered nothing");
+    writer.stop().await;
+}
+
+/// A writer started against a database whose schema is older than it
+/// needs (migrated to version 2 only) waits, dead-letters nothing, and
+/// writes everything once the database is migrated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_waits_for_migrations_instead_of_dead_lettering() {
+    let mut cfg = config().await;
+    cfg.database.url = ts::empty_database().await;
+    let mut c = vitalwatch_store::connect(&cfg.database.url).await.expect("db");
+    vitalwatch_store::migrate::migrate_to(&mut c, &cfg.database, 2).await.expect("to v2");
+    let producer = Producer::new(&cfg.kafka).expect("producer");
+    let start = Utc::now() - chrono::Duration::hours(1);
+    for i in 0..5_u64 {
+        produce(&cfg.kafka, &producer, &batch("pat-1", "dev-1", i, start + chrono::Duration::minutes(i as i64), 10)).await;
+    }
+    let writer = start_writer(&cfg);
+    ts::eventually(WAIT, "the writer to report the database not ready", || async {
+        (writer.readiness.is_ready("writer.database") == Some(false)).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(deadletters(&cfg.kafka), 0, "nothing dead-lettered while the schema is behind");
+    vitalwatch_store::migrate::migrate(&mut c, &cfg.database).await.expect("migrate");
+    ts::eventually(WAIT, "all 50 rows", || async { (digest(&cfg.database.url).await.0 == 50).then_some(()) }).await;
+    assert_eq!(deadletters(&cfg.kafka), 0);
     writer.stop().await;
 }
 
