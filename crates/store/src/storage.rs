@@ -57,7 +57,7 @@ impl Layout {
 
 impl fmt::Display for Layout {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        f.pad(self.as_str())
     }
 }
 
@@ -108,9 +108,18 @@ pub(crate) async fn choose_layout(
                 .query_one("SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb')", &[])
                 .await?
                 .get(0);
+            // The loader defines this setting only when the library is
+            // preloaded; CREATE EXTENSION without it ends the session (FATAL).
+            let preloaded: bool = tx
+                .query_one("SELECT current_setting('timescaledb.disable_load', true) IS NOT NULL", &[])
+                .await?
+                .get(0);
             let mut why_not = String::from("the server does not have the timescaledb extension");
             let mut usable = if installed {
                 true
+            } else if available && !preloaded {
+                why_not = "timescaledb is installed but not in shared_preload_libraries".into();
+                false
             } else if available {
                 let sp = tx.transaction().await?;
                 match sp.batch_execute("CREATE EXTENSION IF NOT EXISTS timescaledb").await {

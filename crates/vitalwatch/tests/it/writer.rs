@@ -135,8 +135,13 @@ async fn a_postgres_crash_during_writing_loses_and_doubles_nothing() {
     let admin = vitalwatch_store::connect(&pg.url("postgres")).await.expect("private postgres");
     admin.batch_execute("CREATE DATABASE vitalwatch").await.expect("create database");
     cfg.database.url = pg.url("vitalwatch");
-    cfg.database.timescaledb = TimescaleMode::Off;
+    // `auto` on a server without TimescaleDB preloaded (where it is
+    // installed, creating the extension fails under a savepoint): native.
+    cfg.database.timescaledb = TimescaleMode::Auto;
     vitalwatch::migrate(&cfg.database, Duration::from_secs(30)).await.expect("migrate");
+    let c = vitalwatch_store::connect(&cfg.database.url).await.expect("db");
+    assert_eq!(vitalwatch_store::storage::layout(&c).await.expect("layout"), vitalwatch_store::storage::Layout::Native);
+    drop(c);
     cfg.writer.batch_max_rows = 50;
 
     let (records, per_record) = (400_u64, 5_i64);
