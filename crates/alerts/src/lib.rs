@@ -1,6 +1,7 @@
 //! alerts: **placeholder**. The rules engine (thresholds, sustained and
 //! rate-of-change rules, missing data, NEWS2, the alert lifecycle) is not
-//! built yet and raises no alerts.
+//! built yet and raises no alerts. Built so far: [`news2`], the NEWS2
+//! scoring chart as pure functions.
 //!
 //! What it does now: joins its own consumer group on `rpm.readings.v1`,
 //! decodes every batch, counts readings per metric
@@ -8,6 +9,8 @@
 //! a second, so that the service, its group and its lag exist and can be
 //! watched while the engine is written.
 #![forbid(unsafe_code)]
+
+pub mod news2;
 
 use std::collections::HashMap;
 use std::time::Duration;
