@@ -177,11 +177,14 @@ pub fn risk(total: u8, red: bool) -> Risk {
 mod tests {
     use super::*;
 
+    /// A parameter's name, its scoring function, and (value, score) pairs.
+    type Chart = (&'static str, fn(f64) -> u8, &'static [(f64, u8)]);
+
     /// Every band edge of every parameter: the last value of one band and
     /// the first of the next.
     #[test]
     fn every_band_edge_scores_as_the_chart_says() {
-        let cases: &[(&str, fn(f64) -> u8, &[(f64, u8)])] = &[
+        let cases: &[Chart] = &[
             ("respiration", respiration, &[(0.0, 3), (8.0, 3), (9.0, 1), (11.0, 1), (12.0, 0), (20.0, 0), (21.0, 2), (24.0, 2), (25.0, 3), (60.0, 3)]),
             ("spo2 scale 1", spo2_scale1, &[(50.0, 3), (91.0, 3), (92.0, 2), (93.0, 2), (94.0, 1), (95.0, 1), (96.0, 0), (100.0, 0)]),
             ("systolic", systolic, &[(60.0, 3), (90.0, 3), (91.0, 2), (100.0, 2), (101.0, 1), (110.0, 1), (111.0, 0), (219.0, 0), (220.0, 3), (260.0, 3)]),
