@@ -1,7 +1,9 @@
 //! alerts: **placeholder**. The rules engine (thresholds, sustained and
 //! rate-of-change rules, missing data, NEWS2, the alert lifecycle) is not
-//! built yet and raises no alerts. Built so far: [`news2`], the NEWS2
-//! scoring chart as pure functions.
+//! built yet and raises no alerts. Built so far, as pure functions not yet
+//! wired to the service: [`news2`], the NEWS2 scoring chart, and
+//! [`threshold`], threshold rules (single, sustained, k of n, hysteresis,
+//! artifacts) on event time with late and out-of-order readings.
 //!
 //! What it does now: joins its own consumer group on `rpm.readings.v1`,
 //! decodes every batch, counts readings per metric
@@ -11,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub mod news2;
+pub mod threshold;
 
 use std::collections::HashMap;
 use std::time::Duration;
