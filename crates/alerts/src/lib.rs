@@ -13,6 +13,8 @@
 #![forbid(unsafe_code)]
 
 pub mod news2;
+pub mod rate;
+pub mod series;
 pub mod threshold;
 
 use std::collections::HashMap;

@@ -9,17 +9,14 @@
 //! flap. Readings flagged as artifacts (motion, low perfusion, cuff error)
 //! neither raise, nor break a run, nor clear.
 //!
-//! Readings may arrive late and out of order. A [`Series`] keeps the
-//! readings of the last `horizon` (behind the newest it has seen) and, on
-//! every reading, replays them in event-time order from the state before
-//! the oldest; the episodes that replay finds are compared with those
-//! already told, by overlap, so an episode is raised once and cleared once
-//! however its readings arrive. A reading older than the horizon is refused
-//! ([`TooLate`]): the caller counts it; the store still has it.
+//! Judged through a [`crate::series::Series`], which handles late and
+//! out-of-order readings.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 
 use chrono::{DateTime, Duration, Utc};
+
+use crate::series::{Point, Rule, Step};
 
 /// Which side of the level is abnormal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,77 +85,53 @@ impl Threshold {
     }
 }
 
-/// One reading of the series.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Point {
-    pub at: DateTime<Utc>,
-    pub value: f64,
-    /// Flagged as an artifact: ignored by the rule.
-    pub artifact: bool,
-}
-
-/// What a reading changed.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Transition {
-    /// A new episode: `start` is the event time of its first abnormal
-    /// reading (the alert's identity), `at` when the rule's condition was
-    /// met, `value` the reading that met it.
-    Raise { start: DateTime<Utc>, at: DateTime<Utc>, value: f64 },
-    /// The episode that started at `start` cleared at `at`.
-    Clear { start: DateTime<Utc>, at: DateTime<Utc> },
-}
-
-/// The reading is older than the series keeps: it cannot be judged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TooLate {
-    pub oldest_kept: DateTime<Utc>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-enum Phase {
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum Phase {
+    #[default]
     Quiet,
     /// Abnormal since `since`, the last abnormal reading at `last`.
     Building { since: DateTime<Utc>, last: DateTime<Utc> },
     Active { start: DateTime<Utc> },
 }
 
-/// The rule's state machine over readings in event-time order.
-#[derive(Debug, Clone, PartialEq)]
-struct Machine {
+/// A threshold rule's state between readings.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct State {
     phase: Phase,
     /// Count rules: the last `n` judged readings (time, abnormal).
     recent: VecDeque<(DateTime<Utc>, bool)>,
 }
 
-enum Step {
-    Raised { start: DateTime<Utc>, at: DateTime<Utc>, value: f64 },
-    Cleared { at: DateTime<Utc> },
-}
+impl Rule for Threshold {
+    type State = State;
 
-impl Machine {
-    fn new() -> Machine {
-        Machine { phase: Phase::Quiet, recent: VecDeque::new() }
+    fn open_since(state: &State) -> Option<DateTime<Utc>> {
+        match state.phase {
+            Phase::Active { start } => Some(start),
+            _ => None,
+        }
     }
 
-    fn step(&mut self, rule: &Threshold, p: &Point) -> Option<Step> {
+    fn step(&self, state: &mut State, p: &Point) -> Option<Step> {
+        let rule = self;
         if p.artifact || !p.value.is_finite() {
             return None;
         }
         let abnormal = rule.beyond(p.value);
         if let Persistence::Count { n, .. } = rule.persistence {
-            self.recent.push_back((p.at, abnormal));
-            while self.recent.len() > n {
-                self.recent.pop_front();
+            state.recent.push_back((p.at, abnormal));
+            while state.recent.len() > n {
+                state.recent.pop_front();
             }
         }
-        match self.phase.clone() {
+        match state.phase.clone() {
             Phase::Active { .. } => {
                 let still_counting = match rule.persistence {
-                    Persistence::Count { k, .. } => self.recent.iter().filter(|r| r.1).count() >= k,
+                    Persistence::Count { k, .. } => state.recent.iter().filter(|r| r.1).count() >= k,
                     _ => false,
                 };
                 if rule.cleared(p.value) && !still_counting {
-                    self.phase = Phase::Quiet;
+                    state.phase = Phase::Quiet;
                     return Some(Step::Cleared { at: p.at });
                 }
                 None
@@ -168,7 +141,7 @@ impl Machine {
                     Persistence::Single => (p.at, abnormal),
                     Persistence::Sustained(d) => {
                         if !abnormal {
-                            self.phase = Phase::Quiet;
+                            state.phase = Phase::Quiet;
                             return None;
                         }
                         let since = match phase {
@@ -176,17 +149,17 @@ impl Machine {
                             Phase::Building { since, last } if p.at - last <= d => since,
                             _ => p.at,
                         };
-                        self.phase = Phase::Building { since, last: p.at };
+                        state.phase = Phase::Building { since, last: p.at };
                         (since, p.at - since >= d)
                     }
                     Persistence::Count { k, .. } => {
-                        let count = self.recent.iter().filter(|r| r.1).count();
-                        let first = self.recent.iter().find(|r| r.1).map_or(p.at, |r| r.0);
+                        let count = state.recent.iter().filter(|r| r.1).count();
+                        let first = state.recent.iter().find(|r| r.1).map_or(p.at, |r| r.0);
                         (first, abnormal && count >= k)
                     }
                 };
                 if met {
-                    self.phase = Phase::Active { start };
+                    state.phase = Phase::Active { start };
                     return Some(Step::Raised { start, at: p.at, value: p.value });
                 }
                 None
@@ -195,148 +168,10 @@ impl Machine {
     }
 }
 
-/// An episode, as found by a replay or as told.
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct Episode {
-    start: DateTime<Utc>,
-    end: Option<DateTime<Utc>>,
-}
-
-impl Episode {
-    fn overlaps(&self, other: &Episode) -> bool {
-        let far = DateTime::<Utc>::MAX_UTC;
-        self.start <= other.end.unwrap_or(far) && other.start <= self.end.unwrap_or(far)
-    }
-}
-
-/// One rule on one series: the readings of the last `horizon`, the state
-/// before them, and the episodes already told.
-#[derive(Debug, Clone)]
-pub struct Series {
-    rule: Threshold,
-    horizon: Duration,
-    /// The state after every reading older than `points`.
-    base: Machine,
-    /// Readings are judged only after this instant; older ones were folded
-    /// into `base`.
-    folded_until: Option<DateTime<Utc>>,
-    points: BTreeMap<DateTime<Utc>, Point>,
-    told: Vec<Episode>,
-}
-
-impl Series {
-    /// A series judged by `rule`, accepting readings up to `horizon` older
-    /// than the newest it has seen. The horizon must cover the rule's own
-    /// window (a sustained duration), or late readings cannot complete it.
-    pub fn new(rule: Threshold, horizon: Duration) -> Series {
-        Series { rule, horizon, base: Machine::new(), folded_until: None, points: BTreeMap::new(), told: Vec::new() }
-    }
-
-    /// Whether an episode is open (raised and not cleared).
-    pub fn is_open(&self) -> bool {
-        self.told.iter().any(|e| e.end.is_none())
-    }
-
-    /// Judges one reading; returns what it changed, in event-time order.
-    /// The same reading twice changes nothing.
-    pub fn observe(&mut self, p: Point) -> Result<Vec<Transition>, TooLate> {
-        if let Some(newest) = self.points.keys().next_back()
-            && p.at < *newest - self.horizon
-        {
-            return Err(TooLate { oldest_kept: *newest - self.horizon });
-        }
-        if let Some(f) = self.folded_until
-            && p.at <= f
-        {
-            return Err(TooLate { oldest_kept: f });
-        }
-        if self.points.contains_key(&p.at) {
-            return Ok(Vec::new()); // a redelivery, or a second device at the same instant: the first stands
-        }
-        self.points.insert(p.at, p);
-        let found = self.replay();
-        let mut out = Vec::new();
-        for ep in &found.episodes {
-            match self.told.iter_mut().find(|t| t.overlaps(ep)) {
-                None => {
-                    // Every untold episode was raised in this replay (one
-                    // carried in from the base state was told before).
-                    let (at, value) = found.raised.get(&ep.start).copied().unwrap_or((ep.start, f64::NAN));
-                    out.push(Transition::Raise { start: ep.start, at, value });
-                    if let Some(end) = ep.end {
-                        out.push(Transition::Clear { start: ep.start, at: end });
-                    }
-                    self.told.push(*ep);
-                }
-                Some(t) => {
-                    if t.end.is_none()
-                        && let Some(end) = ep.end
-                    {
-                        // Cleared: told under the start it was raised with.
-                        out.push(Transition::Clear { start: t.start, at: end });
-                        t.end = Some(end);
-                    }
-                }
-            }
-        }
-        self.told.sort_by_key(|e| e.start);
-        self.fold();
-        Ok(out)
-    }
-
-    fn replay(&self) -> Replay {
-        let mut m = self.base.clone();
-        let mut episodes = Vec::new();
-        let mut raised = BTreeMap::new();
-        if let Phase::Active { start } = m.phase {
-            episodes.push(Episode { start, end: None });
-        }
-        for p in self.points.values() {
-            match m.step(&self.rule, p) {
-                Some(Step::Raised { start, at, value }) => {
-                    episodes.push(Episode { start, end: None });
-                    raised.insert(start, (at, value));
-                }
-                Some(Step::Cleared { at }) => {
-                    if let Some(last) = episodes.last_mut() {
-                        last.end = Some(at);
-                    }
-                }
-                None => {}
-            }
-        }
-        Replay { episodes, raised }
-    }
-
-    /// Folds readings older than the horizon into the base state, and
-    /// forgets told episodes that ended before what is kept.
-    fn fold(&mut self) {
-        let Some(newest) = self.points.keys().next_back().copied() else { return };
-        let cutoff = newest - self.horizon;
-        while let Some(entry) = self.points.first_entry() {
-            if *entry.key() >= cutoff {
-                break;
-            }
-            let p = entry.remove();
-            self.base.step(&self.rule, &p);
-            self.folded_until = Some(p.at);
-        }
-        if let Some(f) = self.folded_until {
-            self.told.retain(|e| e.end.is_none_or(|end| end > f));
-        }
-    }
-}
-
-struct Replay {
-    episodes: Vec<Episode>,
-    /// Raise time and value by episode start (episodes found in the kept
-    /// readings; one carried in from the base state is already told).
-    raised: BTreeMap<DateTime<Utc>, (DateTime<Utc>, f64)>,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::series::{Series, TooLate, Transition};
 
     fn t(min: i64) -> DateTime<Utc> {
         DateTime::from_timestamp(1_800_000_000 + min * 60, 0).unwrap_or_default()
@@ -351,7 +186,7 @@ mod tests {
         Threshold { direction: Direction::Below, level: 90.0, clear: 92.0, persistence }
     }
 
-    fn run(series: &mut Series, points: &[Point]) -> Vec<Transition> {
+    fn run(series: &mut Series<Threshold>, points: &[Point]) -> Vec<Transition> {
         points.iter().flat_map(|p| series.observe(*p).unwrap_or_default()).collect()
     }
 
