@@ -1,9 +1,15 @@
 //! alerts: **placeholder**. The rules engine (thresholds, sustained and
 //! rate-of-change rules, missing data, NEWS2, the alert lifecycle) is not
 //! built yet and raises no alerts. Built so far, as pure functions not yet
-//! wired to the service: [`news2`], the NEWS2 scoring chart, and
-//! [`threshold`], threshold rules (single, sustained, k of n, hysteresis,
-//! artifacts) on event time with late and out-of-order readings.
+//! wired to the service:
+//! - [`series`]: a rule judged on one series on event time, with late and
+//!   out-of-order readings (each episode raised once and cleared once);
+//! - [`threshold`]: single, sustained and k-of-n thresholds with
+//!   hysteresis, artifacts ignored;
+//! - [`rate`]: rate of change within a window;
+//! - [`missing`]: overdue data on wall-clock time;
+//! - [`news2`]: the NEWS2 chart, and assembling a patient's observations
+//!   from fresh readings.
 //!
 //! What it does now: joins its own consumer group on `rpm.readings.v1`,
 //! decodes every batch, counts readings per metric
@@ -12,6 +18,7 @@
 //! watched while the engine is written.
 #![forbid(unsafe_code)]
 
+pub mod missing;
 pub mod news2;
 pub mod rate;
 pub mod series;

@@ -173,6 +173,106 @@ pub fn risk(total: u8, red: bool) -> Risk {
     }
 }
 
+/// One NEWS2 parameter, for saying which are missing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Parameter {
+    Respiration,
+    Spo2,
+    Oxygen,
+    Systolic,
+    Pulse,
+    Consciousness,
+    Temperature,
+}
+
+/// The latest reading of each parameter: (event time, value). Consciousness
+/// is the ACVPU code (0 alert .. 4 unresponsive), oxygen 1 on oxygen and 0
+/// on air, as stored.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Latest {
+    pub respiration: Option<(chrono::DateTime<chrono::Utc>, f64)>,
+    pub spo2: Option<(chrono::DateTime<chrono::Utc>, f64)>,
+    pub oxygen: Option<(chrono::DateTime<chrono::Utc>, f64)>,
+    pub systolic: Option<(chrono::DateTime<chrono::Utc>, f64)>,
+    pub pulse: Option<(chrono::DateTime<chrono::Utc>, f64)>,
+    pub consciousness: Option<(chrono::DateTime<chrono::Utc>, f64)>,
+    pub temperature: Option<(chrono::DateTime<chrono::Utc>, f64)>,
+}
+
+/// How a patient's NEWS2 is assembled from home readings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Assembly {
+    /// A reading older than this (before the instant judged) is stale.
+    pub freshness: chrono::Duration,
+    pub scale: Spo2Scale,
+    /// Home patients rarely report consciousness or oxygen: when absent,
+    /// take them as alert and on air. The score then says so
+    /// ([`Assembled::assumed`]).
+    pub assume_alert_and_air: bool,
+}
+
+/// Observations put together for one instant.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Assembled {
+    pub observations: Observations,
+    /// Parameters taken as normal because no fresh reading had them.
+    pub assumed: Vec<Parameter>,
+}
+
+impl Assembly {
+    /// The observations as of `at` (event time), from the latest readings
+    /// at or before it and no older than the freshness window. `Err` names
+    /// the parameters that are missing or stale.
+    pub fn assemble(&self, latest: &Latest, at: chrono::DateTime<chrono::Utc>) -> Result<Assembled, Vec<Parameter>> {
+        let fresh = |r: Option<(chrono::DateTime<chrono::Utc>, f64)>| {
+            r.filter(|(t, v)| *t <= at && at - *t <= self.freshness && v.is_finite()).map(|(_, v)| v)
+        };
+        let mut missing = Vec::new();
+        let mut assumed = Vec::new();
+        let mut need = |p: Parameter, v: Option<f64>| {
+            if v.is_none() {
+                missing.push(p);
+            }
+            v.unwrap_or(f64::NAN)
+        };
+        let respiration = need(Parameter::Respiration, fresh(latest.respiration));
+        let spo2 = need(Parameter::Spo2, fresh(latest.spo2));
+        let systolic = need(Parameter::Systolic, fresh(latest.systolic));
+        let pulse = need(Parameter::Pulse, fresh(latest.pulse));
+        let temperature = need(Parameter::Temperature, fresh(latest.temperature));
+        let on_oxygen = match fresh(latest.oxygen) {
+            Some(v) => v >= 0.5,
+            None if self.assume_alert_and_air => {
+                assumed.push(Parameter::Oxygen);
+                false
+            }
+            None => {
+                missing.push(Parameter::Oxygen);
+                false
+            }
+        };
+        let consciousness = match fresh(latest.consciousness).and_then(Acvpu::from_code) {
+            Some(level) => level,
+            None if self.assume_alert_and_air => {
+                assumed.push(Parameter::Consciousness);
+                Acvpu::Alert
+            }
+            None => {
+                missing.push(Parameter::Consciousness);
+                Acvpu::Alert
+            }
+        };
+        if !missing.is_empty() {
+            missing.sort();
+            return Err(missing);
+        }
+        Ok(Assembled {
+            observations: Observations { respiration, spo2, scale: self.scale, on_oxygen, systolic, pulse, consciousness, temperature },
+            assumed,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -323,5 +423,50 @@ mod tests {
         ] {
             assert_eq!(risk(total, red), want, "{total} red={red}");
         }
+    }
+
+    fn at(min: i64) -> chrono::DateTime<chrono::Utc> {
+        chrono::DateTime::from_timestamp(1_800_000_000 + min * 60, 0).unwrap_or_default()
+    }
+
+    fn home() -> Assembly {
+        Assembly { freshness: chrono::Duration::hours(1), scale: Spo2Scale::Scale1, assume_alert_and_air: true }
+    }
+
+    fn vitals(min: i64) -> Latest {
+        Latest {
+            respiration: Some((at(min), 22.0)),
+            spo2: Some((at(min), 93.0)),
+            systolic: Some((at(min), 105.0)),
+            pulse: Some((at(min), 112.0)),
+            temperature: Some((at(min), 38.4)),
+            ..Latest::default()
+        }
+    }
+
+    #[test]
+    fn assembled_from_fresh_readings_with_home_assumptions_said() {
+        let a = home().assemble(&vitals(0), at(30)).expect("assembled");
+        assert_eq!(a.assumed, vec![Parameter::Oxygen, Parameter::Consciousness]);
+        // 22/min 2, 93 % 2, air 0, 105 mmHg 1, 112/min 2, alert 0, 38.4 °C 1.
+        assert_eq!(score(&a.observations).total, 8);
+        assert_eq!(score(&a.observations).risk, Risk::High);
+        // Reported oxygen and confusion are used, not assumed.
+        let reported = Latest { oxygen: Some((at(10), 1.0)), consciousness: Some((at(10), Acvpu::NewConfusion.code())), ..vitals(0) };
+        let a = home().assemble(&reported, at(30)).expect("assembled");
+        assert!(a.assumed.is_empty());
+        assert_eq!(score(&a.observations).total, 13);
+    }
+
+    #[test]
+    fn stale_future_or_missing_parameters_are_named() {
+        // 61 minutes old is stale.
+        assert_eq!(home().assemble(&vitals(0), at(61)), Err(vec![Parameter::Respiration, Parameter::Spo2, Parameter::Systolic, Parameter::Pulse, Parameter::Temperature]));
+        // A reading after the instant judged is not part of it.
+        let later = Latest { pulse: Some((at(40), 70.0)), ..vitals(0) };
+        assert_eq!(home().assemble(&later, at(30)), Err(vec![Parameter::Pulse]));
+        // Without the home assumptions, oxygen and consciousness must be reported.
+        let strict = Assembly { assume_alert_and_air: false, ..home() };
+        assert_eq!(strict.assemble(&vitals(0), at(5)), Err(vec![Parameter::Oxygen, Parameter::Consciousness]));
     }
 }
