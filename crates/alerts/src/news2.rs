@@ -6,7 +6,7 @@
 //! °C), so a device value between two bands falls where a nurse writing it
 //! on the chart would put it: 8.4 breaths/min is 8, 35.04 °C is 35.0.
 
-use vitalwatch_core::catalogue::Acvpu;
+pub use vitalwatch_core::catalogue::Acvpu;
 
 /// Which SpO2 scale a patient is scored on. Scale 2 is for patients with
 /// hypercapnic respiratory failure (often COPD) whose target range is
