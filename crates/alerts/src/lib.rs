@@ -9,7 +9,9 @@
 //! - [`rate`]: rate of change within a window;
 //! - [`missing`]: overdue data on wall-clock time;
 //! - [`news2`]: the NEWS2 chart, and assembling a patient's observations
-//!   from fresh readings.
+//!   from fresh readings;
+//! - [`rules`]: the configured rule set, checked and compiled, its
+//!   defaults, and deterministic alert ids.
 //!
 //! What it does now: joins its own consumer group on `rpm.readings.v1`,
 //! decodes every batch, counts readings per metric
@@ -21,6 +23,7 @@
 pub mod missing;
 pub mod news2;
 pub mod rate;
+pub mod rules;
 pub mod series;
 pub mod threshold;
 
