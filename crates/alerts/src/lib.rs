@@ -11,7 +11,9 @@
 //! - [`news2`]: the NEWS2 chart, and assembling a patient's observations
 //!   from fresh readings;
 //! - [`rules`]: the configured rule set, checked and compiled, its
-//!   defaults, and deterministic alert ids.
+//!   defaults, and deterministic alert ids;
+//! - [`engine`]: every patient's rule states fed `rpm.readings.v1`
+//!   batches, giving alert changes (raised, severity changed, cleared).
 //!
 //! What it does now: joins its own consumer group on `rpm.readings.v1`,
 //! decodes every batch, counts readings per metric
@@ -20,6 +22,7 @@
 //! watched while the engine is written.
 #![forbid(unsafe_code)]
 
+pub mod engine;
 pub mod missing;
 pub mod news2;
 pub mod rate;

@@ -118,6 +118,32 @@ impl<R: Rule> Series<R> {
             return Ok(Vec::new()); // a redelivery, or a second device at the same instant: the first stands
         }
         self.points.insert(p.at, p);
+        Ok(self.judge())
+    }
+
+    /// Like [`Series::observe`], but a reading at an instant already held
+    /// replaces it: for derived series (a score recomputed as more of the
+    /// same instant's readings arrive).
+    pub fn revise(&mut self, p: Point) -> Result<Vec<Transition>, TooLate> {
+        if let Some(newest) = self.points.keys().next_back()
+            && p.at < *newest - self.horizon
+        {
+            return Err(TooLate { oldest_kept: *newest - self.horizon });
+        }
+        if let Some(f) = self.folded_until
+            && p.at <= f
+        {
+            return Err(TooLate { oldest_kept: f });
+        }
+        if self.points.get(&p.at) == Some(&p) {
+            return Ok(Vec::new());
+        }
+        self.points.insert(p.at, p);
+        Ok(self.judge())
+    }
+
+    /// Replays the kept readings and tells what changed.
+    fn judge(&mut self) -> Vec<Transition> {
         let found = self.replay();
         let mut out = Vec::new();
         for ep in &found.episodes {
@@ -145,7 +171,7 @@ impl<R: Rule> Series<R> {
         }
         self.told.sort_by_key(|e| e.start);
         self.fold();
-        Ok(out)
+        out
     }
 
     fn replay(&self) -> Replay {

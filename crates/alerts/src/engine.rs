@@ -1,0 +1,450 @@
+//! The rules engine's judgement, without I/O: per patient, every rule's
+//! state, fed the readings of `rpm.readings.v1` batches; out come alert
+//! changes with their deterministic ids.
+//!
+//! (Wall-clock missing-data rules are judged by [`crate::missing`] from the
+//! registry's expectations; they are not fed readings here.)
+
+use std::collections::{BTreeMap, HashMap};
+
+use chrono::{DateTime, Duration, Utc};
+use vitalwatch_core::catalogue::Metric;
+use vitalwatch_core::reading::{Batch, Quality};
+
+use crate::news2::{self, Latest, Risk};
+use crate::rate::RateOfChange;
+use crate::rules::{Compiled, Rule, Severity, alert_id};
+use crate::series::{Point, Series, Transition};
+use crate::threshold::{Direction, Persistence, Threshold};
+
+/// A change of an alert, for the alert store and the alerts topic.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AlertChange {
+    Raised {
+        alert_id: String,
+        patient_id: String,
+        rule: String,
+        severity: Severity,
+        episode_start: DateTime<Utc>,
+        /// When (event time) the condition was met.
+        at: DateTime<Utc>,
+        /// The value that met it (the aggregate score for NEWS2).
+        value: f64,
+    },
+    /// A NEWS2 episode's risk moved (up or down) while it is open.
+    SeverityChanged { alert_id: String, patient_id: String, rule: String, severity: Severity, at: DateTime<Utc>, value: f64 },
+    Cleared { alert_id: String, patient_id: String, rule: String, at: DateTime<Utc> },
+}
+
+/// Readings the engine could not judge, for the caller's metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Skipped {
+    /// Older than a series' late-reading horizon.
+    pub too_late: u64,
+}
+
+/// A reading flagged as an artifact does not raise an alert by itself.
+fn artifact(q: Quality) -> bool {
+    q.contains(Quality::MOTION_ARTIFACT) || q.contains(Quality::LOW_PERFUSION) || q.contains(Quality::CUFF_ERROR)
+}
+
+fn ordinal(risk: Risk) -> f64 {
+    match risk {
+        Risk::None => 0.0,
+        Risk::Low => 1.0,
+        Risk::LowMedium => 2.0,
+        Risk::Medium => 3.0,
+        Risk::High => 4.0,
+    }
+}
+
+fn risk_of(ordinal: f64) -> Risk {
+    match ordinal as i64 {
+        4 => Risk::High,
+        3 => Risk::Medium,
+        2 => Risk::LowMedium,
+        1 => Risk::Low,
+        _ => Risk::None,
+    }
+}
+
+/// The NEWS2 parameters' readings of the horizon, by event time, so a
+/// score can be assembled as of any instant (a late reading is scored with
+/// what was true then, not with newer values).
+#[derive(Debug, Default, Clone)]
+struct News2History {
+    params: [BTreeMap<DateTime<Utc>, f64>; 7],
+}
+
+impl News2History {
+    /// The parameter slot of a reading, if it is one of NEWS2's.
+    fn slot(metric: Metric, component: &str) -> Option<usize> {
+        Some(match (metric, component) {
+            (Metric::RespiratoryRate, _) => 0,
+            (Metric::Spo2, _) => 1,
+            (Metric::SupplementalOxygen, _) => 2,
+            (Metric::BloodPressure, "systolic") => 3,
+            (Metric::HeartRate, _) => 4,
+            (Metric::Consciousness, _) => 5,
+            (Metric::BodyTemperature, _) => 6,
+            _ => return None,
+        })
+    }
+
+    fn latest_as_of(&self, at: DateTime<Utc>) -> Latest {
+        let get = |i: usize| self.params[i].range(..=at).next_back().map(|(t, v)| (*t, *v));
+        Latest {
+            respiration: get(0),
+            spo2: get(1),
+            oxygen: get(2),
+            systolic: get(3),
+            pulse: get(4),
+            consciousness: get(5),
+            temperature: get(6),
+        }
+    }
+
+    fn forget_before(&mut self, cutoff: DateTime<Utc>) {
+        for p in &mut self.params {
+            // Keep the newest reading before the cutoff: it may still be fresh.
+            let keep_from = p.range(..cutoff).next_back().map(|(t, _)| *t);
+            if let Some(k) = keep_from {
+                *p = p.split_off(&k);
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum RuleState {
+    Threshold(Series<Threshold>),
+    Rate(Series<RateOfChange>),
+    /// The risk ordinal as a series, and the risk told for the open episode.
+    News2 { series: Series<Threshold>, told: Option<(DateTime<Utc>, Risk)> },
+    /// Judged on wall-clock time elsewhere.
+    Missing,
+}
+
+#[derive(Debug, Clone)]
+struct Patient {
+    rules: Vec<RuleState>,
+    news2: News2History,
+}
+
+/// Every patient's state for one rule set.
+#[derive(Debug)]
+pub struct Engine {
+    rules: Vec<Rule>,
+    horizon: Duration,
+    patients: HashMap<String, Patient>,
+}
+
+impl Engine {
+    /// An engine judging `rules`, accepting readings up to `horizon` late.
+    /// Each rule's series keeps at least its own window (a sustained
+    /// duration, a rate window, NEWS2 freshness), and no more than it needs:
+    /// a series replays what it keeps on every reading.
+    pub fn new(rules: Vec<Rule>, horizon: Duration) -> Engine {
+        Engine { rules, horizon, patients: HashMap::new() }
+    }
+
+    fn horizon_of(&self, rule: &Rule) -> Duration {
+        let own = match &rule.compiled {
+            Compiled::Threshold { rule: Threshold { persistence: Persistence::Sustained(d), .. }, .. } => *d,
+            Compiled::RateOfChange { rule, .. } => rule.window,
+            Compiled::News2 { assembly, .. } => assembly.freshness,
+            _ => Duration::zero(),
+        };
+        self.horizon.max(own)
+    }
+
+    fn new_patient(&self) -> Patient {
+        let rules = self
+            .rules
+            .iter()
+            .map(|r| {
+                let horizon = self.horizon_of(r);
+                match &r.compiled {
+                    Compiled::Threshold { rule, .. } => RuleState::Threshold(Series::new(*rule, horizon)),
+                    Compiled::RateOfChange { rule, .. } => RuleState::Rate(Series::new(*rule, horizon)),
+                    Compiled::News2 { min_risk, .. } => {
+                        let level = ordinal(*min_risk) - 0.5;
+                        let rule = Threshold { direction: Direction::Above, level, clear: level, persistence: Persistence::Single };
+                        RuleState::News2 { series: Series::new(rule, horizon), told: None }
+                    }
+                    Compiled::Missing { .. } => RuleState::Missing,
+                }
+            })
+            .collect();
+        Patient { rules, news2: News2History::default() }
+    }
+
+    /// How many patients have state.
+    pub fn patients(&self) -> usize {
+        self.patients.len()
+    }
+
+    /// Judges every reading of `batch`; returns the alert changes, in
+    /// order, and what could not be judged.
+    pub fn observe(&mut self, batch: &Batch) -> (Vec<AlertChange>, Skipped) {
+        let mut changes = Vec::new();
+        let mut skipped = Skipped::default();
+        // How long NEWS2 parameter readings are kept: twice the widest
+        // NEWS2 horizon, so a late reading still finds what was fresh then.
+        let keep = self
+            .rules
+            .iter()
+            .filter(|r| matches!(r.compiled, Compiled::News2 { .. }))
+            .map(|r| self.horizon_of(r))
+            .max()
+            .unwrap_or(self.horizon);
+        if !self.patients.contains_key(&batch.patient_id) {
+            let fresh = self.new_patient();
+            self.patients.insert(batch.patient_id.clone(), fresh);
+        }
+        let Some(patient) = self.patients.get_mut(&batch.patient_id) else { return (changes, skipped) };
+        let pid = batch.patient_id.as_str();
+        for reading in &batch.readings {
+            let is_artifact = artifact(reading.quality);
+            let mut touches_news2 = false;
+            for (component, value) in reading.values() {
+                if !is_artifact && let Some(slot) = News2History::slot(reading.metric, component) {
+                    patient.news2.params[slot].entry(reading.measured_at).or_insert(value);
+                    touches_news2 = true;
+                }
+                let point = Point { at: reading.measured_at, value, artifact: is_artifact };
+                for (rule, state) in self.rules.iter().zip(patient.rules.iter_mut()) {
+                    let result = match (&rule.compiled, state) {
+                        (Compiled::Threshold { metric, component: c, .. }, RuleState::Threshold(s))
+                            if *metric == reading.metric && *c == component =>
+                        {
+                            s.observe(point)
+                        }
+                        (Compiled::RateOfChange { metric, component: c, .. }, RuleState::Rate(s))
+                            if *metric == reading.metric && *c == component =>
+                        {
+                            s.observe(point)
+                        }
+                        _ => continue,
+                    };
+                    match result {
+                        Ok(ts) => changes.extend(ts.into_iter().map(|t| change(pid, rule, rule.severity.unwrap_or(Severity::Low), t))),
+                        Err(_) => skipped.too_late += 1,
+                    }
+                }
+            }
+            if touches_news2 {
+                for (rule, state) in self.rules.iter().zip(patient.rules.iter_mut()) {
+                    let (Compiled::News2 { assembly, .. }, RuleState::News2 { series, told }) = (&rule.compiled, state) else {
+                        continue;
+                    };
+                    let at = reading.measured_at;
+                    let Ok(assembled) = assembly.assemble(&patient.news2.latest_as_of(at), at) else { continue };
+                    let score = news2::score(&assembled.observations);
+                    let point = Point { at, value: ordinal(score.risk), artifact: false };
+                    // Several readings of one instant each revise its score.
+                    match series.revise(point) {
+                        Ok(ts) => {
+                            for t in ts {
+                                match t {
+                                    Transition::Raise { start, at, value } => {
+                                        let risk = risk_of(value);
+                                        *told = Some((start, risk));
+                                        let severity = Severity::of_risk(risk).unwrap_or(Severity::Low);
+                                        changes.push(AlertChange::Raised {
+                                            alert_id: alert_id(pid, &rule.name, start),
+                                            patient_id: pid.into(),
+                                            rule: rule.name.clone(),
+                                            severity,
+                                            episode_start: start,
+                                            at,
+                                            value: f64::from(score.total),
+                                        });
+                                    }
+                                    Transition::Clear { start, at } => {
+                                        *told = None;
+                                        changes.push(change(pid, rule, Severity::Low, Transition::Clear { start, at }));
+                                    }
+                                }
+                            }
+                            // A risk change inside the open episode, on a reading in order.
+                            if let Some((start, risk)) = *told
+                                && series.is_open()
+                                && score.risk >= Risk::Low
+                                && score.risk != risk
+                                && point.at >= start
+                            {
+                                *told = Some((start, score.risk));
+                                if let Some(severity) = Severity::of_risk(score.risk) {
+                                    changes.push(AlertChange::SeverityChanged {
+                                        alert_id: alert_id(pid, &rule.name, start),
+                                        patient_id: pid.into(),
+                                        rule: rule.name.clone(),
+                                        severity,
+                                        at,
+                                        value: f64::from(score.total),
+                                    });
+                                }
+                            }
+                        }
+                        Err(_) => skipped.too_late += 1,
+                    }
+                }
+            }
+        }
+        if let Some(newest) = batch.readings.iter().map(|r| r.measured_at).max() {
+            patient.news2.forget_before(newest - keep - keep);
+        }
+        (changes, skipped)
+    }
+}
+
+fn change(patient_id: &str, rule: &Rule, severity: Severity, t: Transition) -> AlertChange {
+    match t {
+        Transition::Raise { start, at, value } => AlertChange::Raised {
+            alert_id: alert_id(patient_id, &rule.name, start),
+            patient_id: patient_id.into(),
+            rule: rule.name.clone(),
+            severity,
+            episode_start: start,
+            at,
+            value,
+        },
+        Transition::Clear { start, at } => AlertChange::Cleared {
+            alert_id: alert_id(patient_id, &rule.name, start),
+            patient_id: patient_id.into(),
+            rule: rule.name.clone(),
+            at,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::{compile, default_rules};
+    use vitalwatch_core::catalogue::Acvpu;
+    use vitalwatch_core::reading::{Measurement, Reading};
+
+    fn t(min: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000 + min * 60, 0).unwrap_or_default()
+    }
+
+    fn reading(metric: Metric, min: i64, measurement: Measurement) -> Reading {
+        Reading { metric, measurement, measured_at: t(min), quality: Quality::default() }
+    }
+
+    fn batch(patient: &str, readings: Vec<Reading>) -> Batch {
+        Batch { device_id: "dev".into(), patient_id: patient.into(), seq: None, received_at: t(0), readings }
+    }
+
+    fn engine() -> Engine {
+        Engine::new(compile(&default_rules()).expect("defaults"), Duration::hours(1))
+    }
+
+    fn raised(changes: &[AlertChange]) -> Vec<(&str, Severity)> {
+        changes
+            .iter()
+            .filter_map(|c| match c {
+                AlertChange::Raised { rule, severity, .. } => Some((rule.as_str(), *severity)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn sustained_low_spo2_raises_once_per_patient_with_a_stable_id() {
+        let mut e = engine();
+        let low: Vec<Reading> = (0..=6).map(|m| reading(Metric::Spo2, m, Measurement::Scalar(88.0))).collect();
+        let (changes, _) = e.observe(&batch("p-1", low.clone()));
+        assert_eq!(raised(&changes), vec![("spo2_low", Severity::Medium)]);
+        let AlertChange::Raised { alert_id: id, episode_start, at, .. } = &changes[0] else { panic!("{changes:?}") };
+        assert_eq!((*episode_start, *at), (t(0), t(5)));
+        assert_eq!(*id, alert_id("p-1", "spo2_low", t(0)));
+        // The same batch again (a redelivery) changes nothing.
+        assert!(e.observe(&batch("p-1", low.clone())).0.is_empty());
+        // Another patient's readings are judged apart.
+        assert_eq!(raised(&e.observe(&batch("p-2", low)).0), vec![("spo2_low", Severity::Medium)]);
+        assert_eq!(e.patients(), 2);
+        // Back to 93: cleared, under the same id.
+        let (changes, _) = e.observe(&batch("p-1", vec![reading(Metric::Spo2, 7, Measurement::Scalar(93.0))]));
+        assert_eq!(changes, vec![AlertChange::Cleared { alert_id: id.clone(), patient_id: "p-1".into(), rule: "spo2_low".into(), at: t(7) }]);
+    }
+
+    #[test]
+    fn motion_artifacts_raise_nothing() {
+        let mut e = engine();
+        let flagged: Vec<Reading> = (0..=10)
+            .map(|m| Reading { quality: Quality::MOTION_ARTIFACT, ..reading(Metric::Spo2, m, Measurement::Scalar(80.0)) })
+            .collect();
+        assert!(e.observe(&batch("p", flagged)).0.is_empty());
+    }
+
+    #[test]
+    fn blood_pressure_components_are_judged_apart() {
+        let mut e = engine();
+        let bp = |m, s, d| reading(Metric::BloodPressure, m, Measurement::BloodPressure { systolic: s, diastolic: d });
+        // Two of three systolic readings above 180: hypertensive.
+        let (changes, _) = e.observe(&batch("p", vec![bp(0, 185.0, 95.0), bp(10, 150.0, 90.0), bp(20, 190.0, 100.0)]));
+        assert_eq!(raised(&changes), vec![("systolic_high", Severity::High)]);
+    }
+
+    #[test]
+    fn news2_rises_with_deterioration_and_reports_its_severity() {
+        let mut e = engine();
+        let scalar = |metric, m, v| reading(metric, m, Measurement::Scalar(v));
+        let bp = |m, s| reading(Metric::BloodPressure, m, Measurement::BloodPressure { systolic: s, diastolic: 70.0 });
+        // Normal: 16/min, 97 %, 125 mmHg, 72/min, 37.0 °C: aggregate 0.
+        let normal = vec![
+            scalar(Metric::RespiratoryRate, 0, 16.0),
+            scalar(Metric::Spo2, 0, 97.0),
+            bp(0, 125.0),
+            scalar(Metric::HeartRate, 0, 72.0),
+            scalar(Metric::BodyTemperature, 0, 37.0),
+        ];
+        assert!(e.observe(&batch("p", normal)).0.is_empty());
+        // Sepsis-like: 22/min (2), 38.5 °C (1), 112/min (2): aggregate 5, medium.
+        let worse = vec![scalar(Metric::RespiratoryRate, 10, 22.0), scalar(Metric::BodyTemperature, 10, 38.5), scalar(Metric::HeartRate, 10, 112.0)];
+        let (changes, _) = e.observe(&batch("p", worse));
+        // 38.5 °C is also a fever on its own rule.
+        assert_eq!(raised(&changes), vec![("fever", Severity::Medium), ("news2", Severity::Medium)], "{changes:?}");
+        // Then 26/min (3) and new confusion (3): aggregate 9, high: the same alert, escalated.
+        let (changes, _) = e.observe(&batch(
+            "p",
+            vec![scalar(Metric::RespiratoryRate, 20, 26.0), reading(Metric::Consciousness, 20, Measurement::Consciousness(Acvpu::NewConfusion))],
+        ));
+        assert!(raised(&changes).is_empty(), "{changes:?}");
+        assert!(
+            changes.iter().any(|c| matches!(c, AlertChange::SeverityChanged { severity: Severity::High, .. })),
+            "{changes:?}"
+        );
+        // Stale readings give no score at all: nothing is raised from them.
+        let mut e = engine();
+        assert!(e.observe(&batch("q", vec![scalar(Metric::HeartRate, 0, 140.0)])).0.iter().all(|c| !matches!(c, AlertChange::Raised { rule, .. } if rule == "news2")));
+    }
+
+    #[test]
+    fn a_weight_gain_raises_the_rate_rule() {
+        let mut e = engine();
+        let w = |day: i64, kg| Reading {
+            metric: Metric::BodyWeight,
+            measurement: Measurement::Scalar(kg),
+            measured_at: t(day * 1440),
+            quality: Quality::default(),
+        };
+        let (changes, _) = e.observe(&batch("p", vec![w(0, 80.0), w(1, 80.4), w(2, 82.6)]));
+        // 2.6 kg in 2 days: the 3-day rule; 2.2 kg in one day: the 1-day rule too.
+        let mut got = raised(&changes);
+        got.sort();
+        assert_eq!(got, vec![("weight_gain_1d", Severity::Low), ("weight_gain_3d", Severity::Medium)]);
+    }
+
+    #[test]
+    fn readings_beyond_the_horizon_are_counted_not_judged() {
+        let mut e = engine();
+        e.observe(&batch("p", vec![reading(Metric::Spo2, 24 * 60 * 10, Measurement::Scalar(97.0))]));
+        let (changes, skipped) = e.observe(&batch("p", vec![reading(Metric::Spo2, 0, Measurement::Scalar(80.0))]));
+        assert!(changes.is_empty());
+        assert!(skipped.too_late >= 2, "every SpO2 rule refused it: {skipped:?}");
+    }
+}
