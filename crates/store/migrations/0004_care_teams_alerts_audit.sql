@@ -49,7 +49,8 @@ CREATE TABLE alerts (
     state             text NOT NULL CHECK (state IN ('raised', 'acknowledged', 'resolved')),
     escalation_level  smallint NOT NULL DEFAULT 0,
     episode_start     timestamptz NOT NULL,  -- event time of the first reading of the episode
-    raised_at         timestamptz NOT NULL,
+    raised_at         timestamptz NOT NULL,  -- event time the rule's condition was met
+    opened_at         timestamptz NOT NULL DEFAULT now(),  -- wall clock: when nurses were told (escalation counts from here)
     updated_at        timestamptz NOT NULL,
     acknowledged_at   timestamptz,
     acknowledged_by   text,
@@ -61,14 +62,16 @@ CREATE TABLE alerts (
 -- A persisting condition updates its open alert, never opens a second.
 CREATE UNIQUE INDEX alerts_one_open ON alerts (patient_id, rule) WHERE state <> 'resolved';
 CREATE INDEX alerts_patient_raised ON alerts (patient_id, raised_at DESC);
-CREATE INDEX alerts_open_raised ON alerts (raised_at) WHERE state <> 'resolved';
+CREATE INDEX alerts_open_opened ON alerts (opened_at) WHERE state <> 'resolved';
 
 -- Every lifecycle change of an alert, in order.
 CREATE TABLE alert_events (
     alert_id          text NOT NULL REFERENCES alerts (alert_id),
     at                timestamptz NOT NULL,
-    state             text NOT NULL CHECK (state IN ('raised', 'escalated', 'acknowledged', 'resolved')),
+    -- 'updated': the engine changed the open alert (a NEWS2 risk moved).
+    state             text NOT NULL CHECK (state IN ('raised', 'updated', 'escalated', 'acknowledged', 'resolved')),
     escalation_level  smallint NOT NULL DEFAULT 0,
+    severity          text CHECK (severity IN ('low', 'low_medium', 'medium', 'high')),
     actor             text,                  -- who acted, NULL for the engine
     note              text,
     PRIMARY KEY (alert_id, at, state)

@@ -9,8 +9,10 @@
 //!   and the policies that keep it in shape.
 //! - [`readings`]: idempotent batched writes of reading rows.
 //! - [`trends`]: bucketed min/avg/max/count for charts.
+//! - [`alerts`]: the alert lifecycle, idempotent.
 #![forbid(unsafe_code)]
 
+pub mod alerts;
 pub mod migrate;
 pub mod readings;
 pub mod registry;

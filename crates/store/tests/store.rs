@@ -515,3 +515,44 @@ async fn registry_changes_are_notified() {
     let got = tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv()).await.expect("notified in time");
     assert_eq!(got.as_deref(), Some(vitalwatch_store::registry::CHANGE_CHANNEL));
 }
+
+#[tokio::test]
+async fn the_alert_lifecycle_is_idempotent_with_one_open_alert_per_patient_and_rule() {
+    use vitalwatch_store::alerts::{NewAlert, raise, resolve, update_severity};
+    let db = ts::database().await;
+    let c = vitalwatch_store::connect(&db.url).await.expect("connect");
+    let a = NewAlert {
+        alert_id: "a1",
+        patient_id: "p",
+        rule: "spo2_low",
+        severity: "medium",
+        episode_start: t(0),
+        raised_at: t(300),
+        news2_score: None,
+        detail: serde_json::json!({"value": 88.0}),
+    };
+    assert!(raise(&c, &a).await.expect("raise"));
+    assert!(!raise(&c, &a).await.expect("replay"), "the same alert again changes nothing");
+    // Another id for the same patient and rule while one is open: refused.
+    assert!(!raise(&c, &NewAlert { alert_id: "a2", episode_start: t(60), ..a.clone() }).await.expect("second open"));
+    // Another rule is another alert.
+    assert!(raise(&c, &NewAlert { alert_id: "b1", rule: "news2", severity: "medium", ..a.clone() }).await.expect("other rule"));
+    assert!(update_severity(&c, "b1", "high", t(400), Some(8)).await.expect("escalate"));
+    assert!(!update_severity(&c, "b1", "high", t(400), Some(8)).await.expect("again"));
+    assert!(resolve(&c, "a1", t(900), None).await.expect("clear"));
+    assert!(!resolve(&c, "a1", t(900), None).await.expect("clear again"));
+    assert!(!update_severity(&c, "a1", "high", t(950), None).await.expect("resolved alerts stay"));
+    // Once resolved, a new episode opens a new alert.
+    assert!(raise(&c, &NewAlert { alert_id: "a3", episode_start: t(1000), raised_at: t(1300), ..a.clone() }).await.expect("new episode"));
+    let events: Vec<(String, String)> = c
+        .query("SELECT alert_id, state FROM alert_events ORDER BY alert_id, at", &[])
+        .await
+        .expect("events")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let want = [("a1", "raised"), ("a1", "resolved"), ("a3", "raised"), ("b1", "raised"), ("b1", "updated")];
+    assert_eq!(events, want.map(|(a, b)| (a.to_owned(), b.to_owned())));
+    let open: i64 = c.query_one("SELECT count(*) FROM alerts WHERE state <> 'resolved'", &[]).await.expect("open").get(0);
+    assert_eq!(open, 2);
+}
