@@ -109,7 +109,9 @@ async fn a_reading_travels_from_device_to_trend() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writer_crash_mid_stream_loses_and_doubles_nothing() {
     let mut cfg = config().await;
-    cfg.writer.batch_max_rows = 20;
+    // One record (two readings) per transaction, so the writer is still
+    // mid-stream when the test sees its first rows and kills it.
+    cfg.writer.batch_max_rows = 2;
     // A killed consumer never says goodbye: the group waits out its session
     // before handing its partitions on. Keep that wait short here.
     cfg.kafka.properties.insert("session.timeout.ms".into(), "6000".into());
