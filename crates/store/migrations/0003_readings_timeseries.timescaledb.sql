@@ -39,29 +39,30 @@ ALTER TABLE readings SET (
     timescaledb.compress_orderby = 'time DESC, component, device_id'
 );
 
--- Continuous aggregates keep min, max, sum and count, so that a coarser
--- bucket can be built exactly from finer ones (avg = sum / count). Each
+-- Continuous aggregates keep min, max, avg, sum and count per patient,
+-- metric and component; sum and count let a coarser bucket be built exactly
+-- from finer ones (avg = sum / count), and avg is there for direct readers. Each
 -- level is built from the one below. They are real-time
 -- (materialized_only = false): the part newer than the last refresh is
 -- computed from the level below at query time, so the newest readings are
 -- on every chart.
 CREATE MATERIALIZED VIEW readings_5m WITH (timescaledb.continuous, timescaledb.materialized_only = false) AS
 SELECT time_bucket(INTERVAL '5 minutes', time) AS bucket, patient_id, metric, component,
-       min(value) AS min, max(value) AS max, sum(value) AS sum, count(*) AS count
+       min(value) AS min, max(value) AS max, avg(value) AS avg, sum(value) AS sum, count(*) AS count
   FROM readings
  GROUP BY 1, 2, 3, 4
 WITH NO DATA;
 
 CREATE MATERIALIZED VIEW readings_1h WITH (timescaledb.continuous, timescaledb.materialized_only = false) AS
 SELECT time_bucket(INTERVAL '1 hour', bucket) AS bucket, patient_id, metric, component,
-       min(min) AS min, max(max) AS max, sum(sum) AS sum, sum(count)::bigint AS count
+       min(min) AS min, max(max) AS max, sum(sum) / sum(count) AS avg, sum(sum) AS sum, sum(count)::bigint AS count
   FROM readings_5m
  GROUP BY 1, 2, 3, 4
 WITH NO DATA;
 
 CREATE MATERIALIZED VIEW readings_1d WITH (timescaledb.continuous, timescaledb.materialized_only = false) AS
 SELECT time_bucket(INTERVAL '1 day', bucket) AS bucket, patient_id, metric, component,
-       min(min) AS min, max(max) AS max, sum(sum) AS sum, sum(count)::bigint AS count
+       min(min) AS min, max(max) AS max, sum(sum) / sum(count) AS avg, sum(sum) AS sum, sum(count)::bigint AS count
   FROM readings_1h
  GROUP BY 1, 2, 3, 4
 WITH NO DATA;
