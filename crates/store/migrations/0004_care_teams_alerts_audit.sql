@@ -74,8 +74,13 @@ CREATE TABLE alert_events (
     severity          text CHECK (severity IN ('low', 'low_medium', 'medium', 'high')),
     actor             text,                  -- who acted, NULL for the engine
     note              text,
+    -- Outbox: set once the change is on rpm.alerts.v1. A change committed
+    -- here but not yet published (a crash in between) is published after
+    -- restart, so no lifecycle change is lost.
+    published_at      timestamptz,
     PRIMARY KEY (alert_id, at, state)
 );
+CREATE INDEX alert_events_unpublished ON alert_events (at) WHERE published_at IS NULL;
 
 -- Who read or changed which patient's data, when, from where, and whether
 -- it was allowed. Append-only: updates and deletes are refused.
