@@ -3,7 +3,7 @@
 //! built yet and raises no alerts. Built so far, as pure functions not yet
 //! wired to the service:
 //! - [`series`]: a rule judged on one series on event time, with late and
-//!   out-of-order readings (each episode raised once and cleared once);
+//!   out-of-order readings (see its known gaps: not ready to wire yet);
 //! - [`threshold`]: single, sustained and k-of-n thresholds with
 //!   hysteresis, artifacts ignored;
 //! - [`rate`]: rate of change within a window;

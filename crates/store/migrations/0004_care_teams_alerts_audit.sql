@@ -66,6 +66,7 @@ CREATE INDEX alerts_open_opened ON alerts (opened_at) WHERE state <> 'resolved';
 
 -- Every lifecycle change of an alert, in order.
 CREATE TABLE alert_events (
+    id                bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,  -- order of the changes
     alert_id          text NOT NULL REFERENCES alerts (alert_id),
     at                timestamptz NOT NULL,
     -- 'updated': the engine changed the open alert (a NEWS2 risk moved).
@@ -77,9 +78,9 @@ CREATE TABLE alert_events (
     -- Outbox: set once the change is on rpm.alerts.v1. A change committed
     -- here but not yet published (a crash in between) is published after
     -- restart, so no lifecycle change is lost.
-    published_at      timestamptz,
-    PRIMARY KEY (alert_id, at, state)
+    published_at      timestamptz
 );
+CREATE INDEX alert_events_alert ON alert_events (alert_id, id);
 CREATE INDEX alert_events_unpublished ON alert_events (at) WHERE published_at IS NULL;
 
 -- Who read or changed which patient's data, when, from where, and whether

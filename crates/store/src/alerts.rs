@@ -1,7 +1,8 @@
 //! The alert lifecycle in `alerts` and `alert_events`, idempotent: applying
 //! the same change twice (a replay after a crash) changes nothing, and the
 //! partial unique index `alerts_one_open` keeps one open alert per patient
-//! and rule whatever the ids.
+//! and rule whatever the ids. Each change and its event (the outbox row) are
+//! written by one statement, so neither exists without the other.
 
 use chrono::{DateTime, Utc};
 use tokio_postgres::GenericClient;
@@ -30,20 +31,16 @@ pub struct NewAlert<'a> {
 pub async fn raise(client: &impl GenericClient, a: &NewAlert<'_>) -> Result<bool, StoreError> {
     let n = client
         .execute(
-            "INSERT INTO alerts (alert_id, patient_id, rule, severity, state, episode_start, raised_at, updated_at, news2_score, detail)
-             VALUES ($1, $2, $3, $4, 'raised', $5, $6, now(), $7, $8)
-             ON CONFLICT DO NOTHING",
+            "WITH new AS (
+                 INSERT INTO alerts (alert_id, patient_id, rule, severity, state, episode_start, raised_at, updated_at, news2_score, detail)
+                 VALUES ($1, $2, $3, $4, 'raised', $5, $6, now(), $7, $8)
+                 ON CONFLICT DO NOTHING
+                 RETURNING alert_id, raised_at, severity
+             )
+             INSERT INTO alert_events (alert_id, at, state, severity) SELECT alert_id, raised_at, 'raised', severity FROM new",
             &[&a.alert_id, &a.patient_id, &a.rule, &a.severity, &a.episode_start, &a.raised_at, &a.news2_score, &a.detail],
         )
         .await?;
-    if n == 1 {
-        client
-            .execute(
-                "INSERT INTO alert_events (alert_id, at, state, severity) VALUES ($1, $2, 'raised', $3) ON CONFLICT DO NOTHING",
-                &[&a.alert_id, &a.raised_at, &a.severity],
-            )
-            .await?;
-    }
     Ok(n == 1)
 }
 
@@ -58,19 +55,15 @@ pub async fn update_severity(
 ) -> Result<bool, StoreError> {
     let n = client
         .execute(
-            "UPDATE alerts SET severity = $2, news2_score = coalesce($3, news2_score), updated_at = now()
-              WHERE alert_id = $1 AND state <> 'resolved' AND severity <> $2",
-            &[&alert_id, &severity, &news2_score],
+            "WITH changed AS (
+                 UPDATE alerts SET severity = $2, news2_score = coalesce($4, news2_score), updated_at = now()
+                  WHERE alert_id = $1 AND state <> 'resolved' AND severity <> $2
+                 RETURNING alert_id
+             )
+             INSERT INTO alert_events (alert_id, at, state, severity) SELECT alert_id, $3, 'updated', $2 FROM changed",
+            &[&alert_id, &severity, &at, &news2_score],
         )
         .await?;
-    if n == 1 {
-        client
-            .execute(
-                "INSERT INTO alert_events (alert_id, at, state, severity) VALUES ($1, $2, 'updated', $3) ON CONFLICT DO NOTHING",
-                &[&alert_id, &at, &severity],
-            )
-            .await?;
-    }
     Ok(n == 1)
 }
 
@@ -79,18 +72,14 @@ pub async fn update_severity(
 pub async fn resolve(client: &impl GenericClient, alert_id: &str, at: DateTime<Utc>, actor: Option<&str>) -> Result<bool, StoreError> {
     let n = client
         .execute(
-            "UPDATE alerts SET state = 'resolved', resolved_at = $2, resolved_by = $3, updated_at = now()
-              WHERE alert_id = $1 AND state <> 'resolved'",
+            "WITH changed AS (
+                 UPDATE alerts SET state = 'resolved', resolved_at = $2, resolved_by = $3, updated_at = now()
+                  WHERE alert_id = $1 AND state <> 'resolved'
+                 RETURNING alert_id
+             )
+             INSERT INTO alert_events (alert_id, at, state, actor) SELECT alert_id, $2, 'resolved', $3 FROM changed",
             &[&alert_id, &at, &actor],
         )
         .await?;
-    if n == 1 {
-        client
-            .execute(
-                "INSERT INTO alert_events (alert_id, at, state, actor) VALUES ($1, $2, 'resolved', $3) ON CONFLICT DO NOTHING",
-                &[&alert_id, &at, &actor],
-            )
-            .await?;
-    }
     Ok(n == 1)
 }

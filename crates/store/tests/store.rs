@@ -559,20 +559,24 @@ async fn the_alert_lifecycle_is_idempotent_with_one_open_alert_per_patient_and_r
     assert!(raise(&c, &NewAlert { alert_id: "b1", rule: "news2", severity: "medium", ..a.clone() }).await.expect("other rule"));
     assert!(update_severity(&c, "b1", "high", t(400), Some(8)).await.expect("escalate"));
     assert!(!update_severity(&c, "b1", "high", t(400), Some(8)).await.expect("again"));
+    // Two changes at one event time are both kept, in order.
+    assert!(update_severity(&c, "b1", "medium", t(400), Some(6)).await.expect("down again"));
     assert!(resolve(&c, "a1", t(900), None).await.expect("clear"));
     assert!(!resolve(&c, "a1", t(900), None).await.expect("clear again"));
     assert!(!update_severity(&c, "a1", "high", t(950), None).await.expect("resolved alerts stay"));
     // Once resolved, a new episode opens a new alert.
     assert!(raise(&c, &NewAlert { alert_id: "a3", episode_start: t(1000), raised_at: t(1300), ..a.clone() }).await.expect("new episode"));
     let events: Vec<(String, String)> = c
-        .query("SELECT alert_id, state FROM alert_events ORDER BY alert_id, at", &[])
+        .query("SELECT alert_id, state FROM alert_events ORDER BY alert_id, id", &[])
         .await
         .expect("events")
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
-    let want = [("a1", "raised"), ("a1", "resolved"), ("a3", "raised"), ("b1", "raised"), ("b1", "updated")];
+    let want = [("a1", "raised"), ("a1", "resolved"), ("a3", "raised"), ("b1", "raised"), ("b1", "updated"), ("b1", "updated")];
     assert_eq!(events, want.map(|(a, b)| (a.to_owned(), b.to_owned())));
     let open: i64 = c.query_one("SELECT count(*) FROM alerts WHERE state <> 'resolved'", &[]).await.expect("open").get(0);
     assert_eq!(open, 2);
+    let severity: String = c.query_one("SELECT severity FROM alerts WHERE alert_id = 'b1'", &[]).await.expect("b1").get(0);
+    assert_eq!(severity, "medium", "the row and its last event agree");
 }
