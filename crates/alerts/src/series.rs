@@ -113,16 +113,7 @@ impl<R: Rule> Series<R> {
     /// Judges one reading; returns what it changed, in event-time order.
     /// The same reading twice changes nothing.
     pub fn observe(&mut self, p: Point) -> Result<Vec<Transition>, TooLate> {
-        if let Some(newest) = self.points.keys().next_back()
-            && p.at < *newest - self.horizon
-        {
-            return Err(TooLate { oldest_kept: *newest - self.horizon });
-        }
-        if let Some(f) = self.folded_until
-            && p.at <= f
-        {
-            return Err(TooLate { oldest_kept: f });
-        }
+        self.within_horizon(p.at)?;
         if self.points.contains_key(&p.at) {
             return Ok(Vec::new()); // a redelivery, or a second device at the same instant: the first stands
         }
@@ -134,21 +125,25 @@ impl<R: Rule> Series<R> {
     /// replaces it: for derived series (a score recomputed as more of the
     /// same instant's readings arrive).
     pub fn revise(&mut self, p: Point) -> Result<Vec<Transition>, TooLate> {
-        if let Some(newest) = self.points.keys().next_back()
-            && p.at < *newest - self.horizon
-        {
-            return Err(TooLate { oldest_kept: *newest - self.horizon });
-        }
-        if let Some(f) = self.folded_until
-            && p.at <= f
-        {
-            return Err(TooLate { oldest_kept: f });
-        }
+        self.within_horizon(p.at)?;
         if self.points.get(&p.at) == Some(&p) {
             return Ok(Vec::new());
         }
         self.points.insert(p.at, p);
         Ok(self.judge())
+    }
+
+    /// `Err` when `at` is older than what this series keeps.
+    fn within_horizon(&self, at: DateTime<Utc>) -> Result<(), TooLate> {
+        if let Some(newest) = self.points.keys().next_back()
+            && at < *newest - self.horizon
+        {
+            return Err(TooLate { oldest_kept: *newest - self.horizon });
+        }
+        match self.folded_until {
+            Some(f) if at <= f => Err(TooLate { oldest_kept: f }),
+            _ => Ok(()),
+        }
     }
 
     /// Replays the kept readings and tells what changed.
