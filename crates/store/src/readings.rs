@@ -15,6 +15,7 @@ use tokio_postgres::types::{ToSql, Type};
 use vitalwatch_core::reading::Batch;
 
 use crate::StoreError;
+use crate::storage::{self, Layout};
 
 /// The columns written, in the order of [`COLUMN_TYPES`].
 pub const COLUMNS: &str = "time, patient_id, device_id, metric, component, value, unit, seq, quality, received_at";
@@ -132,6 +133,30 @@ impl Rows {
             }
         }
     }
+}
+
+/// Writes `rows` durably, in a transaction of their own, on either layout;
+/// returns how many were new. On the native layout the partitions of the
+/// rows' days are made first, in their own short transaction: creating a
+/// partition locks `readings`, which must not be held across the write.
+///
+/// `readings` has no CHECK constraint, so a check violation means a row
+/// found no partition (retention dropped it meanwhile, or an older writer
+/// did not make it): that is [`StoreError::Schema`], worth a retry (which
+/// makes it), never a reason to give the readings up.
+pub async fn write(client: &mut tokio_postgres::Client, layout: Layout, rows: &Rows) -> Result<u64, StoreError> {
+    if layout == Layout::Native {
+        storage::ensure_partitions_for(&*client, &rows.days()).await?;
+    }
+    let mut tx = client.transaction().await?;
+    let n = match insert(&mut tx, rows).await {
+        Err(StoreError::Db(e)) if e.code() == Some(&tokio_postgres::error::SqlState::CHECK_VIOLATION) => {
+            return Err(StoreError::Schema(format!("no partition for a row yet: {e}")));
+        }
+        other => other?,
+    };
+    tx.commit().await?;
+    Ok(n)
 }
 
 /// Inserts `rows` inside the transaction `tx`, skipping those already

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use vitalwatch_core::catalogue::Metric;
 use vitalwatch_core::reading::{Batch, Measurement, Quality, Reading};
-use vitalwatch_store::readings::{Rows, insert, insert_unnest};
+use vitalwatch_store::readings::{Rows, insert_unnest, write};
 use vitalwatch_store::registry::{load_devices, register_device};
 use vitalwatch_store::storage::{self, Layout, TimescaleMode};
 use vitalwatch_store::{DatabaseConfig, migrate, trends};
@@ -32,13 +32,8 @@ async fn layouts() -> Vec<(Layout, DatabaseConfig)> {
 
 async fn insert_rows(db: &DatabaseConfig, rows: &Rows) -> u64 {
     let mut c = vitalwatch_store::connect(&db.url).await.expect("connect");
-    if storage::layout(&c).await.expect("layout") == Layout::Native {
-        storage::ensure_partitions_for(&c, &rows.days()).await.expect("partitions");
-    }
-    let mut tx = c.transaction().await.expect("tx");
-    let n = insert(&mut tx, rows).await.expect("insert");
-    tx.commit().await.expect("commit");
-    n
+    let layout = storage::layout(&c).await.expect("layout");
+    write(&mut c, layout, rows).await.expect("write")
 }
 
 async fn count(c: &vitalwatch_store::tokio_postgres::Client, sql: &str) -> i64 {

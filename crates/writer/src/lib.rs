@@ -34,7 +34,6 @@ use vitalwatch_core::health::Readiness;
 use vitalwatch_core::reading::Batch;
 use vitalwatch_store::readings::{self, Rows};
 use vitalwatch_store::storage::{self, Layout};
-use vitalwatch_store::tokio_postgres::error::SqlState;
 use vitalwatch_store::{DatabaseConfig, Pool, StoreError};
 
 /// `[writer]`.
@@ -256,24 +255,7 @@ impl Store {
     async fn insert(&self, rows: &Rows) -> Result<u64, StoreError> {
         let mut client = self.pool.get().await?;
         let layout = *self.layout.get_or_try_init(|| storage::layout(&**client)).await?;
-        if layout == Layout::Native {
-            // Its own short transaction: creating a partition locks the
-            // parent table, which must not be held across the write.
-            storage::ensure_partitions_for(&**client, &rows.days()).await?;
-        }
-        let mut tx = client.transaction().await?;
-        let n = match readings::insert(&mut tx, rows).await {
-            // `readings` has no CHECK constraint: a check violation means a
-            // row has no partition (retention dropped it meanwhile, or an
-            // older writer did not create it). Worth a retry, which creates
-            // it; never a reason to dead-letter the readings.
-            Err(StoreError::Db(e)) if e.code() == Some(&SqlState::CHECK_VIOLATION) => {
-                return Err(StoreError::Schema(format!("no partition for a row yet: {e}")));
-            }
-            other => other?,
-        };
-        tx.commit().await?;
-        Ok(n)
+        readings::write(&mut client, layout, rows).await
     }
 }
 
