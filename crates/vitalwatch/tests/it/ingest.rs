@@ -118,10 +118,7 @@ async fn every_rejection_reason_is_dead_lettered_with_its_headers() {
 async fn the_same_batch_published_three_times_is_stored_once() {
     let metrics = vitalwatch_api::telemetry::metrics_handle();
     let cfg = config().await;
-    let patient = ts::unique("pat");
-    register(&cfg, "test-dev-1", &patient).await;
-    let pipeline = start(&[Service::Ingest, Service::Writer], &cfg);
-    wait_until_ingest_subscribed(&cfg).await;
+    let (patient, pipeline) = start_with_device(&cfg, "test-dev-1", &[Service::Ingest, Service::Writer]).await;
 
     let topic = mqtt_readings_topic(&cfg.mqtt.topic_root, "test-dev-1");
     let batch = json_batch("test-dev-1", 7, &[hr(70.0, at(0)), hr(71.0, at(1)), hr(72.0, at(2))]);
@@ -155,10 +152,7 @@ async fn a_kafka_outage_is_waited_out_without_loss_or_duplicates() {
     // properly; here the outage is exercised with a plain acks=all producer.
     // The exactly-once result below comes from the store either way.
     cfg.kafka.properties.insert("enable.idempotence".into(), "false".into());
-    let patient = ts::unique("pat");
-    register(&cfg, "test-dev-1", &patient).await;
-    let pipeline = start(&[Service::Ingest, Service::Writer], &cfg);
-    wait_until_ingest_subscribed(&cfg).await;
+    let (patient, pipeline) = start_with_device(&cfg, "test-dev-1", &[Service::Ingest, Service::Writer]).await;
 
     let topic = mqtt_readings_topic(&cfg.mqtt.topic_root, "test-dev-1");
     let mut device = Device::connect("test-dev-1").await;
@@ -283,10 +277,7 @@ async fn ingest_reads_the_broker_over_tls() {
     cfg.mqtt.port = port.parse().expect("port");
     let ca = std::env::var("VITALWATCH_TEST_MQTT_CA").unwrap_or_else(|_| ".local/tls/ca.crt".into());
     cfg.mqtt.tls = Some(vitalwatch_ingest::MqttTls { ca_file: ca.into(), client_cert_file: None, client_key_file: None });
-    let patient = ts::unique("pat");
-    register(&cfg, "test-dev-1", &patient).await;
-    let pipeline = start(&[Service::Ingest, Service::Writer], &cfg);
-    wait_until_ingest_subscribed(&cfg).await;
+    let (patient, pipeline) = start_with_device(&cfg, "test-dev-1", &[Service::Ingest, Service::Writer]).await;
 
     let mut device = Device::connect("test-dev-1").await;
     device.publish(&mqtt_readings_topic(&cfg.mqtt.topic_root, "test-dev-1"), json_batch("test-dev-1", 1, &[hr(70.0, at(0))])).await;

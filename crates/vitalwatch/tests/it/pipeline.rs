@@ -18,10 +18,8 @@ use crate::util::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reading_travels_from_device_to_trend() {
     let cfg = config().await;
-    let (device_id, patient) = ("test-dev-1".to_owned(), ts::unique("pat"));
-    register(&cfg, &device_id, &patient).await;
-    let pipeline = start(&[Service::Ingest, Service::Writer], &cfg);
-    wait_until_ingest_subscribed(&cfg).await;
+    let device_id = "test-dev-1".to_owned();
+    let (patient, pipeline) = start_with_device(&cfg, &device_id, &[Service::Ingest, Service::Writer]).await;
     let mut device = Device::connect(&device_id).await;
 
     // Heart rate over three 5-minute buckets, in JSON and protobuf, plus blood pressure.
@@ -116,10 +114,8 @@ async fn writer_crash_mid_stream_loses_and_doubles_nothing() {
     // before handing its partitions on. Keep that wait short here.
     cfg.kafka.properties.insert("session.timeout.ms".into(), "6000".into());
     cfg.kafka.properties.insert("heartbeat.interval.ms".into(), "1000".into());
-    let (device_id, patient) = ("test-dev-1".to_owned(), ts::unique("pat"));
-    register(&cfg, &device_id, &patient).await;
-    let ingest = start(&[Service::Ingest], &cfg);
-    wait_until_ingest_subscribed(&cfg).await;
+    let device_id = "test-dev-1".to_owned();
+    let (patient, ingest) = start_with_device(&cfg, &device_id, &[Service::Ingest]).await;
     let mut device = Device::connect(&device_id).await;
 
     let topic = mqtt_readings_topic(&cfg.mqtt.topic_root, &device_id);
@@ -172,10 +168,8 @@ async fn writer_crash_mid_stream_loses_and_doubles_nothing() {
 async fn bad_input_is_dead_lettered_counted_and_ingest_keeps_running() {
     let metrics = vitalwatch_api::telemetry::metrics_handle();
     let cfg = config().await;
-    let (device_id, patient) = ("test-dev-1".to_owned(), ts::unique("pat"));
-    register(&cfg, &device_id, &patient).await;
-    let ingest = start(&[Service::Ingest], &cfg);
-    wait_until_ingest_subscribed(&cfg).await;
+    let device_id = "test-dev-1".to_owned();
+    let (patient, ingest) = start_with_device(&cfg, &device_id, &[Service::Ingest]).await;
     let mut device = Device::connect(&device_id).await;
 
     let topic = mqtt_readings_topic(&cfg.mqtt.topic_root, &device_id);

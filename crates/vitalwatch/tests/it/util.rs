@@ -52,6 +52,16 @@ impl Running {
     }
 }
 
+/// Registers `device` for a new patient, starts `services` (with ingest
+/// among them) and waits until ingest is subscribed; returns the patient id.
+pub async fn start_with_device(cfg: &Config, device: &str, services: &[Service]) -> (String, Running) {
+    let patient = ts::unique("pat");
+    register(cfg, device, &patient).await;
+    let running = start(services, cfg);
+    wait_until_ingest_subscribed(cfg).await;
+    (patient, running)
+}
+
 /// Registers `device` and assigns it to `patient` since 30 days ago.
 pub async fn register(cfg: &Config, device: &str, patient: &str) {
     register_since(cfg, device, Some(patient), Some(Utc::now() - chrono::Duration::days(30))).await;
