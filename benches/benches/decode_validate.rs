@@ -15,8 +15,13 @@ use vitalwatch_core::validate::{TimePolicy, validate};
 const READINGS: usize = 10;
 
 fn payloads() -> (Vec<u8>, Vec<u8>, chrono::DateTime<Utc>) {
-    let now = Utc.with_ymd_and_hms(2026, 11, 29, 8, 0, 0).single().unwrap_or_default();
-    let times: Vec<_> = (0..READINGS).map(|i| now - Duration::seconds(i as i64)).collect();
+    let now = Utc
+        .with_ymd_and_hms(2026, 11, 29, 8, 0, 0)
+        .single()
+        .unwrap_or_default();
+    let times: Vec<_> = (0..READINGS)
+        .map(|i| now - Duration::seconds(i as i64))
+        .collect();
     let json = serde_json::json!({
         "device_id": "wearable-0042", "seq": 9001,
         "readings": times.iter().enumerate().map(|(i, t)| serde_json::json!(
@@ -46,7 +51,10 @@ fn payloads() -> (Vec<u8>, Vec<u8>, chrono::DateTime<Utc>) {
 }
 
 fn prost_types_ts(t: chrono::DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp { seconds: t.timestamp(), nanos: 0 }
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: 0,
+    }
 }
 
 fn bench(c: &mut Criterion) {
@@ -54,11 +62,18 @@ fn bench(c: &mut Criterion) {
     let policy = TimePolicy::default();
     let mut g = c.benchmark_group("decode_validate");
     g.throughput(Throughput::Elements(READINGS as u64));
-    for (name, bytes, format) in [("protobuf", &pb, PayloadFormat::Protobuf), ("json", &json, PayloadFormat::Json)] {
+    for (name, bytes, format) in [
+        ("protobuf", &pb, PayloadFormat::Protobuf),
+        ("json", &json, PayloadFormat::Json),
+    ] {
         g.bench_function(name, |b| {
             b.iter(|| {
                 let batch = decode(black_box(bytes), format).ok();
-                let ok = batch.iter().flat_map(|b| &b.readings).filter(|r| validate(r, now, &policy).is_ok()).count();
+                let ok = batch
+                    .iter()
+                    .flat_map(|b| &b.readings)
+                    .filter(|r| validate(r, now, &policy).is_ok())
+                    .count();
                 black_box(ok)
             })
         });

@@ -18,15 +18,24 @@ use vitalwatch_ingest::IngestConfig;
 use vitalwatch_test_support::{self as ts, Device};
 
 fn env(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)
+            .and_then(|v| v.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+    })
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(run())
 }
 
@@ -46,14 +55,36 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let mut client = vitalwatch_store::connect(&db.url).await?;
     let since = Some(Utc::now() - chrono::Duration::days(2));
     for d in 1..=devices {
-        vitalwatch_store::registry::register_device(&mut client, &format!("test-dev-{d}"), "wearable", Some(&format!("bench-p{d}")), since)
-            .await?;
+        vitalwatch_store::registry::register_device(
+            &mut client,
+            &format!("test-dev-{d}"),
+            "wearable",
+            Some(&format!("bench-p{d}")),
+            since,
+        )
+        .await?;
     }
     let token = CancellationToken::new();
     let readiness = Readiness::new();
     let ingest = {
-        let (db, kafka, mqtt, token, readiness) = (db.clone(), kafka.clone(), mqtt.clone(), token.clone(), readiness.clone());
-        tokio::spawn(async move { vitalwatch_ingest::run(&IngestConfig::default(), &mqtt, &kafka, &db, readiness, token).await })
+        let (db, kafka, mqtt, token, readiness) = (
+            db.clone(),
+            kafka.clone(),
+            mqtt.clone(),
+            token.clone(),
+            readiness.clone(),
+        );
+        tokio::spawn(async move {
+            vitalwatch_ingest::run(
+                &IngestConfig::default(),
+                &mqtt,
+                &kafka,
+                &db,
+                readiness,
+                token,
+            )
+            .await
+        })
     };
     while readiness.is_ready("ingest.mqtt") != Some(true) {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -73,7 +104,9 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
                 serde_json::json!({"metric": "heart_rate", "value": 60 + (k % 40), "measured_at": t.to_rfc3339()})
             })
             .collect();
-        let payload = serde_json::json!({"device_id": device, "seq": i, "readings": readings}).to_string().into_bytes();
+        let payload = serde_json::json!({"device_id": device, "seq": i, "readings": readings})
+            .to_string()
+            .into_bytes();
         work[d - 1].push((mqtt_readings_topic(&mqtt.topic_root, &device), payload));
     }
 
@@ -106,7 +139,8 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let mut max_in_flight: f64 = 0.0;
     loop {
         let text = metrics.render();
-        max_in_flight = max_in_flight.max(metric(&text, "vitalwatch_ingest_in_flight").unwrap_or(0.0));
+        max_in_flight =
+            max_in_flight.max(metric(&text, "vitalwatch_ingest_in_flight").unwrap_or(0.0));
         let done = metric(&text, "vitalwatch_ingest_accepted_readings_total").unwrap_or(0.0);
         if done >= total {
             break;
@@ -117,7 +151,10 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
             .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
             .sum();
         if rejected > 0.0 {
-            return Err(format!("{rejected} readings were rejected: the benchmark's payloads are wrong").into());
+            return Err(format!(
+                "{rejected} readings were rejected: the benchmark's payloads are wrong"
+            )
+            .into());
         }
         if Instant::now() > deadline {
             return Err(format!("only {done} of {total} readings reached Kafka in time").into());
@@ -131,17 +168,38 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     }
     let elapsed = started.elapsed();
     let text = metrics.render();
-    let q = |p: &str| metric(&text, &format!("vitalwatch_ingest_mqtt_to_kafka_seconds{{quantile=\"{p}\"}}")).unwrap_or(f64::NAN) * 1e3;
-    let offered = if rate > 0 { format!("offered at {rate} batches/s") } else { "offered as fast as the broker takes them".into() };
-    println!("ingest alone: {batches} batches x {per_batch} readings from {devices} devices, JSON, MQTT QoS 1 -> Kafka acks=all, {offered}");
-    println!("  all published and acknowledged by the broker in {:.2} s", published.as_secs_f64());
+    let q = |p: &str| {
+        metric(
+            &text,
+            &format!("vitalwatch_ingest_mqtt_to_kafka_seconds{{quantile=\"{p}\"}}"),
+        )
+        .unwrap_or(f64::NAN)
+            * 1e3
+    };
+    let offered = if rate > 0 {
+        format!("offered at {rate} batches/s")
+    } else {
+        "offered as fast as the broker takes them".into()
+    };
+    println!(
+        "ingest alone: {batches} batches x {per_batch} readings from {devices} devices, JSON, MQTT QoS 1 -> Kafka acks=all, {offered}"
+    );
+    println!(
+        "  all published and acknowledged by the broker in {:.2} s",
+        published.as_secs_f64()
+    );
     println!("  all in Kafka after {:.2} s", elapsed.as_secs_f64());
     println!(
         "  throughput: {:.0} readings/s ({:.0} batches/s)",
         total / elapsed.as_secs_f64(),
         batches as f64 / elapsed.as_secs_f64()
     );
-    println!("  added latency (publish received -> Kafka ack): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms", q("0.5"), q("0.99"), q("1"));
+    println!(
+        "  added latency (publish received -> Kafka ack): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        q("0.5"),
+        q("0.99"),
+        q("1")
+    );
     println!("  most messages in ingest's window at once (sampled): {max_in_flight}");
     token.cancel();
     ingest.await??;

@@ -20,11 +20,20 @@ fn at(i: i64) -> DateTime<Utc> {
 
 fn spo2(i: i64) -> f64 {
     // Mostly 94-97 %, with a dip below 90 for two minutes every hour.
-    if i % 720 < 24 { 88.0 } else { 94.0 + (i % 4) as f64 }
+    if i % 720 < 24 {
+        88.0
+    } else {
+        94.0 + (i % 4) as f64
+    }
 }
 
 fn series(c: &mut Criterion) {
-    let rule = Threshold { direction: Direction::Below, level: 90.0, clear: 92.0, persistence: Persistence::Sustained(Duration::minutes(1)) };
+    let rule = Threshold {
+        direction: Direction::Below,
+        level: 90.0,
+        clear: 92.0,
+        persistence: Persistence::Sustained(Duration::minutes(1)),
+    };
     let mut group = c.benchmark_group("threshold series, SpO2 every 5 s");
     group.throughput(Throughput::Elements(1));
     for horizon_min in [10_i64, 60] {
@@ -32,15 +41,27 @@ fn series(c: &mut Criterion) {
         // Fill the horizon first, so every measured reading replays it whole.
         let mut i = 0_i64;
         while i < horizon_min * 12 + 10 {
-            let _ = s.observe(Point { at: at(i), value: spo2(i), artifact: false });
+            let _ = s.observe(Point {
+                at: at(i),
+                value: spo2(i),
+                artifact: false,
+            });
             i += 1;
         }
-        group.bench_with_input(BenchmarkId::new("in order, horizon minutes", horizon_min), &horizon_min, |b, _| {
-            b.iter(|| {
-                i += 1;
-                black_box(s.observe(Point { at: at(i), value: spo2(i), artifact: false }))
-            })
-        });
+        group.bench_with_input(
+            BenchmarkId::new("in order, horizon minutes", horizon_min),
+            &horizon_min,
+            |b, _| {
+                b.iter(|| {
+                    i += 1;
+                    black_box(s.observe(Point {
+                        at: at(i),
+                        value: spo2(i),
+                        artifact: false,
+                    }))
+                })
+            },
+        );
     }
     group.finish();
 }
@@ -56,7 +77,9 @@ fn news2_score(c: &mut Criterion) {
         consciousness: Acvpu::Alert,
         temperature: 38.4,
     };
-    c.bench_function("NEWS2 score of one observation set", |b| b.iter(|| news2::score(black_box(&obs))));
+    c.bench_function("NEWS2 score of one observation set", |b| {
+        b.iter(|| news2::score(black_box(&obs)))
+    });
 }
 
 criterion_group!(benches, series, news2_score);

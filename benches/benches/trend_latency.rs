@@ -28,33 +28,65 @@ use vitalwatch_test_support as ts;
 type Error = Box<dyn std::error::Error>;
 
 fn env(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn main() -> Result<(), Error> {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(run())
 }
 
 /// The bench database of `layout`, filled with at least `rows` readings.
-async fn filled(layout: Layout, rows: usize, patients: usize) -> Result<(DatabaseConfig, DateTime<Utc>), Error> {
+async fn filled(
+    layout: Layout,
+    rows: usize,
+    patients: usize,
+) -> Result<(DatabaseConfig, DateTime<Utc>), Error> {
     let name = format!("vw_bench_trend_{layout}");
     let admin = vitalwatch_store::connect(&ts::admin_database_url()).await?;
-    let base = ts::admin_database_url().rsplit_once('/').map(|(b, _)| b.to_owned()).ok_or("database URL without /dbname")?;
-    let mode = if layout == Layout::TimescaleDb { TimescaleMode::Required } else { TimescaleMode::Off };
-    let cfg = DatabaseConfig { url: format!("{base}/{name}"), timescaledb: mode, ..Default::default() };
-    let exists: bool = admin.query_one("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)", &[&name]).await?.get(0);
+    let base = ts::admin_database_url()
+        .rsplit_once('/')
+        .map(|(b, _)| b.to_owned())
+        .ok_or("database URL without /dbname")?;
+    let mode = if layout == Layout::TimescaleDb {
+        TimescaleMode::Required
+    } else {
+        TimescaleMode::Off
+    };
+    let cfg = DatabaseConfig {
+        url: format!("{base}/{name}"),
+        timescaledb: mode,
+        ..Default::default()
+    };
+    let exists: bool = admin
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)",
+            &[&name],
+        )
+        .await?
+        .get(0);
     if exists && std::env::var("BENCH_RELOAD").is_err() {
         let c = vitalwatch_store::connect(&cfg.url).await?;
-        if let Ok(r) = c.query_one("SELECT rows, loaded_until FROM bench_fill", &[]).await
+        if let Ok(r) = c
+            .query_one("SELECT rows, loaded_until FROM bench_fill", &[])
+            .await
             && r.get::<_, i64>(0) as usize >= rows
         {
             println!("{layout}: reusing {name} ({} rows)", r.get::<_, i64>(0));
             return Ok((cfg, r.get(1)));
         }
     }
-    admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await?;
-    admin.batch_execute(&format!("CREATE DATABASE {name}")).await?;
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .await?;
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await?;
     let mut c = vitalwatch_store::connect(&cfg.url).await?;
     vitalwatch_store::migrate::migrate(&mut c, &cfg).await?;
     // Only the loader writes here: no background policy runs mid-load.
@@ -84,30 +116,64 @@ async fn filled(layout: Layout, rows: usize, patients: usize) -> Result<(Databas
             for p in 0..patients {
                 let t = base_t + chrono::Duration::milliseconds((p as i64 * 7919) % step_ms);
                 let v = 60.0 + ((s * 31 + p * 17) % 400) as f64 / 10.0;
-                chunk.push_row(t, &patient_ids[p], &device_ids[p], "heart_rate", "", v, "/min", Some(s as i64), 0, t);
+                chunk.push_row(
+                    t,
+                    &patient_ids[p],
+                    &device_ids[p],
+                    "heart_rate",
+                    "",
+                    v,
+                    "/min",
+                    Some(s as i64),
+                    0,
+                    t,
+                );
             }
         }
         let tx = c.transaction().await?;
-        let sink = tx.copy_in(&format!("COPY readings ({COLUMNS}) FROM STDIN BINARY")).await?;
-        loaded += chunk.copy_into(BinaryCopyInWriter::new(sink, COLUMN_TYPES)).await? as usize;
+        let sink = tx
+            .copy_in(&format!("COPY readings ({COLUMNS}) FROM STDIN BINARY"))
+            .await?;
+        loaded += chunk
+            .copy_into(BinaryCopyInWriter::new(sink, COLUMN_TYPES))
+            .await? as usize;
         tx.commit().await?;
         k += steps;
         if loaded % 10_000_000 < chunk.len() {
-            println!("{layout}: {loaded} rows loaded, {:.0} rows/s", loaded as f64 / started.elapsed().as_secs_f64());
+            println!(
+                "{layout}: {loaded} rows loaded, {:.0} rows/s",
+                loaded as f64 / started.elapsed().as_secs_f64()
+            );
         }
     }
-    println!("{layout}: loaded {loaded} rows in {:.0} s", started.elapsed().as_secs_f64());
+    println!(
+        "{layout}: loaded {loaded} rows in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
     if layout == Layout::TimescaleDb {
         let t = Instant::now();
         for view in ["readings_5m", "readings_1h", "readings_1d"] {
-            c.batch_execute(&format!("CALL refresh_continuous_aggregate('{view}', NULL, '{}')", until.to_rfc3339())).await?;
+            c.batch_execute(&format!(
+                "CALL refresh_continuous_aggregate('{view}', NULL, '{}')",
+                until.to_rfc3339()
+            ))
+            .await?;
         }
-        println!("{layout}: aggregates refreshed in {:.0} s", t.elapsed().as_secs_f64());
+        println!(
+            "{layout}: aggregates refreshed in {:.0} s",
+            t.elapsed().as_secs_f64()
+        );
         let t = Instant::now();
         c.batch_execute("SELECT count(compress_chunk(ch, if_not_compressed => true)) FROM show_chunks('readings', older_than => interval '7 days') ch")
             .await?;
-        let size: String = c.query_one("SELECT pg_size_pretty(hypertable_size('readings'))", &[]).await?.get(0);
-        println!("{layout}: chunks older than 7 days compressed in {:.0} s; hypertable now {size}", t.elapsed().as_secs_f64());
+        let size: String = c
+            .query_one("SELECT pg_size_pretty(hypertable_size('readings'))", &[])
+            .await?
+            .get(0);
+        println!(
+            "{layout}: chunks older than 7 days compressed in {:.0} s; hypertable now {size}",
+            t.elapsed().as_secs_f64()
+        );
     } else {
         let size: String = c
             .query_one(
@@ -119,8 +185,13 @@ async fn filled(layout: Layout, rows: usize, patients: usize) -> Result<(Databas
         println!("{layout}: partitions total {size}");
     }
     c.batch_execute("VACUUM ANALYZE").await?;
-    c.batch_execute("CREATE TABLE bench_fill (rows bigint, loaded_until timestamptz)").await?;
-    c.execute("INSERT INTO bench_fill VALUES ($1, $2)", &[&(loaded as i64), &until]).await?;
+    c.batch_execute("CREATE TABLE bench_fill (rows bigint, loaded_until timestamptz)")
+        .await?;
+    c.execute(
+        "INSERT INTO bench_fill VALUES ($1, $2)",
+        &[&(loaded as i64), &until],
+    )
+    .await?;
     Ok((cfg, until))
 }
 
@@ -129,7 +200,14 @@ fn pct(sorted: &[Duration], p: f64) -> f64 {
     sorted[i].as_secs_f64() * 1000.0
 }
 
-async fn measure(label: &str, cfg: &DatabaseConfig, layout: Layout, until: DateTime<Utc>, patients: usize, queries: usize) -> Result<(), Error> {
+async fn measure(
+    label: &str,
+    cfg: &DatabaseConfig,
+    layout: Layout,
+    until: DateTime<Utc>,
+    patients: usize,
+    queries: usize,
+) -> Result<(), Error> {
     let pool = vitalwatch_store::pool(cfg)?;
     let client = pool.get().await?;
     // A dashboard's "last 30 days, hourly": to = the newest data, not aligned.
@@ -180,10 +258,26 @@ async fn run() -> Result<(), Error> {
     }
     println!("30-day hourly trend of one of {patients} patients, {rows} readings in the table:");
     for (layout, (cfg, until)) in &dbs {
-        measure(&format!("{layout}"), cfg, *layout, *until, patients, queries).await?;
+        measure(
+            &format!("{layout}"),
+            cfg,
+            *layout,
+            *until,
+            patients,
+            queries,
+        )
+        .await?;
         if *layout == Layout::TimescaleDb {
             // The same hypertable read without the aggregates.
-            measure("timescaledb, raw rows (no aggregate)", cfg, Layout::Native, *until, patients, queries).await?;
+            measure(
+                "timescaledb, raw rows (no aggregate)",
+                cfg,
+                Layout::Native,
+                *until,
+                patients,
+                queries,
+            )
+            .await?;
         }
     }
     Ok(())

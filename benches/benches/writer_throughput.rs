@@ -28,18 +28,23 @@ use vitalwatch_core::catalogue::Metric;
 use vitalwatch_core::health::Readiness;
 use vitalwatch_core::reading::{Batch, Measurement, Quality, Reading};
 use vitalwatch_store::readings::{self, COLUMN_TYPES, COLUMNS, Rows};
-use vitalwatch_store::tokio_postgres::binary_copy::BinaryCopyInWriter;
 use vitalwatch_store::storage::{self, Layout, TimescaleMode};
+use vitalwatch_store::tokio_postgres::binary_copy::BinaryCopyInWriter;
 use vitalwatch_store::{DatabaseConfig, Pool};
 use vitalwatch_test_support as ts;
 use vitalwatch_writer::WriterConfig;
 
 fn env(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(run())
 }
 
@@ -63,8 +68,11 @@ fn batches(rows: usize, per_record: usize) -> Vec<Batch> {
                 readings: (0..n)
                     .map(|i| Reading {
                         metric: Metric::HeartRate,
-                        measurement: Measurement::Scalar(55.0 + ((chunk_start + i + d) % 50) as f64),
-                        measured_at: start + chrono::Duration::seconds(10 * (chunk_start + i) as i64),
+                        measurement: Measurement::Scalar(
+                            55.0 + ((chunk_start + i + d) % 50) as f64,
+                        ),
+                        measured_at: start
+                            + chrono::Duration::seconds(10 * (chunk_start + i) as i64),
                         quality: Quality::default(),
                     })
                     .collect(),
@@ -75,21 +83,39 @@ fn batches(rows: usize, per_record: usize) -> Vec<Batch> {
 }
 
 async fn fresh(layout: Layout) -> Result<(DatabaseConfig, Pool), Box<dyn std::error::Error>> {
-    let mode = if layout == Layout::TimescaleDb { TimescaleMode::Required } else { TimescaleMode::Off };
-    let db = ts::database_with(DatabaseConfig { timescaledb: mode, ..Default::default() }).await;
+    let mode = if layout == Layout::TimescaleDb {
+        TimescaleMode::Required
+    } else {
+        TimescaleMode::Off
+    };
+    let db = ts::database_with(DatabaseConfig {
+        timescaledb: mode,
+        ..Default::default()
+    })
+    .await;
     let pool = vitalwatch_store::pool(&db)?;
     let client = pool.get().await?;
     storage::maintain(&**client, &db, Utc::now()).await?;
     if layout == Layout::Native {
-        storage::ensure_partitions(&**client, Utc::now() - chrono::Duration::days(30), Utc::now()).await?;
+        storage::ensure_partitions(
+            &**client,
+            Utc::now() - chrono::Duration::days(30),
+            Utc::now(),
+        )
+        .await?;
     }
     Ok((db, pool))
 }
 
 fn report(layout: Layout, method: &str, rows: usize, took: Duration, limit: Option<f64>) -> f64 {
     let rate = rows as f64 / took.as_secs_f64();
-    let ratio = limit.map(|l| format!("{:>5.0}% of the COPY limit", 100.0 * rate / l)).unwrap_or_default();
-    println!("{layout:<12} {method:<16} {rows:>9} rows in {:>6.2} s = {rate:>9.0} rows/s  {ratio}", took.as_secs_f64());
+    let ratio = limit
+        .map(|l| format!("{:>5.0}% of the COPY limit", 100.0 * rate / l))
+        .unwrap_or_default();
+    println!(
+        "{layout:<12} {method:<16} {rows:>9} rows in {:>6.2} s = {rate:>9.0} rows/s  {ratio}",
+        took.as_secs_f64()
+    );
     rate
 }
 
@@ -114,7 +140,10 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         Ok(()) => layouts.push(Layout::TimescaleDb),
         Err(why) => println!("TimescaleDB not measured: {why}"),
     }
-    println!("{total} rows, {} per transaction, {per_record} readings per Kafka record", batch_rows);
+    println!(
+        "{total} rows, {} per transaction, {per_record} readings per Kafka record",
+        batch_rows
+    );
     for layout in layouts {
         // PostgreSQL's own limit: one COPY per batch straight into the table.
         let (_, pool) = fresh(layout).await?;
@@ -122,8 +151,11 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         let started = Instant::now();
         for c in &chunks {
             let tx = client.transaction().await?;
-            let sink = tx.copy_in(&format!("COPY readings ({COLUMNS}) FROM STDIN BINARY")).await?;
-            c.copy_into(BinaryCopyInWriter::new(sink, COLUMN_TYPES)).await?;
+            let sink = tx
+                .copy_in(&format!("COPY readings ({COLUMNS}) FROM STDIN BINARY"))
+                .await?;
+            c.copy_into(BinaryCopyInWriter::new(sink, COLUMN_TYPES))
+                .await?;
             tx.commit().await?;
         }
         let limit = report(layout, "copy (limit)", total, started.elapsed(), None);
@@ -137,7 +169,13 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
             readings::insert(&mut tx, c).await?;
             tx.commit().await?;
         }
-        report(layout, "store insert", total, started.elapsed(), Some(limit));
+        report(
+            layout,
+            "store insert",
+            total,
+            started.elapsed(),
+            Some(limit),
+        );
         // The same rows again: every batch a replay, all through staging.
         let started = Instant::now();
         for c in &chunks {
@@ -146,7 +184,13 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
             tx.commit().await?;
             assert_eq!(new, 0, "a replay stores nothing new");
         }
-        report(layout, "store replay", total, started.elapsed(), Some(limit));
+        report(
+            layout,
+            "store replay",
+            total,
+            started.elapsed(),
+            Some(limit),
+        );
         drop(client);
 
         let (_, pool) = fresh(layout).await?;
@@ -157,7 +201,13 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
             readings::insert_staged(&tx, c).await?;
             tx.commit().await?;
         }
-        report(layout, "staged insert", total, started.elapsed(), Some(limit));
+        report(
+            layout,
+            "staged insert",
+            total,
+            started.elapsed(),
+            Some(limit),
+        );
         drop(client);
 
         let (_, pool) = fresh(layout).await?;
@@ -166,7 +216,13 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         for c in &chunks {
             readings::insert_unnest(&**client, c).await?;
         }
-        report(layout, "unnest insert", total, started.elapsed(), Some(limit));
+        report(
+            layout,
+            "unnest insert",
+            total,
+            started.elapsed(),
+            Some(limit),
+        );
         drop(client);
 
         // The whole writer, from Kafka.
@@ -176,9 +232,16 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         let never = CancellationToken::new();
         let mut pending = futures_util::stream::FuturesUnordered::new();
         for b in &data {
-            let (producer, topic, key, payload, never) =
-                (producer.clone(), kafka.readings_topic.clone(), b.patient_id.clone(), b.encode(), never.clone());
-            pending.push(async move { vitalwatch_bus::deliver(&producer, &topic, &key, &payload, None, None, &never).await });
+            let (producer, topic, key, payload, never) = (
+                producer.clone(),
+                kafka.readings_topic.clone(),
+                b.patient_id.clone(),
+                b.encode(),
+                never.clone(),
+            );
+            pending.push(async move {
+                vitalwatch_bus::deliver(&producer, &topic, &key, &payload, None, None, &never).await
+            });
             if pending.len() >= 1000 {
                 use futures_util::StreamExt;
                 if let Some(r) = pending.next().await {
@@ -199,23 +262,35 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         let started = Instant::now();
         let writer = {
             let (cfg, kafka, db, token) = (cfg.clone(), kafka.clone(), db.clone(), token.clone());
-            tokio::spawn(async move { vitalwatch_writer::run(&cfg, &kafka, &db, Readiness::new(), token).await })
+            tokio::spawn(async move {
+                vitalwatch_writer::run(&cfg, &kafka, &db, Readiness::new(), token).await
+            })
         };
         let client = pool.get().await?;
         loop {
-            let n: i64 = client.query_one("SELECT count(*) FROM readings", &[]).await?.get(0);
+            let n: i64 = client
+                .query_one("SELECT count(*) FROM readings", &[])
+                .await?
+                .get(0);
             if n as usize >= total {
                 break;
             }
             if started.elapsed() > Duration::from_secs(600) {
-                return Err(format!("the writer stored only {n} of {total} rows in 10 minutes").into());
+                return Err(
+                    format!("the writer stored only {n} of {total} rows in 10 minutes").into(),
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        report(layout, "writer (kafka)", total, started.elapsed(), Some(limit));
+        report(
+            layout,
+            "writer (kafka)",
+            total,
+            started.elapsed(),
+            Some(limit),
+        );
         token.cancel();
         writer.await??;
     }
     Ok(())
 }
-

@@ -32,5 +32,8 @@ pub fn measure(budget: Duration, mut f: impl FnMut()) -> Duration {
 pub fn report(name: &str, per_call: Duration, items: u64) {
     let ns = per_call.as_secs_f64() * 1e9;
     let calls = 1e9 / ns.max(f64::MIN_POSITIVE);
-    println!("{name:<44} {ns:>10.0} ns/call {calls:>12.0} calls/s {:>12.0} items/s", calls * items as f64);
+    println!(
+        "{name:<44} {ns:>10.0} ns/call {calls:>12.0} calls/s {:>12.0} items/s",
+        calls * items as f64
+    );
 }

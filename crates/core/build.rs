@@ -3,7 +3,10 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-    let files = [root.join("rpm/v1/readings.proto"), root.join("rpm/v1/alerts.proto")];
+    let files = [
+        root.join("rpm/v1/readings.proto"),
+        root.join("rpm/v1/alerts.proto"),
+    ];
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());
     }

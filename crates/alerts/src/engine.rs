@@ -5,15 +5,15 @@
 //! (Wall-clock missing-data rules are judged by [`crate::missing`] from the
 //! registry's expectations; they are not fed readings here.)
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use chrono::{DateTime, Duration, Utc};
 use vitalwatch_core::catalogue::Metric;
 use vitalwatch_core::reading::{Batch, Quality};
 
-use crate::news2::{self, Latest, Risk};
+use crate::news2::{self, Assembly, Latest, Risk};
 use crate::rate::RateOfChange;
-use crate::rules::{Compiled, Rule, Severity, alert_id};
+use crate::rules::{Compiled, Override, Rule, Severity, alert_id};
 use crate::series::{Point, Series, Transition};
 use crate::threshold::{Direction, Persistence, Threshold};
 
@@ -32,8 +32,20 @@ pub enum AlertChange {
         value: f64,
     },
     /// A NEWS2 episode's risk moved (up or down) while it is open.
-    SeverityChanged { alert_id: String, patient_id: String, rule: String, severity: Severity, at: DateTime<Utc>, value: f64 },
-    Cleared { alert_id: String, patient_id: String, rule: String, at: DateTime<Utc> },
+    SeverityChanged {
+        alert_id: String,
+        patient_id: String,
+        rule: String,
+        severity: Severity,
+        at: DateTime<Utc>,
+        value: f64,
+    },
+    Cleared {
+        alert_id: String,
+        patient_id: String,
+        rule: String,
+        at: DateTime<Utc>,
+    },
 }
 
 /// Readings the engine could not judge, for the caller's metrics.
@@ -45,7 +57,9 @@ pub struct Skipped {
 
 /// A reading flagged as an artifact does not raise an alert by itself.
 fn artifact(q: Quality) -> bool {
-    q.contains(Quality::MOTION_ARTIFACT) || q.contains(Quality::LOW_PERFUSION) || q.contains(Quality::CUFF_ERROR)
+    q.contains(Quality::MOTION_ARTIFACT)
+        || q.contains(Quality::LOW_PERFUSION)
+        || q.contains(Quality::CUFF_ERROR)
 }
 
 fn ordinal(risk: Risk) -> f64 {
@@ -92,7 +106,12 @@ impl News2History {
     }
 
     fn latest_as_of(&self, at: DateTime<Utc>) -> Latest {
-        let get = |i: usize| self.params[i].range(..=at).next_back().map(|(t, v)| (*t, *v));
+        let get = |i: usize| {
+            self.params[i]
+                .range(..=at)
+                .next_back()
+                .map(|(t, v)| (*t, *v))
+        };
         Latest {
             respiration: get(0),
             spo2: get(1),
@@ -119,16 +138,42 @@ impl News2History {
 enum RuleState {
     Threshold(Series<Threshold>),
     Rate(Series<RateOfChange>),
-    /// The risk ordinal as a series, and the risk told for the open episode.
-    News2 { series: Series<Threshold>, told: Option<(DateTime<Utc>, Risk)> },
+    /// The risk ordinal as a series, the patient's assembly (SpO2 scale),
+    /// and the episode told with the risk last told for it.
+    News2 {
+        series: Series<Threshold>,
+        assembly: Assembly,
+        told: Option<(DateTime<Utc>, Risk)>,
+    },
     /// Judged on wall-clock time elsewhere.
     Missing,
 }
 
 #[derive(Debug, Clone)]
 struct Patient {
-    rules: Vec<RuleState>,
+    /// The patient's rules (configured, with their overrides applied), and
+    /// each one's state.
+    rules: Vec<(Rule, RuleState)>,
     news2: News2History,
+}
+
+/// An alert the store has open when the engine starts judging a patient
+/// (after a restart or a rebalance): the engine continues it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpenAlert {
+    pub rule: String,
+    pub episode_start: DateTime<Utc>,
+    pub raised_at: DateTime<Utc>,
+    pub severity: Severity,
+}
+
+/// What the engine is told about a patient before judging their readings.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PatientSetup {
+    /// Per-patient overrides, by rule name (the `thresholds` table).
+    pub overrides: HashMap<String, Override>,
+    /// The patient's open alerts.
+    pub open: Vec<OpenAlert>,
 }
 
 /// Every patient's state for one rule set.
@@ -139,44 +184,168 @@ pub struct Engine {
     patients: HashMap<String, Patient>,
 }
 
+fn risk_of_severity(s: Severity) -> Risk {
+    match s {
+        Severity::Low => Risk::Low,
+        Severity::LowMedium => Risk::LowMedium,
+        Severity::Medium => Risk::Medium,
+        Severity::High => Risk::High,
+    }
+}
+
 impl Engine {
     /// An engine judging `rules`, accepting readings up to `horizon` late.
     /// Each rule's series keeps at least its own window (a sustained
-    /// duration, a rate window, NEWS2 freshness), and no more than it needs:
-    /// a series replays what it keeps on every reading.
+    /// duration and gap, a rate window, NEWS2 freshness), and no more than
+    /// it needs: a series replays what it keeps on every reading.
     pub fn new(rules: Vec<Rule>, horizon: Duration) -> Engine {
-        Engine { rules, horizon, patients: HashMap::new() }
+        Engine {
+            rules,
+            horizon,
+            patients: HashMap::new(),
+        }
+    }
+
+    /// The rules, as configured.
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    /// How far back, by metric, a patient's readings must be replayed to
+    /// rebuild every rule's window.
+    pub fn lookback(&self) -> HashMap<Metric, Duration> {
+        let mut out: HashMap<Metric, Duration> = HashMap::new();
+        let mut put = |m: Metric, d: Duration| {
+            let e = out.entry(m).or_insert(d);
+            *e = (*e).max(d);
+        };
+        for r in &self.rules {
+            let h = self.horizon_of(r);
+            match &r.compiled {
+                Compiled::Threshold { metric, .. } | Compiled::RateOfChange { metric, .. } => {
+                    put(*metric, h)
+                }
+                Compiled::News2 { .. } => {
+                    for m in [
+                        Metric::RespiratoryRate,
+                        Metric::Spo2,
+                        Metric::SupplementalOxygen,
+                        Metric::BloodPressure,
+                        Metric::HeartRate,
+                        Metric::Consciousness,
+                        Metric::BodyTemperature,
+                    ] {
+                        put(m, h);
+                    }
+                }
+                Compiled::Missing { .. } => {}
+            }
+        }
+        out
     }
 
     fn horizon_of(&self, rule: &Rule) -> Duration {
         let own = match &rule.compiled {
-            Compiled::Threshold { rule: Threshold { persistence: Persistence::Sustained(d), .. }, .. } => *d,
-            Compiled::RateOfChange { rule, .. } => rule.window,
+            Compiled::Threshold {
+                rule:
+                    Threshold {
+                        persistence: Persistence::Sustained { duration, max_gap },
+                        ..
+                    },
+                ..
+            } => *duration + *max_gap,
+            Compiled::RateOfChange { rule, .. } => rule.window + rule.window / 10,
             Compiled::News2 { assembly, .. } => assembly.freshness,
             _ => Duration::zero(),
         };
         self.horizon.max(own)
     }
 
-    fn new_patient(&self) -> Patient {
-        let rules = self
-            .rules
-            .iter()
-            .map(|r| {
-                let horizon = self.horizon_of(r);
-                match &r.compiled {
-                    Compiled::Threshold { rule, .. } => RuleState::Threshold(Series::new(*rule, horizon)),
-                    Compiled::RateOfChange { rule, .. } => RuleState::Rate(Series::new(*rule, horizon)),
-                    Compiled::News2 { min_risk, .. } => {
-                        let level = ordinal(*min_risk) - 0.5;
-                        let rule = Threshold { direction: Direction::Above, level, clear: level, persistence: Persistence::Single };
-                        RuleState::News2 { series: Series::new(rule, horizon), told: None }
-                    }
-                    Compiled::Missing { .. } => RuleState::Missing,
+    /// Whether the engine has state for `patient_id`.
+    pub fn knows(&self, patient_id: &str) -> bool {
+        self.patients.contains_key(patient_id)
+    }
+
+    /// Forgets a patient (their partition was revoked, or they went idle).
+    pub fn forget(&mut self, patient_id: &str) {
+        self.patients.remove(patient_id);
+    }
+
+    /// Starts judging `patient_id` with `setup`, replacing any state held.
+    /// Returns what was refused (an override that does not fit its rule,
+    /// an open alert for an unknown rule); the rest applies.
+    pub fn start_patient(&mut self, patient_id: &str, setup: &PatientSetup) -> Vec<String> {
+        let mut refused = Vec::new();
+        let mut rules = Vec::with_capacity(self.rules.len());
+        for configured in &self.rules {
+            let rule = match setup
+                .overrides
+                .get(&configured.name)
+                .map(|o| o.apply(configured))
+            {
+                Some(Ok(r)) => r,
+                Some(Err(why)) => {
+                    refused.push(why);
+                    configured.clone()
                 }
-            })
-            .collect();
-        Patient { rules, news2: News2History::default() }
+                None => configured.clone(),
+            };
+            let horizon = self.horizon_of(&rule);
+            let state = match &rule.compiled {
+                Compiled::Threshold { rule, .. } => {
+                    RuleState::Threshold(Series::new(*rule, horizon))
+                }
+                Compiled::RateOfChange { rule, .. } => RuleState::Rate(Series::new(*rule, horizon)),
+                Compiled::News2 { min_risk, assembly } => {
+                    let level = ordinal(*min_risk) - 0.5;
+                    // Hysteresis: an open NEWS2 alert clears one risk level
+                    // below the one that raised it (medium clears at low).
+                    let clear = if level >= 1.5 { level - 1.0 } else { level };
+                    let rule = Threshold {
+                        direction: Direction::Above,
+                        level,
+                        clear,
+                        persistence: Persistence::Single,
+                    };
+                    RuleState::News2 {
+                        series: Series::new(rule, horizon),
+                        assembly: *assembly,
+                        told: None,
+                    }
+                }
+                Compiled::Missing { .. } => RuleState::Missing,
+            };
+            rules.push((rule, state));
+        }
+        for open in &setup.open {
+            let Some((_, state)) = rules.iter_mut().find(|(r, _)| r.name == open.rule) else {
+                refused.push(format!(
+                    "open alert for rule {:?}, which is not configured",
+                    open.rule
+                ));
+                continue;
+            };
+            let adopted = match state {
+                RuleState::Threshold(s) => s.adopt(open.episode_start, open.raised_at),
+                RuleState::Rate(s) => s.adopt(open.episode_start, open.raised_at),
+                RuleState::News2 { series, told, .. } => {
+                    *told = Some((open.episode_start, risk_of_severity(open.severity)));
+                    series.adopt(open.episode_start, open.raised_at)
+                }
+                RuleState::Missing => true,
+            };
+            if !adopted {
+                refused.push(format!("a second open alert for rule {:?}", open.rule));
+            }
+        }
+        self.patients.insert(
+            patient_id.to_owned(),
+            Patient {
+                rules,
+                news2: News2History::default(),
+            },
+        );
+        refused
     }
 
     /// How many patients have state.
@@ -184,11 +353,15 @@ impl Engine {
         self.patients.len()
     }
 
-    /// Judges every reading of `batch`; returns the alert changes, in
-    /// order, and what could not be judged.
+    /// Judges every reading of `batch`, in event-time order; returns the
+    /// alert changes, in order, and what could not be judged. A patient not
+    /// started yet is started with no overrides and no open alerts.
     pub fn observe(&mut self, batch: &Batch) -> (Vec<AlertChange>, Skipped) {
         let mut changes = Vec::new();
         let mut skipped = Skipped::default();
+        if !self.patients.contains_key(&batch.patient_id) {
+            self.start_patient(&batch.patient_id, &PatientSetup::default());
+        }
         // How long NEWS2 parameter readings are kept: twice the widest
         // NEWS2 horizon, so a late reading still finds what was fresh then.
         let keep = self
@@ -198,96 +371,140 @@ impl Engine {
             .map(|r| self.horizon_of(r))
             .max()
             .unwrap_or(self.horizon);
-        if !self.patients.contains_key(&batch.patient_id) {
-            let fresh = self.new_patient();
-            self.patients.insert(batch.patient_id.clone(), fresh);
-        }
-        let Some(patient) = self.patients.get_mut(&batch.patient_id) else { return (changes, skipped) };
+        let Some(patient) = self.patients.get_mut(&batch.patient_id) else {
+            return (changes, skipped);
+        };
         let pid = batch.patient_id.as_str();
-        for reading in &batch.readings {
+        let mut readings: Vec<_> = batch.readings.iter().collect();
+        readings.sort_by_key(|r| r.measured_at);
+        let mut news2_instants = BTreeSet::new();
+        for reading in readings {
             let is_artifact = artifact(reading.quality);
-            let mut touches_news2 = false;
             for (component, value) in reading.values() {
                 if !is_artifact && let Some(slot) = News2History::slot(reading.metric, component) {
-                    patient.news2.params[slot].entry(reading.measured_at).or_insert(value);
-                    touches_news2 = true;
+                    patient.news2.params[slot]
+                        .entry(reading.measured_at)
+                        .or_insert(value);
+                    news2_instants.insert(reading.measured_at);
                 }
-                let point = Point { at: reading.measured_at, value, artifact: is_artifact };
-                for (rule, state) in self.rules.iter().zip(patient.rules.iter_mut()) {
+                let point = Point {
+                    at: reading.measured_at,
+                    value,
+                    artifact: is_artifact,
+                };
+                for (rule, state) in &mut patient.rules {
                     let result = match (&rule.compiled, state) {
-                        (Compiled::Threshold { metric, component: c, .. }, RuleState::Threshold(s))
-                            if *metric == reading.metric && *c == component =>
-                        {
-                            s.observe(point)
-                        }
-                        (Compiled::RateOfChange { metric, component: c, .. }, RuleState::Rate(s))
-                            if *metric == reading.metric && *c == component =>
-                        {
-                            s.observe(point)
-                        }
+                        (
+                            Compiled::Threshold {
+                                metric,
+                                component: c,
+                                ..
+                            },
+                            RuleState::Threshold(s),
+                        ) if *metric == reading.metric && *c == component => s.observe(point),
+                        (
+                            Compiled::RateOfChange {
+                                metric,
+                                component: c,
+                                ..
+                            },
+                            RuleState::Rate(s),
+                        ) if *metric == reading.metric && *c == component => s.observe(point),
                         _ => continue,
                     };
                     match result {
-                        Ok(ts) => changes.extend(ts.into_iter().map(|t| change(pid, rule, rule.severity.unwrap_or(Severity::Low), t))),
+                        Ok(ts) => {
+                            changes.extend(ts.into_iter().map(|t| {
+                                change(pid, rule, rule.severity.unwrap_or(Severity::Low), t)
+                            }))
+                        }
                         Err(_) => skipped.too_late += 1,
                     }
                 }
             }
-            if touches_news2 {
-                for (rule, state) in self.rules.iter().zip(patient.rules.iter_mut()) {
-                    let (Compiled::News2 { assembly, .. }, RuleState::News2 { series, told }) = (&rule.compiled, state) else {
+        }
+        if let Some(first) = news2_instants.first().copied() {
+            let history = &patient.news2;
+            for (rule, state) in &mut patient.rules {
+                let RuleState::News2 {
+                    series,
+                    assembly,
+                    told,
+                } = state
+                else {
+                    continue;
+                };
+                // Each instant is scored once, with the whole batch in the
+                // history; a late reading re-scores the instants after it.
+                let mut instants = news2_instants.clone();
+                instants.extend(series.instants_after(first));
+                let newest = instants
+                    .last()
+                    .copied()
+                    .into_iter()
+                    .chain(series.newest())
+                    .max();
+                for at in instants {
+                    let Ok(assembled) = assembly.assemble(&history.latest_as_of(at), at) else {
                         continue;
                     };
-                    let at = reading.measured_at;
-                    let Ok(assembled) = assembly.assemble(&patient.news2.latest_as_of(at), at) else { continue };
                     let score = news2::score(&assembled.observations);
-                    let point = Point { at, value: ordinal(score.risk), artifact: false };
-                    // Several readings of one instant each revise its score.
-                    match series.revise(point) {
-                        Ok(ts) => {
-                            for t in ts {
-                                match t {
-                                    Transition::Raise { start, at, value } => {
-                                        let risk = risk_of(value);
-                                        *told = Some((start, risk));
-                                        let severity = Severity::of_risk(risk).unwrap_or(Severity::Low);
-                                        changes.push(AlertChange::Raised {
-                                            alert_id: alert_id(pid, &rule.name, start),
-                                            patient_id: pid.into(),
-                                            rule: rule.name.clone(),
-                                            severity,
-                                            episode_start: start,
-                                            at,
-                                            value: f64::from(score.total),
-                                        });
-                                    }
-                                    Transition::Clear { start, at } => {
-                                        *told = None;
-                                        changes.push(change(pid, rule, Severity::Low, Transition::Clear { start, at }));
-                                    }
-                                }
+                    let point = Point {
+                        at,
+                        value: ordinal(score.risk),
+                        artifact: false,
+                    };
+                    let ts = match series.revise(point) {
+                        Ok(ts) => ts,
+                        Err(_) => {
+                            skipped.too_late += 1;
+                            continue;
+                        }
+                    };
+                    for t in ts {
+                        match t {
+                            Transition::Raise { start, at, value } => {
+                                let risk = risk_of(value);
+                                *told = Some((start, risk));
+                                changes.push(AlertChange::Raised {
+                                    alert_id: alert_id(pid, &rule.name, start),
+                                    patient_id: pid.into(),
+                                    rule: rule.name.clone(),
+                                    severity: Severity::of_risk(risk).unwrap_or(Severity::Low),
+                                    episode_start: start,
+                                    at,
+                                    value: f64::from(score.total),
+                                });
                             }
-                            // A risk change inside the open episode, on a reading in order.
-                            if let Some((start, risk)) = *told
-                                && series.is_open()
-                                && score.risk >= Risk::Low
-                                && score.risk != risk
-                                && point.at >= start
-                            {
-                                *told = Some((start, score.risk));
-                                if let Some(severity) = Severity::of_risk(score.risk) {
-                                    changes.push(AlertChange::SeverityChanged {
-                                        alert_id: alert_id(pid, &rule.name, start),
-                                        patient_id: pid.into(),
-                                        rule: rule.name.clone(),
-                                        severity,
-                                        at,
-                                        value: f64::from(score.total),
-                                    });
+                            Transition::Clear { start, at } => {
+                                if told.is_some_and(|(s, _)| s == start) {
+                                    *told = None;
                                 }
+                                changes.push(change(
+                                    pid,
+                                    rule,
+                                    Severity::Low,
+                                    Transition::Clear { start, at },
+                                ));
                             }
                         }
-                        Err(_) => skipped.too_late += 1,
+                    }
+                    // The open episode's severity follows the newest score only.
+                    if Some(at) == newest
+                        && let Some((start, risk)) = *told
+                        && series.open_start() == Some(start)
+                        && score.risk != risk
+                        && let Some(severity) = Severity::of_risk(score.risk)
+                    {
+                        *told = Some((start, score.risk));
+                        changes.push(AlertChange::SeverityChanged {
+                            alert_id: alert_id(pid, &rule.name, start),
+                            patient_id: pid.into(),
+                            rule: rule.name.clone(),
+                            severity,
+                            at,
+                            value: f64::from(score.total),
+                        });
                     }
                 }
             }
@@ -331,15 +548,29 @@ mod tests {
     }
 
     fn reading(metric: Metric, min: i64, measurement: Measurement) -> Reading {
-        Reading { metric, measurement, measured_at: t(min), quality: Quality::default() }
+        Reading {
+            metric,
+            measurement,
+            measured_at: t(min),
+            quality: Quality::default(),
+        }
     }
 
     fn batch(patient: &str, readings: Vec<Reading>) -> Batch {
-        Batch { device_id: "dev".into(), patient_id: patient.into(), seq: None, received_at: t(0), readings }
+        Batch {
+            device_id: "dev".into(),
+            patient_id: patient.into(),
+            seq: None,
+            received_at: t(0),
+            readings,
+        }
     }
 
     fn engine() -> Engine {
-        Engine::new(compile(&default_rules()).expect("defaults"), Duration::hours(1))
+        Engine::new(
+            compile(&default_rules()).expect("defaults"),
+            Duration::hours(1),
+        )
     }
 
     fn raised(changes: &[AlertChange]) -> Vec<(&str, Severity)> {
@@ -355,27 +586,54 @@ mod tests {
     #[test]
     fn sustained_low_spo2_raises_once_per_patient_with_a_stable_id() {
         let mut e = engine();
-        let low: Vec<Reading> = (0..=6).map(|m| reading(Metric::Spo2, m, Measurement::Scalar(88.0))).collect();
+        let low: Vec<Reading> = (0..=6)
+            .map(|m| reading(Metric::Spo2, m, Measurement::Scalar(88.0)))
+            .collect();
         let (changes, _) = e.observe(&batch("p-1", low.clone()));
         assert_eq!(raised(&changes), vec![("spo2_low", Severity::Medium)]);
-        let AlertChange::Raised { alert_id: id, episode_start, at, .. } = &changes[0] else { panic!("{changes:?}") };
+        let AlertChange::Raised {
+            alert_id: id,
+            episode_start,
+            at,
+            ..
+        } = &changes[0]
+        else {
+            panic!("{changes:?}")
+        };
         assert_eq!((*episode_start, *at), (t(0), t(5)));
         assert_eq!(*id, alert_id("p-1", "spo2_low", t(0)));
         // The same batch again (a redelivery) changes nothing.
         assert!(e.observe(&batch("p-1", low.clone())).0.is_empty());
         // Another patient's readings are judged apart.
-        assert_eq!(raised(&e.observe(&batch("p-2", low)).0), vec![("spo2_low", Severity::Medium)]);
+        assert_eq!(
+            raised(&e.observe(&batch("p-2", low)).0),
+            vec![("spo2_low", Severity::Medium)]
+        );
         assert_eq!(e.patients(), 2);
         // Back to 93: cleared, under the same id.
-        let (changes, _) = e.observe(&batch("p-1", vec![reading(Metric::Spo2, 7, Measurement::Scalar(93.0))]));
-        assert_eq!(changes, vec![AlertChange::Cleared { alert_id: id.clone(), patient_id: "p-1".into(), rule: "spo2_low".into(), at: t(7) }]);
+        let (changes, _) = e.observe(&batch(
+            "p-1",
+            vec![reading(Metric::Spo2, 7, Measurement::Scalar(93.0))],
+        ));
+        assert_eq!(
+            changes,
+            vec![AlertChange::Cleared {
+                alert_id: id.clone(),
+                patient_id: "p-1".into(),
+                rule: "spo2_low".into(),
+                at: t(7)
+            }]
+        );
     }
 
     #[test]
     fn motion_artifacts_raise_nothing() {
         let mut e = engine();
         let flagged: Vec<Reading> = (0..=10)
-            .map(|m| Reading { quality: Quality::MOTION_ARTIFACT, ..reading(Metric::Spo2, m, Measurement::Scalar(80.0)) })
+            .map(|m| Reading {
+                quality: Quality::MOTION_ARTIFACT,
+                ..reading(Metric::Spo2, m, Measurement::Scalar(80.0))
+            })
             .collect();
         assert!(e.observe(&batch("p", flagged)).0.is_empty());
     }
@@ -383,9 +641,25 @@ mod tests {
     #[test]
     fn blood_pressure_components_are_judged_apart() {
         let mut e = engine();
-        let bp = |m, s, d| reading(Metric::BloodPressure, m, Measurement::BloodPressure { systolic: s, diastolic: d });
+        let bp = |m, s, d| {
+            reading(
+                Metric::BloodPressure,
+                m,
+                Measurement::BloodPressure {
+                    systolic: s,
+                    diastolic: d,
+                },
+            )
+        };
         // Two of three systolic readings above 180: hypertensive.
-        let (changes, _) = e.observe(&batch("p", vec![bp(0, 185.0, 95.0), bp(10, 150.0, 90.0), bp(20, 190.0, 100.0)]));
+        let (changes, _) = e.observe(&batch(
+            "p",
+            vec![
+                bp(0, 185.0, 95.0),
+                bp(10, 150.0, 90.0),
+                bp(20, 190.0, 100.0),
+            ],
+        ));
         assert_eq!(raised(&changes), vec![("systolic_high", Severity::High)]);
     }
 
@@ -393,7 +667,16 @@ mod tests {
     fn news2_rises_with_deterioration_and_reports_its_severity() {
         let mut e = engine();
         let scalar = |metric, m, v| reading(metric, m, Measurement::Scalar(v));
-        let bp = |m, s| reading(Metric::BloodPressure, m, Measurement::BloodPressure { systolic: s, diastolic: 70.0 });
+        let bp = |m, s| {
+            reading(
+                Metric::BloodPressure,
+                m,
+                Measurement::BloodPressure {
+                    systolic: s,
+                    diastolic: 70.0,
+                },
+            )
+        };
         // Normal: 16/min, 97 %, 125 mmHg, 72/min, 37.0 °C: aggregate 0.
         let normal = vec![
             scalar(Metric::RespiratoryRate, 0, 16.0),
@@ -404,23 +687,49 @@ mod tests {
         ];
         assert!(e.observe(&batch("p", normal)).0.is_empty());
         // Sepsis-like: 22/min (2), 38.5 °C (1), 112/min (2): aggregate 5, medium.
-        let worse = vec![scalar(Metric::RespiratoryRate, 10, 22.0), scalar(Metric::BodyTemperature, 10, 38.5), scalar(Metric::HeartRate, 10, 112.0)];
+        let worse = vec![
+            scalar(Metric::RespiratoryRate, 10, 22.0),
+            scalar(Metric::BodyTemperature, 10, 38.5),
+            scalar(Metric::HeartRate, 10, 112.0),
+        ];
         let (changes, _) = e.observe(&batch("p", worse));
         // 38.5 °C is also a fever on its own rule.
-        assert_eq!(raised(&changes), vec![("fever", Severity::Medium), ("news2", Severity::Medium)], "{changes:?}");
+        assert_eq!(
+            raised(&changes),
+            vec![("fever", Severity::Medium), ("news2", Severity::Medium)],
+            "{changes:?}"
+        );
         // Then 26/min (3) and new confusion (3): aggregate 9, high: the same alert, escalated.
         let (changes, _) = e.observe(&batch(
             "p",
-            vec![scalar(Metric::RespiratoryRate, 20, 26.0), reading(Metric::Consciousness, 20, Measurement::Consciousness(Acvpu::NewConfusion))],
+            vec![
+                scalar(Metric::RespiratoryRate, 20, 26.0),
+                reading(
+                    Metric::Consciousness,
+                    20,
+                    Measurement::Consciousness(Acvpu::NewConfusion),
+                ),
+            ],
         ));
         assert!(raised(&changes).is_empty(), "{changes:?}");
         assert!(
-            changes.iter().any(|c| matches!(c, AlertChange::SeverityChanged { severity: Severity::High, .. })),
+            changes.iter().any(|c| matches!(
+                c,
+                AlertChange::SeverityChanged {
+                    severity: Severity::High,
+                    ..
+                }
+            )),
             "{changes:?}"
         );
         // Stale readings give no score at all: nothing is raised from them.
         let mut e = engine();
-        assert!(e.observe(&batch("q", vec![scalar(Metric::HeartRate, 0, 140.0)])).0.iter().all(|c| !matches!(c, AlertChange::Raised { rule, .. } if rule == "news2")));
+        assert!(
+            e.observe(&batch("q", vec![scalar(Metric::HeartRate, 0, 140.0)]))
+                .0
+                .iter()
+                .all(|c| !matches!(c, AlertChange::Raised { rule, .. } if rule == "news2"))
+        );
     }
 
     #[test]
@@ -436,15 +745,204 @@ mod tests {
         // 2.6 kg in 2 days: the 3-day rule; 2.2 kg in one day: the 1-day rule too.
         let mut got = raised(&changes);
         got.sort();
-        assert_eq!(got, vec![("weight_gain_1d", Severity::Low), ("weight_gain_3d", Severity::Medium)]);
+        assert_eq!(
+            got,
+            vec![
+                ("weight_gain_1d", Severity::Low),
+                ("weight_gain_3d", Severity::Medium)
+            ]
+        );
     }
 
     #[test]
     fn readings_beyond_the_horizon_are_counted_not_judged() {
         let mut e = engine();
-        e.observe(&batch("p", vec![reading(Metric::Spo2, 24 * 60 * 10, Measurement::Scalar(97.0))]));
-        let (changes, skipped) = e.observe(&batch("p", vec![reading(Metric::Spo2, 0, Measurement::Scalar(80.0))]));
+        e.observe(&batch(
+            "p",
+            vec![reading(
+                Metric::Spo2,
+                24 * 60 * 10,
+                Measurement::Scalar(97.0),
+            )],
+        ));
+        let (changes, skipped) = e.observe(&batch(
+            "p",
+            vec![reading(Metric::Spo2, 0, Measurement::Scalar(80.0))],
+        ));
         assert!(changes.is_empty());
-        assert!(skipped.too_late >= 2, "every SpO2 rule refused it: {skipped:?}");
+        assert!(
+            skipped.too_late >= 2,
+            "every SpO2 rule refused it: {skipped:?}"
+        );
+    }
+
+    fn vitals(min: i64, rr: f64, spo2: f64, sys: f64, hr: f64, temp: f64) -> Vec<Reading> {
+        let scalar = |metric, v| reading(metric, min, Measurement::Scalar(v));
+        vec![
+            scalar(Metric::RespiratoryRate, rr),
+            scalar(Metric::Spo2, spo2),
+            reading(
+                Metric::BloodPressure,
+                min,
+                Measurement::BloodPressure {
+                    systolic: sys,
+                    diastolic: 70.0,
+                },
+            ),
+            scalar(Metric::HeartRate, hr),
+            scalar(Metric::BodyTemperature, temp),
+        ]
+    }
+
+    fn news2_changes(changes: &[AlertChange]) -> Vec<&AlertChange> {
+        changes
+            .iter()
+            .filter(|c| match c {
+                AlertChange::Raised { rule, .. }
+                | AlertChange::SeverityChanged { rule, .. }
+                | AlertChange::Cleared { rule, .. } => rule == "news2",
+            })
+            .collect()
+    }
+
+    #[test]
+    fn news2_scores_an_instant_once_with_the_whole_batch_whatever_its_order() {
+        // Aggregate 5 (medium) only with every parameter of minute 10; the
+        // batch lists them in reverse, after a reading of minute 20.
+        let mut e = engine();
+        let mut readings = vitals(10, 22.0, 97.0, 125.0, 112.0, 38.5);
+        readings.reverse();
+        readings.insert(
+            0,
+            reading(Metric::HeartRate, 20, Measurement::Scalar(112.0)),
+        );
+        let (changes, _) = e.observe(&batch("p", readings));
+        let n = news2_changes(&changes);
+        assert_eq!(n.len(), 1, "one raise, no severity churn: {changes:?}");
+        assert!(
+            matches!(n[0], AlertChange::Raised { severity: Severity::Medium, episode_start, .. } if *episode_start == t(10)),
+            "{n:?}"
+        );
+    }
+
+    #[test]
+    fn a_late_news2_parameter_rescores_later_instants_and_only_the_newest_sets_the_severity() {
+        let mut e = engine();
+        // Minutes 0 and 10: medium (5).
+        e.observe(&batch("p", vitals(0, 22.0, 97.0, 125.0, 112.0, 38.5)));
+        let (changes, _) = e.observe(&batch("p", vitals(10, 22.0, 97.0, 125.0, 112.0, 38.5)));
+        assert!(news2_changes(&changes).is_empty(), "{changes:?}");
+        // A late confusion report at minute 5 (+3: high) re-scores minutes 5
+        // and 10; minute 10 is the newest, so the alert is now high.
+        let (changes, _) = e.observe(&batch(
+            "p",
+            vec![reading(
+                Metric::Consciousness,
+                5,
+                Measurement::Consciousness(Acvpu::NewConfusion),
+            )],
+        ));
+        let n = news2_changes(&changes);
+        assert!(
+            matches!(n.as_slice(), [AlertChange::SeverityChanged { severity: Severity::High, at, .. }] if *at == t(10)),
+            "{n:?}"
+        );
+        // A late normal set at minute 2 changes no severity: it is not the newest instant.
+        let (changes, _) = e.observe(&batch("p", vitals(2, 16.0, 97.0, 125.0, 72.0, 37.0)));
+        assert!(news2_changes(&changes).is_empty(), "{changes:?}");
+    }
+
+    #[test]
+    fn news2_clears_one_risk_level_below_the_one_that_raised_it() {
+        let mut e = engine();
+        let (changes, _) = e.observe(&batch("p", vitals(0, 22.0, 97.0, 125.0, 112.0, 38.5)));
+        assert_eq!(news2_changes(&changes).len(), 1);
+        // 26/min alone is a single 3: low-medium. Still open, severity down.
+        let (changes, _) = e.observe(&batch("p", vitals(10, 26.0, 97.0, 125.0, 72.0, 37.0)));
+        let n = news2_changes(&changes);
+        assert!(
+            matches!(
+                n.as_slice(),
+                [AlertChange::SeverityChanged {
+                    severity: Severity::LowMedium,
+                    ..
+                }]
+            ),
+            "{n:?}"
+        );
+        // Normal: cleared.
+        let (changes, _) = e.observe(&batch("p", vitals(20, 16.0, 97.0, 125.0, 72.0, 37.0)));
+        assert!(
+            matches!(
+                news2_changes(&changes).as_slice(),
+                [AlertChange::Cleared { .. }]
+            ),
+            "{changes:?}"
+        );
+    }
+
+    #[test]
+    fn a_started_patient_continues_open_alerts_and_uses_their_overrides() {
+        let mut e = engine();
+        let mut overrides = HashMap::new();
+        overrides.insert(
+            "spo2_low".to_owned(),
+            Override {
+                level: Some(88.0),
+                ..Override::default()
+            },
+        );
+        overrides.insert(
+            "fever".to_owned(),
+            Override {
+                spo2_scale: Some(2),
+                ..Override::default()
+            },
+        );
+        let open = vec![OpenAlert {
+            rule: "systolic_high".into(),
+            episode_start: t(-30),
+            raised_at: t(-20),
+            severity: Severity::High,
+        }];
+        let refused = e.start_patient("copd", &PatientSetup { overrides, open });
+        assert_eq!(
+            refused.len(),
+            1,
+            "the fever override does not fit: {refused:?}"
+        );
+        assert!(refused[0].contains("fever"));
+        // 89 % for ten minutes: normal for this patient (limit 88).
+        let low: Vec<Reading> = (0..=10)
+            .map(|m| reading(Metric::Spo2, m, Measurement::Scalar(89.0)))
+            .collect();
+        assert!(raised(&e.observe(&batch("copd", low)).0).is_empty());
+        // The open systolic alert is continued: high readings raise nothing
+        // new, normal ones clear it under its stored identity.
+        let bp = |m, s| {
+            reading(
+                Metric::BloodPressure,
+                m,
+                Measurement::BloodPressure {
+                    systolic: s,
+                    diastolic: 90.0,
+                },
+            )
+        };
+        assert!(
+            e.observe(&batch("copd", vec![bp(11, 190.0), bp(12, 185.0)]))
+                .0
+                .is_empty()
+        );
+        let (changes, _) = e.observe(&batch("copd", vec![bp(13, 150.0), bp(14, 150.0)]));
+        assert_eq!(
+            changes,
+            vec![AlertChange::Cleared {
+                alert_id: alert_id("copd", "systolic_high", t(-30)),
+                patient_id: "copd".into(),
+                rule: "systolic_high".into(),
+                at: t(14)
+            }]
+        );
     }
 }

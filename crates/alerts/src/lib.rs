@@ -50,7 +50,9 @@ pub struct AlertsConfig {
 
 impl Default for AlertsConfig {
     fn default() -> Self {
-        AlertsConfig { group_id: "vitalwatch-alerts".into() }
+        AlertsConfig {
+            group_id: "vitalwatch-alerts".into(),
+        }
     }
 }
 
@@ -63,10 +65,16 @@ pub enum AlertsError {
 }
 
 /// Consumes until `shutdown` fires; commits what it has seen.
-pub async fn run(cfg: &AlertsConfig, kafka: &KafkaConfig, shutdown: CancellationToken) -> Result<(), AlertsError> {
+pub async fn run(
+    cfg: &AlertsConfig,
+    kafka: &KafkaConfig,
+    shutdown: CancellationToken,
+) -> Result<(), AlertsError> {
     let consumer = vitalwatch_bus::consumer(kafka, &cfg.group_id)?;
     consumer.subscribe(&[kafka.readings_topic.as_str()])?;
-    tracing::warn!("alerts is a placeholder: it consumes readings but evaluates no rules and raises no alerts");
+    tracing::warn!(
+        "alerts is a placeholder: it consumes readings but evaluates no rules and raises no alerts"
+    );
     let mut seen: HashMap<(String, i32), i64> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {

@@ -36,8 +36,15 @@ mod tests {
     fn overdue_after_the_interval_from_the_last_reading() {
         let within = Duration::hours(26); // a daily weighing, with slack
         assert_eq!(overdue_since(Some(h(0)), h(-100), within, h(25)), None);
-        assert_eq!(overdue_since(Some(h(0)), h(-100), within, h(26)), Some(h(26)));
-        assert_eq!(overdue_since(Some(h(0)), h(-100), within, h(40)), Some(h(26)), "the same episode start while overdue");
+        assert_eq!(
+            overdue_since(Some(h(0)), h(-100), within, h(26)),
+            Some(h(26))
+        );
+        assert_eq!(
+            overdue_since(Some(h(0)), h(-100), within, h(40)),
+            Some(h(26)),
+            "the same episode start while overdue"
+        );
         // A reading received at hour 30 clears it: next due at 56.
         assert_eq!(overdue_since(Some(h(30)), h(-100), within, h(40)), None);
     }

@@ -158,7 +158,11 @@ pub fn score(obs: &Observations) -> Score {
     ];
     let total = parts.iter().sum();
     let red = parts.contains(&3);
-    Score { total, red, risk: risk(total, red) }
+    Score {
+        total,
+        red,
+        risk: risk(total, red),
+    }
 }
 
 /// The clinical risk of an aggregate `total`, `red` when any single
@@ -223,9 +227,14 @@ impl Assembly {
     /// The observations as of `at` (event time), from the latest readings
     /// at or before it and no older than the freshness window. `Err` names
     /// the parameters that are missing or stale.
-    pub fn assemble(&self, latest: &Latest, at: chrono::DateTime<chrono::Utc>) -> Result<Assembled, Vec<Parameter>> {
+    pub fn assemble(
+        &self,
+        latest: &Latest,
+        at: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Assembled, Vec<Parameter>> {
         let fresh = |r: Option<(chrono::DateTime<chrono::Utc>, f64)>| {
-            r.filter(|(t, v)| *t <= at && at - *t <= self.freshness && v.is_finite()).map(|(_, v)| v)
+            r.filter(|(t, v)| *t <= at && at - *t <= self.freshness && v.is_finite())
+                .map(|(_, v)| v)
         };
         let mut missing = Vec::new();
         let mut assumed = Vec::new();
@@ -267,7 +276,16 @@ impl Assembly {
             return Err(missing);
         }
         Ok(Assembled {
-            observations: Observations { respiration, spo2, scale: self.scale, on_oxygen, systolic, pulse, consciousness, temperature },
+            observations: Observations {
+                respiration,
+                spo2,
+                scale: self.scale,
+                on_oxygen,
+                systolic,
+                pulse,
+                consciousness,
+                temperature,
+            },
             assumed,
         })
     }
@@ -285,11 +303,86 @@ mod tests {
     #[test]
     fn every_band_edge_scores_as_the_chart_says() {
         let cases: &[Chart] = &[
-            ("respiration", respiration, &[(0.0, 3), (8.0, 3), (9.0, 1), (11.0, 1), (12.0, 0), (20.0, 0), (21.0, 2), (24.0, 2), (25.0, 3), (60.0, 3)]),
-            ("spo2 scale 1", spo2_scale1, &[(50.0, 3), (91.0, 3), (92.0, 2), (93.0, 2), (94.0, 1), (95.0, 1), (96.0, 0), (100.0, 0)]),
-            ("systolic", systolic, &[(60.0, 3), (90.0, 3), (91.0, 2), (100.0, 2), (101.0, 1), (110.0, 1), (111.0, 0), (219.0, 0), (220.0, 3), (260.0, 3)]),
-            ("pulse", pulse, &[(30.0, 3), (40.0, 3), (41.0, 1), (50.0, 1), (51.0, 0), (90.0, 0), (91.0, 1), (110.0, 1), (111.0, 2), (130.0, 2), (131.0, 3), (200.0, 3)]),
-            ("temperature", temperature, &[(33.0, 3), (35.0, 3), (35.1, 1), (36.0, 1), (36.1, 0), (38.0, 0), (38.1, 1), (39.0, 1), (39.1, 2), (41.0, 2)]),
+            (
+                "respiration",
+                respiration,
+                &[
+                    (0.0, 3),
+                    (8.0, 3),
+                    (9.0, 1),
+                    (11.0, 1),
+                    (12.0, 0),
+                    (20.0, 0),
+                    (21.0, 2),
+                    (24.0, 2),
+                    (25.0, 3),
+                    (60.0, 3),
+                ],
+            ),
+            (
+                "spo2 scale 1",
+                spo2_scale1,
+                &[
+                    (50.0, 3),
+                    (91.0, 3),
+                    (92.0, 2),
+                    (93.0, 2),
+                    (94.0, 1),
+                    (95.0, 1),
+                    (96.0, 0),
+                    (100.0, 0),
+                ],
+            ),
+            (
+                "systolic",
+                systolic,
+                &[
+                    (60.0, 3),
+                    (90.0, 3),
+                    (91.0, 2),
+                    (100.0, 2),
+                    (101.0, 1),
+                    (110.0, 1),
+                    (111.0, 0),
+                    (219.0, 0),
+                    (220.0, 3),
+                    (260.0, 3),
+                ],
+            ),
+            (
+                "pulse",
+                pulse,
+                &[
+                    (30.0, 3),
+                    (40.0, 3),
+                    (41.0, 1),
+                    (50.0, 1),
+                    (51.0, 0),
+                    (90.0, 0),
+                    (91.0, 1),
+                    (110.0, 1),
+                    (111.0, 2),
+                    (130.0, 2),
+                    (131.0, 3),
+                    (200.0, 3),
+                ],
+            ),
+            (
+                "temperature",
+                temperature,
+                &[
+                    (33.0, 3),
+                    (35.0, 3),
+                    (35.1, 1),
+                    (36.0, 1),
+                    (36.1, 0),
+                    (38.0, 0),
+                    (38.1, 1),
+                    (39.0, 1),
+                    (39.1, 2),
+                    (41.0, 2),
+                ],
+            ),
         ];
         for (name, f, table) in cases {
             for (value, want) in *table {
@@ -318,8 +411,16 @@ mod tests {
             (100.0, 0, 3),
         ];
         for (value, air, o2) in table {
-            assert_eq!(spo2_scale2(*value, false), *air, "scale 2 on air at {value}");
-            assert_eq!(spo2_scale2(*value, true), *o2, "scale 2 on oxygen at {value}");
+            assert_eq!(
+                spo2_scale2(*value, false),
+                *air,
+                "scale 2 on air at {value}"
+            );
+            assert_eq!(
+                spo2_scale2(*value, true),
+                *o2,
+                "scale 2 on oxygen at {value}"
+            );
         }
     }
 
@@ -341,7 +442,12 @@ mod tests {
         assert_eq!(oxygen(false), 0);
         assert_eq!(oxygen(true), 2);
         assert_eq!(consciousness(Acvpu::Alert), 0);
-        for level in [Acvpu::NewConfusion, Acvpu::Voice, Acvpu::Pain, Acvpu::Unresponsive] {
+        for level in [
+            Acvpu::NewConfusion,
+            Acvpu::Voice,
+            Acvpu::Pain,
+            Acvpu::Unresponsive,
+        ] {
             assert_eq!(consciousness(level), 3, "{level:?}");
         }
     }
@@ -364,22 +470,51 @@ mod tests {
         let s = score(&normal());
         assert_eq!((s.total, s.red, s.risk), (0, false, Risk::None));
         // 1–4: low.
-        let s = score(&Observations { pulse: 95.0, ..normal() });
+        let s = score(&Observations {
+            pulse: 95.0,
+            ..normal()
+        });
         assert_eq!((s.total, s.risk), (1, Risk::Low));
-        let s = score(&Observations { pulse: 115.0, respiration: 22.0, ..normal() });
+        let s = score(&Observations {
+            pulse: 115.0,
+            respiration: 22.0,
+            ..normal()
+        });
         assert_eq!((s.total, s.risk), (4, Risk::Low));
         // A single 3 with an aggregate under 5: low-medium.
-        let s = score(&Observations { consciousness: Acvpu::NewConfusion, ..normal() });
+        let s = score(&Observations {
+            consciousness: Acvpu::NewConfusion,
+            ..normal()
+        });
         assert_eq!((s.total, s.red, s.risk), (3, true, Risk::LowMedium));
-        let s = score(&Observations { spo2: 90.0, pulse: 95.0, ..normal() });
+        let s = score(&Observations {
+            spo2: 90.0,
+            pulse: 95.0,
+            ..normal()
+        });
         assert_eq!((s.total, s.risk), (4, Risk::LowMedium));
         // 5–6: medium, whether or not a single 3 is among them.
-        let s = score(&Observations { spo2: 90.0, respiration: 22.0, ..normal() });
+        let s = score(&Observations {
+            spo2: 90.0,
+            respiration: 22.0,
+            ..normal()
+        });
         assert_eq!((s.total, s.risk), (5, Risk::Medium));
-        let s = score(&Observations { on_oxygen: true, pulse: 115.0, systolic: 105.0, temperature: 38.5, ..normal() });
+        let s = score(&Observations {
+            on_oxygen: true,
+            pulse: 115.0,
+            systolic: 105.0,
+            temperature: 38.5,
+            ..normal()
+        });
         assert_eq!((s.total, s.red, s.risk), (6, false, Risk::Medium));
         // 7 and more: high.
-        let s = score(&Observations { spo2: 90.0, respiration: 26.0, pulse: 95.0, ..normal() });
+        let s = score(&Observations {
+            spo2: 90.0,
+            respiration: 26.0,
+            pulse: 95.0,
+            ..normal()
+        });
         assert_eq!((s.total, s.risk), (7, Risk::High));
         let worst = Observations {
             respiration: 30.0,
@@ -397,13 +532,35 @@ mod tests {
     #[test]
     fn the_scale_changes_only_the_spo2_score() {
         // A COPD patient at 89 % on air: 3 on scale 1, 0 on scale 2.
-        let copd = Observations { spo2: 89.0, ..normal() };
+        let copd = Observations {
+            spo2: 89.0,
+            ..normal()
+        };
         assert_eq!(score(&copd).total, 3);
-        assert_eq!(score(&Observations { scale: Spo2Scale::Scale2, ..copd }).total, 0);
+        assert_eq!(
+            score(&Observations {
+                scale: Spo2Scale::Scale2,
+                ..copd
+            })
+            .total,
+            0
+        );
         // On oxygen at 97 %: scale 2 scores the over-oxygenation 3, plus 2 for oxygen.
-        let over = Observations { spo2: 97.0, on_oxygen: true, scale: Spo2Scale::Scale2, ..normal() };
+        let over = Observations {
+            spo2: 97.0,
+            on_oxygen: true,
+            scale: Spo2Scale::Scale2,
+            ..normal()
+        };
         assert_eq!(score(&over).total, 5);
-        assert_eq!(score(&Observations { scale: Spo2Scale::Scale1, ..over }).total, 2);
+        assert_eq!(
+            score(&Observations {
+                scale: Spo2Scale::Scale1,
+                ..over
+            })
+            .total,
+            2
+        );
     }
 
     #[test]
@@ -430,7 +587,11 @@ mod tests {
     }
 
     fn home() -> Assembly {
-        Assembly { freshness: chrono::Duration::hours(1), scale: Spo2Scale::Scale1, assume_alert_and_air: true }
+        Assembly {
+            freshness: chrono::Duration::hours(1),
+            scale: Spo2Scale::Scale1,
+            assume_alert_and_air: true,
+        }
     }
 
     fn vitals(min: i64) -> Latest {
@@ -452,7 +613,11 @@ mod tests {
         assert_eq!(score(&a.observations).total, 8);
         assert_eq!(score(&a.observations).risk, Risk::High);
         // Reported oxygen and confusion are used, not assumed.
-        let reported = Latest { oxygen: Some((at(10), 1.0)), consciousness: Some((at(10), Acvpu::NewConfusion.code())), ..vitals(0) };
+        let reported = Latest {
+            oxygen: Some((at(10), 1.0)),
+            consciousness: Some((at(10), Acvpu::NewConfusion.code())),
+            ..vitals(0)
+        };
         let a = home().assemble(&reported, at(30)).expect("assembled");
         assert!(a.assumed.is_empty());
         assert_eq!(score(&a.observations).total, 13);
@@ -461,12 +626,30 @@ mod tests {
     #[test]
     fn stale_future_or_missing_parameters_are_named() {
         // 61 minutes old is stale.
-        assert_eq!(home().assemble(&vitals(0), at(61)), Err(vec![Parameter::Respiration, Parameter::Spo2, Parameter::Systolic, Parameter::Pulse, Parameter::Temperature]));
+        assert_eq!(
+            home().assemble(&vitals(0), at(61)),
+            Err(vec![
+                Parameter::Respiration,
+                Parameter::Spo2,
+                Parameter::Systolic,
+                Parameter::Pulse,
+                Parameter::Temperature
+            ])
+        );
         // A reading after the instant judged is not part of it.
-        let later = Latest { pulse: Some((at(40), 70.0)), ..vitals(0) };
+        let later = Latest {
+            pulse: Some((at(40), 70.0)),
+            ..vitals(0)
+        };
         assert_eq!(home().assemble(&later, at(30)), Err(vec![Parameter::Pulse]));
         // Without the home assumptions, oxygen and consciousness must be reported.
-        let strict = Assembly { assume_alert_and_air: false, ..home() };
-        assert_eq!(strict.assemble(&vitals(0), at(5)), Err(vec![Parameter::Oxygen, Parameter::Consciousness]));
+        let strict = Assembly {
+            assume_alert_and_air: false,
+            ..home()
+        };
+        assert_eq!(
+            strict.assemble(&vitals(0), at(5)),
+            Err(vec![Parameter::Oxygen, Parameter::Consciousness])
+        );
     }
 }

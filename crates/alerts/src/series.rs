@@ -3,23 +3,22 @@
 //!
 //! A [`Series`] keeps the readings of the last `horizon` (behind the newest
 //! it has seen) and, on every reading, replays them in event-time order
-//! from the rule's state before the oldest; the episodes that replay finds
-//! are compared with those already told, by overlap, so an episode is
-//! raised once and cleared once however its readings arrive. When the
-//! reading that ended an episode arrives only after the next one began, the
-//! first alert, still open through the second, covers both: no alert is
-//! raised for a stretch a nurse was already alerted to. A told episode is
-//! never retracted by a late reading. A reading older than the horizon is
-//! refused ([`TooLate`]): the caller counts it; the store still has it.
+//! from the rule's state before the oldest. Episodes already told to nurses
+//! are facts the replay must respect, whatever a late reading says:
+//! - a told episode is open in the replay from the instant it was raised
+//!   (forced open if the replayed readings alone would not open it), and
+//!   stays open until the rule's own clear condition;
+//! - a told clear is final: at that instant the replay closes the episode,
+//!   and what came before it does not count towards the next one;
+//! - an episode the replay finds that overlaps a told one *is* that one
+//!   (it takes the told start, the alert's identity);
+//! - a told episode still open that a late reading clears in the replay
+//!   covers the next episode the replay raises: the nurse's alert was open
+//!   through both, so there is no resolve and new alert for one stretch.
 //!
-//! **Known gaps, to fix before the engine is wired to the service** (found
-//! in review; each has a concrete failing sequence in the notes):
-//! the replay does not force told episodes to stay open (or closed), so a
-//! late reading that removes a told episode from the replay leaves it open
-//! until a later episode ends, hiding that episode; a replayed episode
-//! overlapping a closed told one is dropped, so a k-of-n rule can fail to
-//! raise again; a replayed episode covering two told ones clears only the
-//! first.
+//! So an episode is raised once and cleared once however its readings
+//! arrive, and nothing told is retracted. A reading older than the horizon
+//! is refused ([`TooLate`]): the caller counts it; the store still has it.
 
 use std::collections::BTreeMap;
 
@@ -33,13 +32,25 @@ pub trait Rule {
     fn step(&self, state: &mut Self::State, p: &Point) -> Option<Step>;
     /// The start of the episode open in `state`, if any.
     fn open_since(state: &Self::State) -> Option<DateTime<Utc>>;
+    /// Makes the episode open in `state` the told one that started at
+    /// `start`: opens it if the state is quiet, renames it if it is open.
+    fn force_open(&self, state: &mut Self::State, start: DateTime<Utc>);
+    /// Ends the open episode (a told clear is final) so that nothing before
+    /// this instant counts towards a new one.
+    fn force_quiet(&self, state: &mut Self::State);
 }
 
 /// What one step of a rule found.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Step {
-    Raised { start: DateTime<Utc>, at: DateTime<Utc>, value: f64 },
-    Cleared { at: DateTime<Utc> },
+    Raised {
+        start: DateTime<Utc>,
+        at: DateTime<Utc>,
+        value: f64,
+    },
+    Cleared {
+        at: DateTime<Utc>,
+    },
 }
 
 /// One reading of the series.
@@ -57,9 +68,16 @@ pub enum Transition {
     /// A new episode: `start` is the event time of its first abnormal
     /// reading (the alert's identity), `at` when the rule's condition was
     /// met, `value` the reading that met it.
-    Raise { start: DateTime<Utc>, at: DateTime<Utc>, value: f64 },
+    Raise {
+        start: DateTime<Utc>,
+        at: DateTime<Utc>,
+        value: f64,
+    },
     /// The episode that started at `start` cleared at `at`.
-    Clear { start: DateTime<Utc>, at: DateTime<Utc> },
+    Clear {
+        start: DateTime<Utc>,
+        at: DateTime<Utc>,
+    },
 }
 
 /// The reading is older than the series keeps: it cannot be judged.
@@ -68,18 +86,38 @@ pub struct TooLate {
     pub oldest_kept: DateTime<Utc>,
 }
 
-/// An episode, as found by a replay or as told.
+/// An episode told to nurses.
 #[derive(Debug, Clone, Copy, PartialEq)]
-struct Episode {
+struct Told {
+    /// Its identity: the event time of its first abnormal reading.
     start: DateTime<Utc>,
+    /// The event time the rule's condition was met.
+    raised_at: DateTime<Utc>,
     end: Option<DateTime<Utc>>,
 }
 
-impl Episode {
-    fn overlaps(&self, other: &Episode) -> bool {
-        let far = DateTime::<Utc>::MAX_UTC;
-        self.start <= other.end.unwrap_or(far) && other.start <= self.end.unwrap_or(far)
-    }
+/// An episode found by a replay.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Found {
+    start: DateTime<Utc>,
+    end: Option<DateTime<Utc>>,
+    /// Raise time and value, when the replay's own readings raised it.
+    raised: Option<(DateTime<Utc>, f64)>,
+}
+
+/// Where a told fact or a reading falls in a replay: a told raise applies
+/// before the reading at its instant, a reading next, a told clear after
+/// it (the reading at a clear's instant is the one that cleared).
+type Key = (DateTime<Utc>, u8);
+
+fn point_key(at: DateTime<Utc>) -> Key {
+    (at, 1)
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Fact {
+    Open { start: DateTime<Utc> },
+    Close { at: DateTime<Utc> },
 }
 
 /// One rule on one series: the readings of the last `horizon`, the state
@@ -94,7 +132,8 @@ pub struct Series<R: Rule> {
     /// into `base`.
     folded_until: Option<DateTime<Utc>>,
     points: BTreeMap<DateTime<Utc>, Point>,
-    told: Vec<Episode>,
+    /// Sorted by start; they never overlap.
+    told: Vec<Told>,
 }
 
 impl<R: Rule> Series<R> {
@@ -102,12 +141,53 @@ impl<R: Rule> Series<R> {
     /// than the newest it has seen. The horizon must cover the rule's own
     /// window (a sustained duration), or late readings cannot complete it.
     pub fn new(rule: R, horizon: Duration) -> Series<R> {
-        Series { rule, horizon, base: R::State::default(), folded_until: None, points: BTreeMap::new(), told: Vec::new() }
+        Series {
+            rule,
+            horizon,
+            base: R::State::default(),
+            folded_until: None,
+            points: BTreeMap::new(),
+            told: Vec::new(),
+        }
     }
 
     /// Whether an episode is open (raised and not cleared).
     pub fn is_open(&self) -> bool {
         self.told.iter().any(|e| e.end.is_none())
+    }
+
+    /// The start of the open episode, if any.
+    pub fn open_start(&self) -> Option<DateTime<Utc>> {
+        self.told.iter().find(|e| e.end.is_none()).map(|e| e.start)
+    }
+
+    /// Takes as told an episode that is open elsewhere (an alert the store
+    /// has open after a restart): it is never raised again, and it clears
+    /// under `start` when the rule's clear condition is met. For a series
+    /// that has judged nothing yet; `false` (and nothing changes) otherwise,
+    /// or when an episode is already open.
+    pub fn adopt(&mut self, start: DateTime<Utc>, raised_at: DateTime<Utc>) -> bool {
+        if !self.points.is_empty() || self.folded_until.is_some() || self.is_open() {
+            return false;
+        }
+        self.told.push(Told {
+            start,
+            raised_at: raised_at.max(start),
+            end: None,
+        });
+        true
+    }
+
+    /// The event times of the readings kept after `after`, oldest first.
+    pub fn instants_after(&self, after: DateTime<Utc>) -> impl Iterator<Item = DateTime<Utc>> + '_ {
+        self.points
+            .range((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))
+            .map(|(t, _)| *t)
+    }
+
+    /// The newest instant judged.
+    pub fn newest(&self) -> Option<DateTime<Utc>> {
+        self.points.keys().next_back().copied()
     }
 
     /// Judges one reading; returns what it changed, in event-time order.
@@ -138,7 +218,9 @@ impl<R: Rule> Series<R> {
         if let Some(newest) = self.points.keys().next_back()
             && at < *newest - self.horizon
         {
-            return Err(TooLate { oldest_kept: *newest - self.horizon });
+            return Err(TooLate {
+                oldest_kept: *newest - self.horizon,
+            });
         }
         match self.folded_until {
             Some(f) if at <= f => Err(TooLate { oldest_kept: f }),
@@ -146,30 +228,136 @@ impl<R: Rule> Series<R> {
         }
     }
 
-    /// Replays the kept readings and tells what changed.
-    fn judge(&mut self) -> Vec<Transition> {
-        let found = self.replay();
-        let mut out = Vec::new();
-        for ep in &found.episodes {
-            match self.told.iter_mut().find(|t| t.overlaps(ep)) {
-                None => {
-                    // Every untold episode was raised in this replay (one
-                    // carried in from the base state was told before).
-                    let (at, value) = found.raised.get(&ep.start).copied().unwrap_or((ep.start, f64::NAN));
-                    out.push(Transition::Raise { start: ep.start, at, value });
-                    if let Some(end) = ep.end {
-                        out.push(Transition::Clear { start: ep.start, at: end });
-                    }
-                    self.told.push(*ep);
+    /// The told facts after `after`, in replay order.
+    fn facts(&self, after: Option<Key>) -> Vec<(Key, Fact)> {
+        let mut facts: Vec<(Key, Fact)> = Vec::with_capacity(self.told.len() * 2);
+        for t in &self.told {
+            facts.push(((t.raised_at, 0), Fact::Open { start: t.start }));
+            if let Some(end) = t.end {
+                facts.push(((end, 2), Fact::Close { at: end }));
+            }
+        }
+        facts.retain(|(k, _)| after.is_none_or(|a| *k > a));
+        facts.sort_by_key(|(k, _)| *k);
+        facts
+    }
+
+    fn apply(&self, state: &mut R::State, fact: Fact, found: &mut Vec<Found>) {
+        match fact {
+            Fact::Open { start } => {
+                self.rule.force_open(state, start);
+                match found.last_mut() {
+                    Some(last) if last.end.is_none() => last.start = start,
+                    _ => found.push(Found {
+                        start,
+                        end: None,
+                        raised: None,
+                    }),
                 }
+            }
+            Fact::Close { at } => {
+                if R::open_since(state).is_some() {
+                    self.rule.force_quiet(state);
+                    if let Some(last) = found.last_mut()
+                        && last.end.is_none()
+                    {
+                        last.end = Some(at);
+                    }
+                }
+            }
+        }
+    }
+
+    fn step(&self, state: &mut R::State, p: &Point, found: &mut Vec<Found>) {
+        match self.rule.step(state, p) {
+            Some(Step::Raised { start, at, value }) => match found.last_mut() {
+                // The episode before was cleared only in the replay (by a
+                // late reading) and is still open for nurses: it covers
+                // this one, rather than a resolve and a new alert.
+                Some(last)
+                    if last.end.is_some()
+                        && self
+                            .told
+                            .iter()
+                            .any(|t| t.start == last.start && t.end.is_none()) =>
+                {
+                    self.rule.force_open(state, last.start);
+                    last.end = None;
+                }
+                _ => found.push(Found {
+                    start,
+                    end: None,
+                    raised: Some((at, value)),
+                }),
+            },
+            Some(Step::Cleared { at }) => {
+                if let Some(last) = found.last_mut()
+                    && last.end.is_none()
+                {
+                    last.end = Some(at);
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// Replays the kept readings and the told facts, and tells what changed.
+    fn judge(&mut self) -> Vec<Transition> {
+        let mut state = self.base.clone();
+        let mut found = Vec::new();
+        if let Some(start) = R::open_since(&state) {
+            found.push(Found {
+                start,
+                end: None,
+                raised: None,
+            });
+        }
+        let facts = self.facts(self.folded_until.map(point_key));
+        let mut next = 0;
+        for p in self.points.values() {
+            while let Some((k, fact)) = facts.get(next)
+                && *k < point_key(p.at)
+            {
+                self.apply(&mut state, *fact, &mut found);
+                next += 1;
+            }
+            self.step(&mut state, p, &mut found);
+        }
+        for (_, fact) in &facts[next..] {
+            self.apply(&mut state, *fact, &mut found);
+        }
+        let mut out = Vec::new();
+        for ep in &found {
+            match self.told.iter_mut().find(|t| t.start == ep.start) {
                 Some(t) => {
                     if t.end.is_none()
                         && let Some(end) = ep.end
                     {
-                        // Cleared: told under the start it was raised with.
-                        out.push(Transition::Clear { start: t.start, at: end });
+                        out.push(Transition::Clear {
+                            start: t.start,
+                            at: end,
+                        });
                         t.end = Some(end);
                     }
+                }
+                None => {
+                    let (at, value) = ep.raised.unwrap_or((ep.start, f64::NAN));
+                    out.push(Transition::Raise {
+                        start: ep.start,
+                        at,
+                        value,
+                    });
+                    if let Some(end) = ep.end {
+                        out.push(Transition::Clear {
+                            start: ep.start,
+                            at: end,
+                        });
+                    }
+                    self.told.push(Told {
+                        start: ep.start,
+                        raised_at: at,
+                        end: ep.end,
+                    });
                 }
             }
         }
@@ -178,53 +366,42 @@ impl<R: Rule> Series<R> {
         out
     }
 
-    fn replay(&self) -> Replay {
-        let mut m = self.base.clone();
-        let mut episodes = Vec::new();
-        let mut raised = BTreeMap::new();
-        if let Some(start) = R::open_since(&m) {
-            episodes.push(Episode { start, end: None });
-        }
-        for p in self.points.values() {
-            match self.rule.step(&mut m, p) {
-                Some(Step::Raised { start, at, value }) => {
-                    episodes.push(Episode { start, end: None });
-                    raised.insert(start, (at, value));
-                }
-                Some(Step::Cleared { at }) => {
-                    if let Some(last) = episodes.last_mut() {
-                        last.end = Some(at);
-                    }
-                }
-                None => {}
-            }
-        }
-        Replay { episodes, raised }
-    }
-
-    /// Folds readings older than the horizon into the base state, and
-    /// forgets told episodes that ended before what is kept.
+    /// Folds readings older than the horizon (and the told facts before
+    /// them) into the base state, and forgets told episodes that ended
+    /// before what is kept.
     fn fold(&mut self) {
-        let Some(newest) = self.points.keys().next_back().copied() else { return };
+        let Some(newest) = self.points.keys().next_back().copied() else {
+            return;
+        };
         let cutoff = newest - self.horizon;
+        if self
+            .points
+            .first_key_value()
+            .is_none_or(|(at, _)| *at >= cutoff)
+        {
+            return;
+        }
+        let facts = self.facts(self.folded_until.map(point_key));
+        let mut next = 0;
+        let mut base = self.base.clone();
+        let mut scratch = Vec::new();
         while let Some(entry) = self.points.first_entry() {
             if *entry.key() >= cutoff {
                 break;
             }
             let p = entry.remove();
-            self.rule.step(&mut self.base, &p);
+            while let Some((k, fact)) = facts.get(next)
+                && *k < point_key(p.at)
+            {
+                self.apply(&mut base, *fact, &mut scratch);
+                next += 1;
+            }
+            self.step(&mut base, &p, &mut scratch);
             self.folded_until = Some(p.at);
         }
+        self.base = base;
         if let Some(f) = self.folded_until {
-            self.told.retain(|e| e.end.is_none_or(|end| end > f));
+            self.told.retain(|e| e.end.is_none_or(|end| end >= f));
         }
     }
 }
-
-struct Replay {
-    episodes: Vec<Episode>,
-    /// Raise time and value by episode start (episodes found in the kept
-    /// readings; one carried in from the base state is already told).
-    raised: BTreeMap<DateTime<Utc>, (DateTime<Utc>, f64)>,
-}
-

@@ -32,9 +32,13 @@ pub enum Direction {
 pub enum Persistence {
     /// One reading beyond the level.
     Single,
-    /// Every reading beyond the level for this long (event time), with no
-    /// gap between readings longer than the duration itself.
-    Sustained(Duration),
+    /// Every reading beyond the level for `duration` (event time), with no
+    /// gap between readings longer than `max_gap`: a gap proves nothing
+    /// about what happened in it, so it breaks the run.
+    Sustained {
+        duration: Duration,
+        max_gap: Duration,
+    },
     /// At least `k` of the last `n` readings beyond the level.
     Count { k: usize, n: usize },
 }
@@ -64,8 +68,14 @@ impl Threshold {
             ));
         }
         match self.persistence {
-            Persistence::Sustained(d) if d <= Duration::zero() => Err("a sustained duration must be positive".into()),
-            Persistence::Count { k, n } if k == 0 || n == 0 || k > n => Err(format!("{k} of {n} is not a valid count")),
+            Persistence::Sustained { duration, max_gap }
+                if duration <= Duration::zero() || max_gap <= Duration::zero() =>
+            {
+                Err("a sustained duration and its maximum gap must be positive".into())
+            }
+            Persistence::Count { k, n } if k == 0 || n == 0 || k > n => {
+                Err(format!("{k} of {n} is not a valid count"))
+            }
             _ => Ok(()),
         }
     }
@@ -90,8 +100,13 @@ pub enum Phase {
     #[default]
     Quiet,
     /// Abnormal since `since`, the last abnormal reading at `last`.
-    Building { since: DateTime<Utc>, last: DateTime<Utc> },
-    Active { start: DateTime<Utc> },
+    Building {
+        since: DateTime<Utc>,
+        last: DateTime<Utc>,
+    },
+    Active {
+        start: DateTime<Utc>,
+    },
 }
 
 /// A threshold rule's state between readings.
@@ -112,6 +127,17 @@ impl Rule for Threshold {
         }
     }
 
+    fn force_open(&self, state: &mut State, start: DateTime<Utc>) {
+        state.phase = Phase::Active { start };
+    }
+
+    fn force_quiet(&self, state: &mut State) {
+        state.phase = Phase::Quiet;
+        for r in &mut state.recent {
+            r.1 = false;
+        }
+    }
+
     fn step(&self, state: &mut State, p: &Point) -> Option<Step> {
         let rule = self;
         if p.artifact || !p.value.is_finite() {
@@ -127,7 +153,9 @@ impl Rule for Threshold {
         match state.phase.clone() {
             Phase::Active { .. } => {
                 let still_counting = match rule.persistence {
-                    Persistence::Count { k, .. } => state.recent.iter().filter(|r| r.1).count() >= k,
+                    Persistence::Count { k, .. } => {
+                        state.recent.iter().filter(|r| r.1).count() >= k
+                    }
                     _ => false,
                 };
                 if rule.cleared(p.value) && !still_counting {
@@ -139,14 +167,16 @@ impl Rule for Threshold {
             phase => {
                 let (start, met) = match rule.persistence {
                     Persistence::Single => (p.at, abnormal),
-                    Persistence::Sustained(d) => {
+                    Persistence::Sustained {
+                        duration: d,
+                        max_gap,
+                    } => {
                         if !abnormal {
                             state.phase = Phase::Quiet;
                             return None;
                         }
                         let since = match phase {
-                            // A gap longer than the duration breaks the run.
-                            Phase::Building { since, last } if p.at - last <= d => since,
+                            Phase::Building { since, last } if p.at - last <= max_gap => since,
                             _ => p.at,
                         };
                         state.phase = Phase::Building { since, last: p.at };
@@ -160,7 +190,11 @@ impl Rule for Threshold {
                 };
                 if met {
                     state.phase = Phase::Active { start };
-                    return Some(Step::Raised { start, at: p.at, value: p.value });
+                    return Some(Step::Raised {
+                        start,
+                        at: p.at,
+                        value: p.value,
+                    });
                 }
                 None
             }
@@ -178,65 +212,168 @@ mod tests {
     }
 
     fn p(min: i64, value: f64) -> Point {
-        Point { at: t(min), value, artifact: false }
+        Point {
+            at: t(min),
+            value,
+            artifact: false,
+        }
     }
 
     /// SpO2 below 90, clearing at 92.
     fn spo2(persistence: Persistence) -> Threshold {
-        Threshold { direction: Direction::Below, level: 90.0, clear: 92.0, persistence }
+        Threshold {
+            direction: Direction::Below,
+            level: 90.0,
+            clear: 92.0,
+            persistence,
+        }
+    }
+
+    /// Sustained for `min` minutes, a gap of more than `min` breaking the run.
+    fn sustained(min: i64) -> Persistence {
+        Persistence::Sustained {
+            duration: Duration::minutes(min),
+            max_gap: Duration::minutes(min),
+        }
     }
 
     fn run(series: &mut Series<Threshold>, points: &[Point]) -> Vec<Transition> {
-        points.iter().flat_map(|p| series.observe(*p).unwrap_or_default()).collect()
+        points
+            .iter()
+            .flat_map(|p| series.observe(*p).unwrap_or_default())
+            .collect()
     }
 
     fn raise(start: i64, at: i64, value: f64) -> Transition {
-        Transition::Raise { start: t(start), at: t(at), value }
+        Transition::Raise {
+            start: t(start),
+            at: t(at),
+            value,
+        }
     }
 
     fn clear(start: i64, at: i64) -> Transition {
-        Transition::Clear { start: t(start), at: t(at) }
+        Transition::Clear {
+            start: t(start),
+            at: t(at),
+        }
     }
 
     #[test]
     fn parameters_are_checked() {
         assert!(spo2(Persistence::Single).validate().is_ok());
-        assert!(Threshold { clear: 88.0, ..spo2(Persistence::Single) }.validate().is_err(), "clear on the abnormal side");
+        assert!(
+            Threshold {
+                clear: 88.0,
+                ..spo2(Persistence::Single)
+            }
+            .validate()
+            .is_err(),
+            "clear on the abnormal side"
+        );
         assert!(spo2(Persistence::Count { k: 4, n: 3 }).validate().is_err());
-        assert!(spo2(Persistence::Sustained(Duration::zero())).validate().is_err());
-        let high = Threshold { direction: Direction::Above, level: 180.0, clear: 170.0, persistence: Persistence::Single };
+        assert!(
+            spo2(Persistence::Sustained {
+                duration: Duration::zero(),
+                max_gap: Duration::minutes(1)
+            })
+            .validate()
+            .is_err()
+        );
+        let high = Threshold {
+            direction: Direction::Above,
+            level: 180.0,
+            clear: 170.0,
+            persistence: Persistence::Single,
+        };
         assert!(high.validate().is_ok());
-        assert!(Threshold { clear: 185.0, ..high }.validate().is_err());
+        assert!(
+            Threshold {
+                clear: 185.0,
+                ..high
+            }
+            .validate()
+            .is_err()
+        );
     }
 
     #[test]
     fn a_single_reading_raises_once_and_hysteresis_does_not_flap() {
         let mut s = Series::new(spo2(Persistence::Single), Duration::hours(1));
-        let got = run(&mut s, &[p(0, 95.0), p(1, 89.0), p(2, 88.0), p(3, 90.5), p(4, 89.5), p(5, 91.9), p(6, 92.0), p(7, 93.0)]);
+        let got = run(
+            &mut s,
+            &[
+                p(0, 95.0),
+                p(1, 89.0),
+                p(2, 88.0),
+                p(3, 90.5),
+                p(4, 89.5),
+                p(5, 91.9),
+                p(6, 92.0),
+                p(7, 93.0),
+            ],
+        );
         // 90.5, 89.5 and 91.9 sit between the level and the clear level: one episode.
         assert_eq!(got, vec![raise(1, 1, 89.0), clear(1, 6)]);
         assert!(!s.is_open());
-        assert_eq!(run(&mut s, &[p(8, 85.0)]), vec![raise(8, 8, 85.0)], "a new episode after clearing");
+        assert_eq!(
+            run(&mut s, &[p(8, 85.0)]),
+            vec![raise(8, 8, 85.0)],
+            "a new episode after clearing"
+        );
         assert!(s.is_open());
     }
 
     #[test]
     fn a_sustained_rule_waits_for_its_duration() {
-        let mut s = Series::new(spo2(Persistence::Sustained(Duration::minutes(5))), Duration::hours(1));
+        let mut s = Series::new(spo2(sustained(5)), Duration::hours(1));
         // Four minutes below, then a normal reading: the run breaks, nothing raised.
-        assert!(run(&mut s, &[p(0, 89.0), p(1, 88.0), p(2, 89.0), p(3, 89.0), p(4, 89.0), p(5, 91.0)]).is_empty());
+        assert!(
+            run(
+                &mut s,
+                &[
+                    p(0, 89.0),
+                    p(1, 88.0),
+                    p(2, 89.0),
+                    p(3, 89.0),
+                    p(4, 89.0),
+                    p(5, 91.0)
+                ]
+            )
+            .is_empty()
+        );
         // Five minutes below: raised at minute 15, episode from minute 10.
-        let got = run(&mut s, &[p(10, 89.0), p(11, 88.0), p(12, 87.0), p(13, 88.0), p(14, 89.0), p(15, 89.0), p(16, 88.0)]);
+        let got = run(
+            &mut s,
+            &[
+                p(10, 89.0),
+                p(11, 88.0),
+                p(12, 87.0),
+                p(13, 88.0),
+                p(14, 89.0),
+                p(15, 89.0),
+                p(16, 88.0),
+            ],
+        );
         assert_eq!(got, vec![raise(10, 15, 89.0)]);
         // Only back to 92 clears it.
-        assert_eq!(run(&mut s, &[p(17, 91.0), p(18, 92.5)]), vec![clear(10, 18)]);
+        assert_eq!(
+            run(&mut s, &[p(17, 91.0), p(18, 92.5)]),
+            vec![clear(10, 18)]
+        );
     }
 
     #[test]
     fn a_gap_longer_than_the_duration_breaks_a_sustained_run() {
-        let mut s = Series::new(spo2(Persistence::Sustained(Duration::minutes(5))), Duration::hours(1));
-        assert!(run(&mut s, &[p(0, 89.0), p(20, 89.0)]).is_empty(), "two readings 20 minutes apart prove nothing in between");
-        assert_eq!(run(&mut s, &[p(24, 89.0), p(25, 89.0)]), vec![raise(20, 25, 89.0)]);
+        let mut s = Series::new(spo2(sustained(5)), Duration::hours(1));
+        assert!(
+            run(&mut s, &[p(0, 89.0), p(20, 89.0)]).is_empty(),
+            "two readings 20 minutes apart prove nothing in between"
+        );
+        assert_eq!(
+            run(&mut s, &[p(24, 89.0), p(25, 89.0)]),
+            vec![raise(20, 25, 89.0)]
+        );
     }
 
     #[test]
@@ -249,32 +386,70 @@ mod tests {
 
         // A normal reading clears only once fewer than k of the last n are low.
         let mut s = Series::new(spo2(Persistence::Count { k: 2, n: 4 }), Duration::hours(1));
-        assert_eq!(run(&mut s, &[p(0, 89.0), p(1, 89.0)]), vec![raise(0, 1, 89.0)]);
-        assert!(run(&mut s, &[p(2, 95.0), p(3, 95.0)]).is_empty(), "89, 89, 95, 95: still 2 of the last 4");
+        assert_eq!(
+            run(&mut s, &[p(0, 89.0), p(1, 89.0)]),
+            vec![raise(0, 1, 89.0)]
+        );
+        assert!(
+            run(&mut s, &[p(2, 95.0), p(3, 95.0)]).is_empty(),
+            "89, 89, 95, 95: still 2 of the last 4"
+        );
         assert_eq!(run(&mut s, &[p(4, 95.0)]), vec![clear(0, 4)]);
     }
 
     #[test]
     fn artifacts_neither_raise_nor_break_nor_clear() {
-        let artifact = |min, value| Point { at: t(min), value, artifact: true };
+        let artifact = |min, value| Point {
+            at: t(min),
+            value,
+            artifact: true,
+        };
         let mut s = Series::new(spo2(Persistence::Single), Duration::hours(1));
-        assert!(run(&mut s, &[artifact(0, 70.0), artifact(1, 72.0)]).is_empty(), "motion artifact lows raise nothing");
-        let mut s = Series::new(spo2(Persistence::Sustained(Duration::minutes(3))), Duration::hours(1));
-        let got = run(&mut s, &[p(0, 89.0), artifact(1, 97.0), p(2, 89.0), p(3, 88.0), artifact(4, 99.0), p(5, 89.0)]);
-        assert_eq!(got, vec![raise(0, 3, 88.0)], "an artifact high neither breaks the run nor clears");
+        assert!(
+            run(&mut s, &[artifact(0, 70.0), artifact(1, 72.0)]).is_empty(),
+            "motion artifact lows raise nothing"
+        );
+        let mut s = Series::new(spo2(sustained(3)), Duration::hours(1));
+        let got = run(
+            &mut s,
+            &[
+                p(0, 89.0),
+                artifact(1, 97.0),
+                p(2, 89.0),
+                p(3, 88.0),
+                artifact(4, 99.0),
+                p(5, 89.0),
+            ],
+        );
+        assert_eq!(
+            got,
+            vec![raise(0, 3, 88.0)],
+            "an artifact high neither breaks the run nor clears"
+        );
     }
 
     #[test]
     fn out_of_order_readings_give_the_same_episodes() {
-        let readings: Vec<Point> = [95.0, 89.0, 88.0, 89.0, 87.0, 89.0, 91.0, 93.0, 95.0, 89.0, 88.0, 88.0, 89.0, 86.0, 94.0]
-            .iter()
-            .enumerate()
-            .map(|(i, v)| p(i as i64, *v))
-            .collect();
-        let rule = spo2(Persistence::Sustained(Duration::minutes(3)));
+        let readings: Vec<Point> = [
+            95.0, 89.0, 88.0, 89.0, 87.0, 89.0, 91.0, 93.0, 95.0, 89.0, 88.0, 88.0, 89.0, 86.0,
+            94.0,
+        ]
+        .iter()
+        .enumerate()
+        .map(|(i, v)| p(i as i64, *v))
+        .collect();
+        let rule = spo2(sustained(3));
         let mut in_order = Series::new(rule, Duration::hours(1));
         let want = run(&mut in_order, &readings);
-        assert_eq!(want, vec![raise(1, 4, 87.0), clear(1, 7), raise(9, 12, 89.0), clear(9, 14)]);
+        assert_eq!(
+            want,
+            vec![
+                raise(1, 4, 87.0),
+                clear(1, 7),
+                raise(9, 12, 89.0),
+                clear(9, 14)
+            ]
+        );
         // Shuffled arrivals (deterministic): each episode is raised once and
         // cleared once. Its start is the first abnormal reading seen in its
         // run when it was raised, so a reading of the run arriving after the
@@ -291,21 +466,46 @@ mod tests {
             }
             let mut s = Series::new(rule, Duration::hours(1));
             let got = run(&mut s, &shuffled);
-            let mut raises: Vec<DateTime<Utc>> =
-                got.iter().filter_map(|tr| if let Transition::Raise { start, .. } = tr { Some(*start) } else { None }).collect();
-            let mut clears: Vec<DateTime<Utc>> =
-                got.iter().filter_map(|tr| if let Transition::Clear { start, .. } = tr { Some(*start) } else { None }).collect();
+            let mut raises: Vec<DateTime<Utc>> = got
+                .iter()
+                .filter_map(|tr| {
+                    if let Transition::Raise { start, .. } = tr {
+                        Some(*start)
+                    } else {
+                        None
+                    }
+                })
+                .collect();
+            let mut clears: Vec<DateTime<Utc>> = got
+                .iter()
+                .filter_map(|tr| {
+                    if let Transition::Clear { start, .. } = tr {
+                        Some(*start)
+                    } else {
+                        None
+                    }
+                })
+                .collect();
             raises.sort();
             clears.sort();
-            assert_eq!(raises, clears, "seed {seed}: every raised episode cleared, under its start: {got:?}");
-            assert!((t(1)..=t(4)).contains(&raises[0]), "seed {seed}: {raises:?}");
+            assert_eq!(
+                raises, clears,
+                "seed {seed}: every raised episode cleared, under its start: {got:?}"
+            );
+            assert!(
+                (t(1)..=t(4)).contains(&raises[0]),
+                "seed {seed}: {raises:?}"
+            );
             // When the reading that ended the first episode arrives after the
             // second began, the first alert was still open through the
             // second: it covers both, and no second alert is raised for a
             // stretch a nurse was already alerted to.
             match raises.len() {
                 1 => {}
-                2 => assert!((t(9)..=t(12)).contains(&raises[1]), "seed {seed}: {raises:?}"),
+                2 => assert!(
+                    (t(9)..=t(12)).contains(&raises[1]),
+                    "seed {seed}: {raises:?}"
+                ),
                 n => panic!("seed {seed}: {n} episodes: {got:?}"),
             }
             let told: Vec<(DateTime<Utc>, DateTime<Utc>)> = got
@@ -316,7 +516,10 @@ mod tests {
                 })
                 .collect();
             for instant in [t(4), t(12)] {
-                assert!(told.iter().any(|(a, b)| (*a..=*b).contains(&instant)), "seed {seed}: {instant} not covered by {told:?}");
+                assert!(
+                    told.iter().any(|(a, b)| (*a..=*b).contains(&instant)),
+                    "seed {seed}: {instant} not covered by {told:?}"
+                );
             }
             assert!(!s.is_open());
         }
@@ -324,25 +527,58 @@ mod tests {
 
     #[test]
     fn a_late_reading_can_complete_or_reveal_an_episode_in_the_past() {
-        let mut s = Series::new(spo2(Persistence::Sustained(Duration::minutes(3))), Duration::hours(1));
+        let mut s = Series::new(spo2(sustained(3)), Duration::hours(1));
         assert!(run(&mut s, &[p(0, 89.0), p(1, 89.0), p(2, 89.0), p(10, 95.0)]).is_empty());
         // Minute 3 arrives late: the run 0..3 was long enough, and minute 10 cleared it.
-        assert_eq!(run(&mut s, &[p(3, 88.0)]), vec![raise(0, 3, 88.0), clear(0, 10)]);
+        assert_eq!(
+            run(&mut s, &[p(3, 88.0)]),
+            vec![raise(0, 3, 88.0), clear(0, 10)]
+        );
         // The same late reading again changes nothing.
         assert!(run(&mut s, &[p(3, 88.0)]).is_empty());
     }
 
     #[test]
     fn a_late_reading_does_not_retract_or_duplicate_a_told_episode() {
-        let mut s = Series::new(spo2(Persistence::Sustained(Duration::minutes(3))), Duration::hours(1));
-        assert_eq!(run(&mut s, &[p(0, 89.0), p(1, 89.0), p(2, 89.0), p(3, 89.0)]), vec![raise(0, 3, 89.0)]);
+        let mut s = Series::new(spo2(sustained(3)), Duration::hours(1));
+        assert_eq!(
+            run(&mut s, &[p(0, 89.0), p(1, 89.0), p(2, 89.0), p(3, 89.0)]),
+            vec![raise(0, 3, 89.0)]
+        );
         // A late normal reading inside the run: the replay no longer finds
         // the episode, but it was told and stays open until cleared.
-        assert!(run(&mut s, &[Point { at: t(1) + Duration::seconds(30), value: 95.0, artifact: false }]).is_empty());
-        assert!(run(&mut s, &[p(4, 89.0), p(5, 89.0)]).is_empty(), "the run that follows is the same episode");
+        assert!(
+            run(
+                &mut s,
+                &[Point {
+                    at: t(1) + Duration::seconds(30),
+                    value: 95.0,
+                    artifact: false
+                }]
+            )
+            .is_empty()
+        );
+        assert!(
+            run(&mut s, &[p(4, 89.0), p(5, 89.0)]).is_empty(),
+            "the run that follows is the same episode"
+        );
         // A late low reading before the start overlaps the told episode: no second raise.
-        assert!(run(&mut s, &[Point { at: t(0) - Duration::seconds(30), value: 89.0, artifact: false }]).is_empty());
-        assert_eq!(run(&mut s, &[p(6, 93.0)]), vec![clear(0, 6)], "cleared under the start it was raised with");
+        assert!(
+            run(
+                &mut s,
+                &[Point {
+                    at: t(0) - Duration::seconds(30),
+                    value: 89.0,
+                    artifact: false
+                }]
+            )
+            .is_empty()
+        );
+        assert_eq!(
+            run(&mut s, &[p(6, 93.0)]),
+            vec![clear(0, 6)],
+            "cleared under the start it was raised with"
+        );
     }
 
     #[test]
@@ -357,5 +593,140 @@ mod tests {
         assert!(s.is_open());
         assert_eq!(run(&mut s, &[p(31, 96.0)]), vec![clear(0, 31)]);
         assert!(!s.is_open());
+    }
+
+    fn at(min: i64, secs: i64, value: f64) -> Point {
+        Point {
+            at: t(min) + Duration::seconds(secs),
+            value,
+            artifact: false,
+        }
+    }
+
+    #[test]
+    fn a_told_episode_that_a_late_reading_unmakes_still_clears_and_the_next_one_is_raised() {
+        let mut s = Series::new(spo2(sustained(3)), Duration::hours(1));
+        assert_eq!(
+            run(&mut s, &[p(0, 89.0), p(1, 89.0), p(2, 89.0), p(3, 89.0)]),
+            vec![raise(0, 3, 89.0)]
+        );
+        // A late normal reading breaks the run in the replay; the nurse was
+        // told, so the episode stays open until the rule's clear condition.
+        assert!(run(&mut s, &[at(1, 30, 95.0)]).is_empty());
+        assert_eq!(run(&mut s, &[p(4, 95.0)]), vec![clear(0, 4)]);
+        // A later episode is its own alert, not hidden behind the first.
+        assert_eq!(
+            run(
+                &mut s,
+                &[p(10, 88.0), p(11, 88.0), p(12, 88.0), p(13, 88.0)]
+            ),
+            vec![raise(10, 13, 88.0)]
+        );
+        assert_eq!(run(&mut s, &[p(14, 96.0)]), vec![clear(10, 14)]);
+    }
+
+    #[test]
+    fn a_count_rule_raises_again_after_a_told_clear_whatever_arrives_late() {
+        let mut s = Series::new(spo2(Persistence::Count { k: 2, n: 3 }), Duration::hours(1));
+        assert_eq!(
+            run(&mut s, &[p(0, 89.0), p(1, 89.0)]),
+            vec![raise(0, 1, 89.0)]
+        );
+        assert_eq!(run(&mut s, &[p(2, 95.0), p(3, 95.0)]), vec![clear(0, 3)]);
+        // A late low reading between the two normal ones: the told clear at
+        // minute 3 stands, and two lows afterwards are a new episode.
+        assert!(run(&mut s, &[at(2, 30, 89.0)]).is_empty());
+        let got = run(&mut s, &[p(4, 89.0), p(5, 89.0)]);
+        assert_eq!(got.len(), 1, "{got:?}");
+        let Transition::Raise {
+            start, at: raised, ..
+        } = got[0]
+        else {
+            panic!("{got:?}")
+        };
+        assert!(
+            start > t(0) && raised == t(4),
+            "a new identity, raised at minute 4: {got:?}"
+        );
+        assert!(s.is_open());
+    }
+
+    #[test]
+    fn a_revision_that_would_merge_two_told_episodes_keeps_them_apart() {
+        let mut s = Series::new(spo2(Persistence::Single), Duration::hours(1));
+        assert_eq!(
+            run(&mut s, &[p(0, 89.0), p(4, 95.0)]),
+            vec![raise(0, 0, 89.0), clear(0, 4)]
+        );
+        assert_eq!(run(&mut s, &[p(10, 88.0)]), vec![raise(10, 10, 88.0)]);
+        // The reading that cleared the first episode is revised to a low
+        // value (a derived series recomputed): the first clear stands, and the
+        // second episode still clears on its own.
+        assert!(s.revise(p(4, 89.0)).unwrap_or_default().is_empty());
+        assert_eq!(run(&mut s, &[p(20, 97.0)]), vec![clear(10, 20)]);
+        assert!(!s.is_open());
+    }
+
+    #[test]
+    fn an_adopted_episode_is_never_raised_again_and_clears_under_its_start() {
+        let mut s = Series::new(spo2(sustained(3)), Duration::hours(1));
+        // Open in the store since minute 0 (raised at minute 3) when the
+        // engine restarted; the readings of that run are replayed.
+        assert!(s.adopt(t(0), t(3)));
+        assert!(
+            run(
+                &mut s,
+                &[p(0, 89.0), p(1, 89.0), p(2, 89.0), p(3, 89.0), p(4, 89.0)]
+            )
+            .is_empty()
+        );
+        assert_eq!(run(&mut s, &[p(5, 93.0)]), vec![clear(0, 5)]);
+        // Only a fresh series adopts.
+        assert!(!s.adopt(t(6), t(6)));
+        // Adopted without its readings (older than what is replayed): the
+        // first normal reading clears it.
+        let mut s = Series::new(spo2(sustained(3)), Duration::hours(1));
+        assert!(s.adopt(t(-100), t(-97)));
+        assert!(
+            run(&mut s, &[p(0, 91.0)]).is_empty(),
+            "between the level and the clear level: still open"
+        );
+        assert_eq!(run(&mut s, &[p(1, 92.0)]), vec![clear(-100, 1)]);
+    }
+
+    #[test]
+    fn spot_checks_further_apart_than_the_duration_can_sustain_a_run_within_the_maximum_gap() {
+        // One minute below 85, spot checks every two minutes, gaps up to 5 tolerated.
+        let rule = spo2(Persistence::Sustained {
+            duration: Duration::minutes(1),
+            max_gap: Duration::minutes(5),
+        });
+        let mut s = Series::new(rule, Duration::hours(1));
+        assert_eq!(
+            run(&mut s, &[p(0, 84.0), p(2, 84.0)]),
+            vec![raise(0, 2, 84.0)]
+        );
+        let mut s = Series::new(rule, Duration::hours(1));
+        assert!(
+            run(&mut s, &[p(0, 84.0), p(6, 84.0)]).is_empty(),
+            "six minutes apart: beyond the maximum gap"
+        );
+    }
+
+    #[test]
+    fn a_late_normal_reading_inside_an_open_episode_neither_resolves_nor_splits_it() {
+        // The horizon is short so that the episode is also folded into the base state.
+        let mut s = Series::new(spo2(Persistence::Single), Duration::minutes(5));
+        assert_eq!(
+            run(&mut s, &[p(0, 89.0), p(3, 89.0)]),
+            vec![raise(0, 0, 89.0)]
+        );
+        // Minute 1 was normal, but minute 3 was low again: one alert, open throughout.
+        assert!(run(&mut s, &[p(1, 95.0)]).is_empty());
+        assert!(
+            run(&mut s, &[p(9, 89.0)]).is_empty(),
+            "minutes 0 to 3 folded: still the same episode"
+        );
+        assert_eq!(run(&mut s, &[p(10, 95.0)]), vec![clear(0, 10)]);
     }
 }

@@ -27,7 +27,11 @@ struct Problem<'a> {
 
 impl From<vitalwatch_store::StoreError> for ApiError {
     fn from(e: vitalwatch_store::StoreError) -> Self {
-        if e.is_transient() { ApiError::Unavailable(e.to_string()) } else { ApiError::Internal(e.to_string()) }
+        if e.is_transient() {
+            ApiError::Unavailable(e.to_string())
+        } else {
+            ApiError::Internal(e.to_string())
+        }
     }
 }
 
@@ -44,7 +48,12 @@ impl IntoResponse for ApiError {
                 (StatusCode::SERVICE_UNAVAILABLE, "Service unavailable")
             }
         };
-        let body = Problem { r#type: "about:blank", title, status: status.as_u16(), detail: self.to_string() };
+        let body = Problem {
+            r#type: "about:blank",
+            title,
+            status: status.as_u16(),
+            detail: self.to_string(),
+        };
         let mut resp = (status, Json(body)).into_response();
         resp.headers_mut().insert(
             axum::http::header::CONTENT_TYPE,

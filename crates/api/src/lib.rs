@@ -24,12 +24,12 @@ pub mod vitals;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::http::StatusCode;
-use axum::{Json, Router};
 use axum::extract::State;
+use axum::http::StatusCode;
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
+use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
@@ -49,7 +49,10 @@ pub struct ApiConfig {
 
 impl Default for ApiConfig {
     fn default() -> Self {
-        ApiConfig { listen: SocketAddr::from(([127, 0, 0, 1], 8080)), max_buckets: 10_000 }
+        ApiConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_buckets: 10_000,
+        }
     }
 }
 
@@ -69,13 +72,30 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(pool: Pool, metrics: PrometheusHandle, max_buckets: i64, readiness: Readiness) -> Self {
-        AppState { pool, metrics, max_buckets, readiness, layout: Arc::default() }
+    pub fn new(
+        pool: Pool,
+        metrics: PrometheusHandle,
+        max_buckets: i64,
+        readiness: Readiness,
+    ) -> Self {
+        AppState {
+            pool,
+            metrics,
+            max_buckets,
+            readiness,
+            layout: Arc::default(),
+        }
     }
 
     /// The storage layout (TimescaleDB or native).
-    pub async fn layout(&self, client: &vitalwatch_store::tokio_postgres::Client) -> Result<Layout, vitalwatch_store::StoreError> {
-        self.layout.get_or_try_init(|| vitalwatch_store::storage::layout(client)).await.copied()
+    pub async fn layout(
+        &self,
+        client: &vitalwatch_store::tokio_postgres::Client,
+    ) -> Result<Layout, vitalwatch_store::StoreError> {
+        self.layout
+            .get_or_try_init(|| vitalwatch_store::storage::layout(client))
+            .await
+            .copied()
     }
 }
 
@@ -93,29 +113,53 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let db = match state.pool.get().await {
         Ok(client) => match vitalwatch_store::migrate::current_version(&client).await {
             Ok(v) if v >= vitalwatch_store::migrate::latest_version() => None,
-            Ok(v) => Some(format!("database schema is at version {v}, this build needs {}", vitalwatch_store::migrate::latest_version())),
+            Ok(v) => Some(format!(
+                "database schema is at version {v}, this build needs {}",
+                vitalwatch_store::migrate::latest_version()
+            )),
             Err(e) => Some(format!("database query failed: {e}")),
         },
         Err(e) => Some(format!("database unreachable: {e}")),
     };
     state.readiness.set("api.database", db);
     let (ready, checks) = state.readiness.report();
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     let checks: serde_json::Map<String, serde_json::Value> = checks
         .into_iter()
-        .map(|(k, v)| (k, v.map_or(serde_json::Value::String("ok".into()), serde_json::Value::String)))
+        .map(|(k, v)| {
+            (
+                k,
+                v.map_or(
+                    serde_json::Value::String("ok".into()),
+                    serde_json::Value::String,
+                ),
+            )
+        })
         .collect();
-    (status, Json(serde_json::json!({ "ready": ready, "checks": checks })))
+    (
+        status,
+        Json(serde_json::json!({ "ready": ready, "checks": checks })),
+    )
 }
 
 async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render())
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("http server: {0}")]
     Serve(#[from] std::io::Error),
     #[error(transparent)]
@@ -130,12 +174,22 @@ pub async fn run(
     readiness: Readiness,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
-    let state = AppState::new(vitalwatch_store::pool(db)?, metrics, cfg.max_buckets, readiness);
+    let state = AppState::new(
+        vitalwatch_store::pool(db)?,
+        metrics,
+        cfg.max_buckets,
+        readiness,
+    );
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
-        .map_err(|source| ServeError::Bind { addr: cfg.listen, source })?;
+        .map_err(|source| ServeError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
     tracing::info!(addr = %cfg.listen, "api listening");
-    axum::serve(listener, app(state)).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await?;
     tracing::info!("api stopped");
     Ok(())
 }

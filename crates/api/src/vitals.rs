@@ -46,7 +46,9 @@ pub struct VitalsResponse {
 
 /// Parses `15m`, `1h`, `1d` into seconds; whole minutes from 1 minute to 1 day.
 pub fn parse_bucket(s: &str) -> Result<i64, String> {
-    let err = || format!("bucket {s:?} must be a whole number of minutes from 1m to 1d, like 5m, 1h or 1d");
+    let err = || {
+        format!("bucket {s:?} must be a whole number of minutes from 1m to 1d, like 5m, 1h or 1d")
+    };
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).ok_or_else(err)?);
     let n: i64 = num.parse().map_err(|_| err())?;
     let secs = match unit {
@@ -56,7 +58,11 @@ pub fn parse_bucket(s: &str) -> Result<i64, String> {
         _ => None,
     }
     .ok_or_else(err)?;
-    if (60..=86_400).contains(&secs) { Ok(secs) } else { Err(err()) }
+    if (60..=86_400).contains(&secs) {
+        Ok(secs)
+    } else {
+        Err(err())
+    }
 }
 
 pub async fn get_vitals(
@@ -65,17 +71,26 @@ pub async fn get_vitals(
     query: Result<Query<VitalsQuery>, QueryRejection>,
 ) -> Result<Json<VitalsResponse>, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    let metric: Metric = q.metric.parse().map_err(|e: vitalwatch_core::catalogue::UnknownMetric| ApiError::BadRequest(e.to_string()))?;
+    let metric: Metric =
+        q.metric
+            .parse()
+            .map_err(|e: vitalwatch_core::catalogue::UnknownMetric| {
+                ApiError::BadRequest(e.to_string())
+            })?;
     let bucket = q.bucket.unwrap_or_else(|| "1h".into());
     let bucket_seconds = parse_bucket(&bucket).map_err(ApiError::BadRequest)?;
     let to = q.to.unwrap_or_else(Utc::now);
     let from = match q.from {
         Some(f) => f,
-        None => to.checked_sub_signed(Duration::hours(24)).ok_or_else(|| ApiError::BadRequest("to is out of range".into()))?,
+        None => to
+            .checked_sub_signed(Duration::hours(24))
+            .ok_or_else(|| ApiError::BadRequest("to is out of range".into()))?,
     };
     for (name, t) in [("from", from), ("to", to)] {
         if !(1970..=9999).contains(&chrono::Datelike::year(&t)) {
-            return Err(ApiError::BadRequest(format!("{name} must be between the years 1970 and 9999")));
+            return Err(ApiError::BadRequest(format!(
+                "{name} must be between the years 1970 and 9999"
+            )));
         }
     }
     if from >= to {
@@ -89,15 +104,31 @@ pub async fn get_vitals(
             state.max_buckets
         )));
     }
-    let client = state.pool.get().await.map_err(vitalwatch_store::StoreError::from)?;
+    let client = state
+        .pool
+        .get()
+        .await
+        .map_err(vitalwatch_store::StoreError::from)?;
     let layout = state.layout(&client).await?;
-    let rows = trends::buckets(&client, layout, &patient_id, metric.name(), from, to, bucket_seconds).await?;
+    let rows = trends::buckets(
+        &client,
+        layout,
+        &patient_id,
+        metric.name(),
+        from,
+        to,
+        bucket_seconds,
+    )
+    .await?;
     let mut series: Vec<Series> = Vec::new();
     for b in rows {
         let component = (!b.component.is_empty()).then(|| b.component.clone());
         match series.last_mut() {
             Some(s) if s.component == component => s.points.push(b),
-            _ => series.push(Series { component, points: vec![b] }),
+            _ => series.push(Series {
+                component,
+                points: vec![b],
+            }),
         }
     }
     Ok(Json(VitalsResponse {
@@ -122,7 +153,17 @@ mod tests {
         assert_eq!(parse_bucket("15m"), Ok(900));
         assert_eq!(parse_bucket("1h"), Ok(3600));
         assert_eq!(parse_bucket("1d"), Ok(86_400));
-        for bad in ["", "m", "0m", "30s", "2d", "1w", "-1h", "1.5h", "99999999999999999999m"] {
+        for bad in [
+            "",
+            "m",
+            "0m",
+            "30s",
+            "2d",
+            "1w",
+            "-1h",
+            "1.5h",
+            "99999999999999999999m",
+        ] {
             assert!(parse_bucket(bad).is_err(), "{bad:?} should be refused");
         }
     }

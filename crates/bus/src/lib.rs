@@ -74,7 +74,10 @@ pub enum BusError {
     #[error("kafka client: {0}")]
     Kafka(#[from] KafkaError),
     #[error("creating topic {topic}: {code}")]
-    CreateTopic { topic: String, code: RDKafkaErrorCode },
+    CreateTopic {
+        topic: String,
+        code: RDKafkaErrorCode,
+    },
     #[error("shut down before the record was delivered")]
     Cancelled,
 }
@@ -129,24 +132,35 @@ pub struct Producer {
 
 impl std::fmt::Debug for Producer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Producer").field("brokers", &self.cfg.brokers).finish_non_exhaustive()
+        f.debug_struct("Producer")
+            .field("brokers", &self.cfg.brokers)
+            .finish_non_exhaustive()
     }
 }
 
 impl Producer {
     pub fn new(cfg: &KafkaConfig) -> Result<Arc<Producer>, BusError> {
-        Ok(Arc::new(Producer { cfg: cfg.clone(), current: std::sync::RwLock::new((0, producer(cfg)?)) }))
+        Ok(Arc::new(Producer {
+            cfg: cfg.clone(),
+            current: std::sync::RwLock::new((0, producer(cfg)?)),
+        }))
     }
 
     fn get(&self) -> (u64, FutureProducer) {
-        let c = self.current.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let c = self
+            .current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         (c.0, c.1.clone())
     }
 
     /// Replaces the client if it is still generation `generation` (so that
     /// a burst of failures replaces it once).
     fn replace(&self, generation: u64, why: &KafkaError) {
-        let mut c = self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut c = self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if c.0 != generation {
             return;
         }
@@ -246,13 +260,18 @@ impl DeliveryHealth {
     pub fn new(readiness: Readiness, name: impl Into<String>) -> DeliveryHealth {
         let name = name.into();
         readiness.set_ready(&name);
-        DeliveryHealth { readiness, name, failing: Arc::new(AtomicBool::new(false)) }
+        DeliveryHealth {
+            readiness,
+            name,
+            failing: Arc::new(AtomicBool::new(false)),
+        }
     }
 
     fn failed(&self, err: &KafkaError) {
         if !self.failing.swap(true, Ordering::AcqRel) {
             tracing::warn!(condition = %self.name, error = %err, "kafka deliveries failing; holding records and retrying");
-            self.readiness.set_not_ready(&self.name, format!("kafka deliveries failing: {err}"));
+            self.readiness
+                .set_not_ready(&self.name, format!("kafka deliveries failing: {err}"));
         }
     }
 
@@ -275,13 +294,23 @@ pub struct DeadLetter {
 
 impl std::fmt::Debug for DeadLetter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DeadLetter").field("topic", &self.topic).finish_non_exhaustive()
+        f.debug_struct("DeadLetter")
+            .field("topic", &self.topic)
+            .finish_non_exhaustive()
     }
 }
 
 impl DeadLetter {
-    pub fn new(producer: Arc<Producer>, topic: impl Into<String>, health: Option<DeliveryHealth>) -> DeadLetter {
-        DeadLetter { producer, topic: topic.into(), health }
+    pub fn new(
+        producer: Arc<Producer>,
+        topic: impl Into<String>,
+        health: Option<DeliveryHealth>,
+    ) -> DeadLetter {
+        DeadLetter {
+            producer,
+            topic: topic.into(),
+            health,
+        }
     }
 
     /// Delivers one dead-letter record keyed by `key` (the device id), with the
@@ -294,17 +323,43 @@ impl DeadLetter {
         info: DeadLetterInfo<'_>,
         shutdown: &CancellationToken,
     ) -> Result<(), BusError> {
-        let received_at = info.received_at.to_rfc3339_opts(SecondsFormat::Millis, true);
+        let received_at = info
+            .received_at
+            .to_rfc3339_opts(SecondsFormat::Millis, true);
         let index = info.reading_index.map(|i| i.to_string());
         let mut headers = OwnedHeaders::new()
-            .insert(Header { key: "reason", value: Some(info.reason) })
-            .insert(Header { key: "detail", value: Some(info.detail) })
-            .insert(Header { key: "topic", value: Some(info.source_topic) })
-            .insert(Header { key: "received_at", value: Some(received_at.as_str()) });
+            .insert(Header {
+                key: "reason",
+                value: Some(info.reason),
+            })
+            .insert(Header {
+                key: "detail",
+                value: Some(info.detail),
+            })
+            .insert(Header {
+                key: "topic",
+                value: Some(info.source_topic),
+            })
+            .insert(Header {
+                key: "received_at",
+                value: Some(received_at.as_str()),
+            });
         if let Some(i) = &index {
-            headers = headers.insert(Header { key: "reading_index", value: Some(i.as_str()) });
+            headers = headers.insert(Header {
+                key: "reading_index",
+                value: Some(i.as_str()),
+            });
         }
-        deliver(&self.producer, &self.topic, key, payload, Some(headers), self.health.as_ref(), shutdown).await
+        deliver(
+            &self.producer,
+            &self.topic,
+            key,
+            payload,
+            Some(headers),
+            self.health.as_ref(),
+            shutdown,
+        )
+        .await
     }
 }
 

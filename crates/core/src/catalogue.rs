@@ -62,7 +62,11 @@ pub struct AcceptedUnit {
 }
 
 const fn unit(ucum: &'static str) -> AcceptedUnit {
-    AcceptedUnit { ucum, factor: 1.0, offset: 0.0 }
+    AcceptedUnit {
+        ucum,
+        factor: 1.0,
+        offset: 0.0,
+    }
 }
 
 /// Everything the pipeline knows about one metric.
@@ -109,7 +113,10 @@ static CATALOGUE: [MetricInfo; 9] = [
         unit: "/min",
         accepted: &[unit("/min"), unit("{beats}/min")],
         shape: Shape::Scalar,
-        range: Range { min: 20.0, max: 300.0 },
+        range: Range {
+            min: 20.0,
+            max: 300.0,
+        },
         range2: None,
     },
     MetricInfo {
@@ -120,7 +127,10 @@ static CATALOGUE: [MetricInfo; 9] = [
         unit: "%",
         accepted: &[unit("%")],
         shape: Shape::Scalar,
-        range: Range { min: 50.0, max: 100.0 },
+        range: Range {
+            min: 50.0,
+            max: 100.0,
+        },
         range2: None,
     },
     MetricInfo {
@@ -129,10 +139,23 @@ static CATALOGUE: [MetricInfo; 9] = [
         display: "Blood pressure panel with all children optional",
         loinc: &["85354-9"],
         unit: "mm[Hg]",
-        accepted: &[unit("mm[Hg]"), AcceptedUnit { ucum: "kPa", factor: KPA_MMHG, offset: 0.0 }],
+        accepted: &[
+            unit("mm[Hg]"),
+            AcceptedUnit {
+                ucum: "kPa",
+                factor: KPA_MMHG,
+                offset: 0.0,
+            },
+        ],
         shape: Shape::BloodPressure,
-        range: Range { min: 40.0, max: 300.0 },
-        range2: Some(Range { min: 20.0, max: 200.0 }),
+        range: Range {
+            min: 40.0,
+            max: 300.0,
+        },
+        range2: Some(Range {
+            min: 20.0,
+            max: 200.0,
+        }),
     },
     MetricInfo {
         metric: Metric::RespiratoryRate,
@@ -142,7 +165,10 @@ static CATALOGUE: [MetricInfo; 9] = [
         unit: "/min",
         accepted: &[unit("/min"), unit("{breaths}/min")],
         shape: Shape::Scalar,
-        range: Range { min: 2.0, max: 80.0 },
+        range: Range {
+            min: 2.0,
+            max: 80.0,
+        },
         range2: None,
     },
     MetricInfo {
@@ -153,10 +179,17 @@ static CATALOGUE: [MetricInfo; 9] = [
         unit: "Cel",
         accepted: &[
             unit("Cel"),
-            AcceptedUnit { ucum: "[degF]", factor: 5.0 / 9.0, offset: -32.0 * 5.0 / 9.0 },
+            AcceptedUnit {
+                ucum: "[degF]",
+                factor: 5.0 / 9.0,
+                offset: -32.0 * 5.0 / 9.0,
+            },
         ],
         shape: Shape::Scalar,
-        range: Range { min: 25.0, max: 45.0 },
+        range: Range {
+            min: 25.0,
+            max: 45.0,
+        },
         range2: None,
     },
     MetricInfo {
@@ -167,11 +200,22 @@ static CATALOGUE: [MetricInfo; 9] = [
         unit: "kg",
         accepted: &[
             unit("kg"),
-            AcceptedUnit { ucum: "[lb_av]", factor: POUND_KG, offset: 0.0 },
-            AcceptedUnit { ucum: "g", factor: 0.001, offset: 0.0 },
+            AcceptedUnit {
+                ucum: "[lb_av]",
+                factor: POUND_KG,
+                offset: 0.0,
+            },
+            AcceptedUnit {
+                ucum: "g",
+                factor: 0.001,
+                offset: 0.0,
+            },
         ],
         shape: Shape::Scalar,
-        range: Range { min: 0.5, max: 500.0 },
+        range: Range {
+            min: 0.5,
+            max: 500.0,
+        },
         range2: None,
     },
     MetricInfo {
@@ -182,10 +226,17 @@ static CATALOGUE: [MetricInfo; 9] = [
         unit: "mg/dL",
         accepted: &[
             unit("mg/dL"),
-            AcceptedUnit { ucum: "mmol/L", factor: GLUCOSE_MMOL_TO_MGDL, offset: 0.0 },
+            AcceptedUnit {
+                ucum: "mmol/L",
+                factor: GLUCOSE_MMOL_TO_MGDL,
+                offset: 0.0,
+            },
         ],
         shape: Shape::Scalar,
-        range: Range { min: 10.0, max: 1500.0 },
+        range: Range {
+            min: 10.0,
+            max: 1500.0,
+        },
         range2: None,
     },
     MetricInfo {
@@ -327,9 +378,15 @@ impl Acvpu {
     }
 
     pub fn from_code(code: f64) -> Option<Acvpu> {
-        [Acvpu::Alert, Acvpu::NewConfusion, Acvpu::Voice, Acvpu::Pain, Acvpu::Unresponsive]
-            .into_iter()
-            .find(|a| a.code() == code)
+        [
+            Acvpu::Alert,
+            Acvpu::NewConfusion,
+            Acvpu::Voice,
+            Acvpu::Pain,
+            Acvpu::Unresponsive,
+        ]
+        .into_iter()
+        .find(|a| a.code() == code)
     }
 }
 
@@ -345,7 +402,11 @@ mod tests {
     fn catalogue_is_indexed_by_variant() {
         for (i, m) in CATALOGUE.iter().enumerate() {
             assert_eq!(m.metric as usize, i, "{} is out of place", m.name);
-            assert_eq!(m.accepted[0].ucum, m.unit, "{}: first accepted unit must be the stored one", m.name);
+            assert_eq!(
+                m.accepted[0].ucum, m.unit,
+                "{}: first accepted unit must be the stored one",
+                m.name
+            );
             assert_eq!(m.name.parse::<Metric>(), Ok(m.metric));
             assert_eq!(Metric::from_proto(m.metric.to_proto()), Some(m.metric));
         }
@@ -369,22 +430,33 @@ mod tests {
         assert!(close(c.unwrap_or(f64::NAN), 37.0, 1e-9), "{c:?}");
         let c = Metric::BodyTemperature.to_stored_unit(32.0, Some("[degF]"));
         assert!(close(c.unwrap_or(f64::NAN), 0.0, 1e-9), "{c:?}");
-        assert_eq!(Metric::BodyTemperature.to_stored_unit(37.2, Some("Cel")), Some(37.2));
+        assert_eq!(
+            Metric::BodyTemperature.to_stored_unit(37.2, Some("Cel")),
+            Some(37.2)
+        );
     }
 
     #[test]
     fn pounds_and_grams_convert_to_kilograms() {
-        let kg = Metric::BodyWeight.to_stored_unit(154.0, Some("[lb_av]")).unwrap_or(f64::NAN);
+        let kg = Metric::BodyWeight
+            .to_stored_unit(154.0, Some("[lb_av]"))
+            .unwrap_or(f64::NAN);
         assert!(close(kg, 69.85, 0.005), "{kg}");
-        let kg = Metric::BodyWeight.to_stored_unit(70_500.0, Some("g")).unwrap_or(f64::NAN);
+        let kg = Metric::BodyWeight
+            .to_stored_unit(70_500.0, Some("g"))
+            .unwrap_or(f64::NAN);
         assert!(close(kg, 70.5, 1e-9), "{kg}");
     }
 
     #[test]
     fn glucose_and_pressure_convert() {
-        let mg = Metric::BloodGlucose.to_stored_unit(5.5, Some("mmol/L")).unwrap_or(f64::NAN);
+        let mg = Metric::BloodGlucose
+            .to_stored_unit(5.5, Some("mmol/L"))
+            .unwrap_or(f64::NAN);
         assert!(close(mg, 99.09, 0.01), "{mg}");
-        let mm = Metric::BloodPressure.to_stored_unit(16.0, Some("kPa")).unwrap_or(f64::NAN);
+        let mm = Metric::BloodPressure
+            .to_stored_unit(16.0, Some("kPa"))
+            .unwrap_or(f64::NAN);
         assert!(close(mm, 120.0, 0.01), "{mm}");
     }
 
@@ -407,7 +479,10 @@ mod tests {
 
     #[test]
     fn unknown_names_are_errors() {
-        assert_eq!("glucose".parse::<Metric>(), Err(UnknownMetric("glucose".into())));
+        assert_eq!(
+            "glucose".parse::<Metric>(),
+            Err(UnknownMetric("glucose".into()))
+        );
     }
 
     #[test]

@@ -29,9 +29,15 @@ const PREFIX: &str = "VITALWATCH_";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("config file {path} is not valid TOML: {source}")]
-    Parse { path: String, source: toml::de::Error },
+    Parse {
+        path: String,
+        source: toml::de::Error,
+    },
     #[error("environment variable {var} does not fit the configuration: {why}")]
     Env { var: String, why: String },
     #[error("invalid configuration: {0}")]
@@ -46,9 +52,14 @@ pub fn load<T: DeserializeOwned>(
 ) -> Result<T, ConfigError> {
     let table = match file {
         Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
-            text.parse::<Table>().map_err(|source| ConfigError::Parse { path: path.display().to_string(), source })?
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.display().to_string(),
+                source,
+            })?;
+            text.parse::<Table>().map_err(|source| ConfigError::Parse {
+                path: path.display().to_string(),
+                source,
+            })?
         }
         None => Table::new(),
     };
@@ -61,9 +72,15 @@ pub fn load<T: DeserializeOwned>(
         {
             continue;
         }
-        let path: Vec<String> = var[PREFIX.len()..].split("__").map(str::to_ascii_lowercase).collect();
+        let path: Vec<String> = var[PREFIX.len()..]
+            .split("__")
+            .map(str::to_ascii_lowercase)
+            .collect();
         if path.iter().any(String::is_empty) {
-            return Err(ConfigError::Env { var, why: "empty key segment".into() });
+            return Err(ConfigError::Env {
+                var,
+                why: "empty key segment".into(),
+            });
         }
         vars.push((var, path, raw));
     }
@@ -74,24 +91,34 @@ pub fn load<T: DeserializeOwned>(
     loop {
         let mut t = table.clone();
         for ((var, path, raw), text) in vars.iter().zip(&as_text) {
-            let value = if *text { Value::String(raw.clone()) } else { parse_value(raw) };
-            set(&mut t, path, value).map_err(|why| ConfigError::Env { var: var.clone(), why })?;
+            let value = if *text {
+                Value::String(raw.clone())
+            } else {
+                parse_value(raw)
+            };
+            set(&mut t, path, value).map_err(|why| ConfigError::Env {
+                var: var.clone(),
+                why,
+            })?;
         }
         let first_error = match Value::Table(t.clone()).try_into::<T>() {
             Ok(v) => return Ok(v),
             Err(e) => e,
         };
-        let fix = vars.iter().zip(&as_text).position(|((_, path, raw), text)| {
-            if *text || matches!(parse_value(raw), Value::String(_)) {
-                return false;
-            }
-            let mut t2 = t.clone();
-            let _ = set(&mut t2, path, Value::String(raw.clone()));
-            match Value::Table(t2).try_into::<T>() {
-                Ok(_) => true,
-                Err(e) => e.to_string() != first_error.to_string(),
-            }
-        });
+        let fix = vars
+            .iter()
+            .zip(&as_text)
+            .position(|((_, path, raw), text)| {
+                if *text || matches!(parse_value(raw), Value::String(_)) {
+                    return false;
+                }
+                let mut t2 = t.clone();
+                let _ = set(&mut t2, path, Value::String(raw.clone()));
+                match Value::Table(t2).try_into::<T>() {
+                    Ok(_) => true,
+                    Err(e) => e.to_string() != first_error.to_string(),
+                }
+            });
         match fix {
             Some(i) => as_text[i] = true,
             None => return Err(first_error.into()),
@@ -119,7 +146,9 @@ fn set(table: &mut Table, path: &[String], value: Value) -> Result<(), String> {
             Ok(())
         }
         [head, rest @ ..] => {
-            let entry = table.entry(head.clone()).or_insert_with(|| Value::Table(Table::new()));
+            let entry = table
+                .entry(head.clone())
+                .or_insert_with(|| Value::Table(Table::new()));
             match entry {
                 Value::Table(t) => set(t, rest, value),
                 _ => Err(format!("{head} is not a section")),
@@ -150,12 +179,19 @@ mod tests {
 
     impl Default for Mqtt {
         fn default() -> Self {
-            Mqtt { host: "127.0.0.1".into(), port: 1883, password: None }
+            Mqtt {
+                host: "127.0.0.1".into(),
+                port: 1883,
+                password: None,
+            }
         }
     }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -166,9 +202,25 @@ mod tests {
 
     #[test]
     fn env_overrides_with_typed_values() {
-        let c: Cfg = load(None, env(&[("VITALWATCH_MQTT__PORT", "18830"), ("VITALWATCH_MQTT__HOST", "10.0.0.1"), ("VITALWATCH_LOG", "debug"), ("VITALWATCH_TEST_KAFKA", "x"), ("OTHER", "x")]))
-            .expect("env");
-        assert_eq!(c.mqtt, Mqtt { host: "10.0.0.1".into(), port: 18830, password: None });
+        let c: Cfg = load(
+            None,
+            env(&[
+                ("VITALWATCH_MQTT__PORT", "18830"),
+                ("VITALWATCH_MQTT__HOST", "10.0.0.1"),
+                ("VITALWATCH_LOG", "debug"),
+                ("VITALWATCH_TEST_KAFKA", "x"),
+                ("OTHER", "x"),
+            ]),
+        )
+        .expect("env");
+        assert_eq!(
+            c.mqtt,
+            Mqtt {
+                host: "10.0.0.1".into(),
+                port: 18830,
+                password: None
+            }
+        );
     }
 
     #[test]
@@ -178,7 +230,14 @@ mod tests {
         let path = dir.join("c.toml");
         std::fs::write(&path, "[mqtt]\nhost = \"broker\"\nport = 1\n").expect("write");
         let c: Cfg = load(Some(&path), env(&[("VITALWATCH_MQTT__PORT", "2")])).expect("file");
-        assert_eq!(c.mqtt, Mqtt { host: "broker".into(), port: 2, password: None });
+        assert_eq!(
+            c.mqtt,
+            Mqtt {
+                host: "broker".into(),
+                port: 2,
+                password: None
+            }
+        );
         std::fs::write(&path, "[mqtt]\nhots = \"typo\"\n").expect("write");
         let err = load::<Cfg>(Some(&path), env(&[])).expect_err("unknown key");
         assert!(err.to_string().contains("hots"), "{err}");
@@ -186,19 +245,34 @@ mod tests {
 
     #[test]
     fn text_that_looks_typed_stays_text_where_a_string_is_wanted() {
-        let c: Cfg = load(None, env(&[("VITALWATCH_MQTT__PASSWORD", "123456"), ("VITALWATCH_MQTT__PORT", "18830")]))
-            .expect("numeric password");
+        let c: Cfg = load(
+            None,
+            env(&[
+                ("VITALWATCH_MQTT__PASSWORD", "123456"),
+                ("VITALWATCH_MQTT__PORT", "18830"),
+            ]),
+        )
+        .expect("numeric password");
         assert_eq!(c.mqtt.password.as_deref(), Some("123456"));
         assert_eq!(c.mqtt.port, 18830);
-        let c: Cfg = load(None, env(&[("VITALWATCH_MQTT__PASSWORD", "true")])).expect("boolean-looking password");
+        let c: Cfg = load(None, env(&[("VITALWATCH_MQTT__PASSWORD", "true")]))
+            .expect("boolean-looking password");
         assert_eq!(c.mqtt.password.as_deref(), Some("true"));
-        let c: Cfg = load(None, env(&[("VITALWATCH_MQTT__PASSWORD", "\"quoted\"")])).expect("quoted password");
+        let c: Cfg = load(None, env(&[("VITALWATCH_MQTT__PASSWORD", "\"quoted\"")]))
+            .expect("quoted password");
         assert_eq!(c.mqtt.password.as_deref(), Some("\"quoted\""));
     }
 
     #[test]
     fn script_variables_without_a_section_are_not_keys() {
-        let c: Cfg = load(None, env(&[("VITALWATCH_MQTT_PORT", "28830"), ("VITALWATCH_SIM_PATIENTS", "5")])).expect("ignored");
+        let c: Cfg = load(
+            None,
+            env(&[
+                ("VITALWATCH_MQTT_PORT", "28830"),
+                ("VITALWATCH_SIM_PATIENTS", "5"),
+            ]),
+        )
+        .expect("ignored");
         assert_eq!(c.mqtt, Mqtt::default());
     }
 

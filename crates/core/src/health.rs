@@ -29,7 +29,10 @@ impl Readiness {
 
     /// Sets a condition: `None` ready, `Some(why)` not ready.
     pub fn set(&self, name: &str, state: Option<String>) {
-        let mut c = self.conditions.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut c = self
+            .conditions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         match c.get_mut(name) {
             Some(v) => *v = state,
             None => {
@@ -40,13 +43,21 @@ impl Readiness {
 
     /// Whether every condition is ready, and each condition's state.
     pub fn report(&self) -> (bool, BTreeMap<String, Option<String>>) {
-        let c = self.conditions.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let c = self
+            .conditions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         (c.values().all(Option::is_none), c)
     }
 
     /// Whether the named condition is currently ready (`None` if unknown).
     pub fn is_ready(&self, name: &str) -> Option<bool> {
-        self.conditions.lock().unwrap_or_else(PoisonError::into_inner).get(name).map(Option::is_none)
+        self.conditions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(name)
+            .map(Option::is_none)
     }
 }
 

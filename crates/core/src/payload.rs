@@ -27,7 +27,11 @@ impl PayloadFormat {
     /// type.
     pub fn detect(json_topic: bool, payload: &[u8]) -> PayloadFormat {
         let first = payload.iter().find(|b| !b.is_ascii_whitespace());
-        if json_topic || first == Some(&b'{') { PayloadFormat::Json } else { PayloadFormat::Protobuf }
+        if json_topic || first == Some(&b'{') {
+            PayloadFormat::Json
+        } else {
+            PayloadFormat::Protobuf
+        }
     }
 }
 
@@ -87,7 +91,10 @@ pub(crate) fn timestamp_from_proto(t: &prost_types::Timestamp) -> Option<DateTim
 }
 
 pub(crate) fn timestamp_to_proto(t: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 }
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos() as i32,
+    }
 }
 
 fn from_proto(b: proto::ReadingBatch) -> DeviceBatch {
@@ -95,7 +102,10 @@ fn from_proto(b: proto::ReadingBatch) -> DeviceBatch {
         .readings
         .into_iter()
         .map(|r| {
-            let metric = match proto::Metric::try_from(r.metric).ok().and_then(Metric::from_proto) {
+            let metric = match proto::Metric::try_from(r.metric)
+                .ok()
+                .and_then(Metric::from_proto)
+            {
                 Some(m) => m.name().to_owned(),
                 None => format!("code:{}", r.metric),
             };
@@ -107,7 +117,11 @@ fn from_proto(b: proto::ReadingBatch) -> DeviceBatch {
                 text_value: non_empty(r.text_value),
                 unit: non_empty(r.unit),
                 measured_at: r.measured_at.as_ref().and_then(timestamp_from_proto),
-                components: r.components.into_iter().map(|c| (c.name, c.value)).collect(),
+                components: r
+                    .components
+                    .into_iter()
+                    .map(|c| (c.name, c.value))
+                    .collect(),
                 flags: r
                     .flags
                     .into_iter()
@@ -121,7 +135,11 @@ fn from_proto(b: proto::ReadingBatch) -> DeviceBatch {
             }
         })
         .collect();
-    DeviceBatch { device_id: non_empty(b.device_id), seq: b.seq, readings }
+    DeviceBatch {
+        device_id: non_empty(b.device_id),
+        seq: b.seq,
+        readings,
+    }
 }
 
 #[derive(Deserialize)]
@@ -176,7 +194,11 @@ fn from_json(b: JsonBatch) -> DeviceBatch {
             }
         })
         .collect();
-    DeviceBatch { device_id: b.device_id.and_then(non_empty), seq: b.seq, readings }
+    DeviceBatch {
+        device_id: b.device_id.and_then(non_empty),
+        seq: b.seq,
+        readings,
+    }
 }
 
 #[cfg(test)]
@@ -196,7 +218,9 @@ mod tests {
     }"#;
 
     fn at(s: &str) -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339(s).map(|t| t.with_timezone(&Utc)).unwrap_or_default()
+        DateTime::parse_from_rfc3339(s)
+            .map(|t| t.with_timezone(&Utc))
+            .unwrap_or_default()
     }
 
     #[test]
@@ -212,7 +236,13 @@ mod tests {
         assert_eq!(bp.value, None);
         let mut comps = bp.components.clone();
         comps.sort_by(|a, b| a.0.cmp(&b.0));
-        assert_eq!(comps, vec![("diastolic".to_owned(), 91.0), ("systolic".to_owned(), 142.0)]);
+        assert_eq!(
+            comps,
+            vec![
+                ("diastolic".to_owned(), 91.0),
+                ("systolic".to_owned(), 142.0)
+            ]
+        );
         assert_eq!(b.readings[1].value, Some(78.0));
         assert_eq!(b.readings[1].unit.as_deref(), Some("/min"));
         assert_eq!(b.readings[2].measured_at, Some(at("2026-11-29T07:46:00Z")));
@@ -245,7 +275,10 @@ mod tests {
             ],
         };
         let bytes = msg.encode_to_vec();
-        assert_eq!(PayloadFormat::detect(false, &bytes), PayloadFormat::Protobuf);
+        assert_eq!(
+            PayloadFormat::detect(false, &bytes),
+            PayloadFormat::Protobuf
+        );
         let b = decode(&bytes, PayloadFormat::Protobuf).expect("valid protobuf");
         assert_eq!(b.device_id.as_deref(), Some("ox-1"));
         assert_eq!(b.seq, Some(7));
@@ -259,20 +292,38 @@ mod tests {
     #[test]
     fn garbage_is_a_decode_error_in_either_format() {
         let garbage = b"\xff\xfe\x00 not a reading";
-        assert!(matches!(decode(garbage, PayloadFormat::Protobuf), Err(DecodeError::Protobuf(_))));
-        assert!(matches!(decode(garbage, PayloadFormat::Json), Err(DecodeError::Json(_))));
-        assert!(matches!(decode(b"{\"readings\": 5}", PayloadFormat::Json), Err(DecodeError::Json(_))));
+        assert!(matches!(
+            decode(garbage, PayloadFormat::Protobuf),
+            Err(DecodeError::Protobuf(_))
+        ));
+        assert!(matches!(
+            decode(garbage, PayloadFormat::Json),
+            Err(DecodeError::Json(_))
+        ));
+        assert!(matches!(
+            decode(b"{\"readings\": 5}", PayloadFormat::Json),
+            Err(DecodeError::Json(_))
+        ));
     }
 
     #[test]
     fn a_batch_without_readings_is_refused() {
-        assert!(matches!(decode(b"{\"readings\": []}", PayloadFormat::Json), Err(DecodeError::Empty)));
-        assert!(matches!(decode(b"", PayloadFormat::Protobuf), Err(DecodeError::Empty)));
+        assert!(matches!(
+            decode(b"{\"readings\": []}", PayloadFormat::Json),
+            Err(DecodeError::Empty)
+        ));
+        assert!(matches!(
+            decode(b"", PayloadFormat::Protobuf),
+            Err(DecodeError::Empty)
+        ));
     }
 
     #[test]
     fn json_topic_forces_json() {
-        assert_eq!(PayloadFormat::detect(true, b"\x0a\x01x"), PayloadFormat::Json);
+        assert_eq!(
+            PayloadFormat::detect(true, b"\x0a\x01x"),
+            PayloadFormat::Json
+        );
         assert_eq!(PayloadFormat::detect(false, b"  \n{}"), PayloadFormat::Json);
     }
 }

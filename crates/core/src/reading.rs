@@ -15,7 +15,10 @@ pub enum Measurement {
     /// One number in the metric's stored unit (also 0/1 for supplemental oxygen).
     Scalar(f64),
     /// mm[Hg].
-    BloodPressure { systolic: f64, diastolic: f64 },
+    BloodPressure {
+        systolic: f64,
+        diastolic: f64,
+    },
     Consciousness(Acvpu),
 }
 
@@ -87,9 +90,10 @@ impl Reading {
     pub fn values(&self) -> impl Iterator<Item = (&'static str, f64)> {
         let (a, b) = match self.measurement {
             Measurement::Scalar(v) => (("", v), None),
-            Measurement::BloodPressure { systolic, diastolic } => {
-                ((SYSTOLIC, systolic), Some((DIASTOLIC, diastolic)))
-            }
+            Measurement::BloodPressure {
+                systolic,
+                diastolic,
+            } => ((SYSTOLIC, systolic), Some((DIASTOLIC, diastolic))),
             Measurement::Consciousness(c) => (("", c.code()), None),
         };
         std::iter::once(a).chain(b)
@@ -131,11 +135,20 @@ impl Batch {
                 .map(|r| {
                     let (value, components, text_value) = match r.measurement {
                         Measurement::Scalar(v) => (v, vec![], String::new()),
-                        Measurement::BloodPressure { systolic, diastolic } => (
+                        Measurement::BloodPressure {
+                            systolic,
+                            diastolic,
+                        } => (
                             0.0,
                             vec![
-                                proto::Component { name: SYSTOLIC.into(), value: systolic },
-                                proto::Component { name: DIASTOLIC.into(), value: diastolic },
+                                proto::Component {
+                                    name: SYSTOLIC.into(),
+                                    value: systolic,
+                                },
+                                proto::Component {
+                                    name: DIASTOLIC.into(),
+                                    value: diastolic,
+                                },
                             ],
                             String::new(),
                         ),
@@ -169,8 +182,11 @@ impl Batch {
         if p.patient_id.is_empty() {
             return Err(RecordError::Missing("patient_id"));
         }
-        let received_at =
-            p.received_at.as_ref().and_then(timestamp_from_proto).ok_or(RecordError::Missing("received_at"))?;
+        let received_at = p
+            .received_at
+            .as_ref()
+            .and_then(timestamp_from_proto)
+            .ok_or(RecordError::Missing("received_at"))?;
         let readings = p
             .readings
             .iter()
@@ -181,25 +197,40 @@ impl Batch {
                     .ok()
                     .and_then(Metric::from_proto)
                     .ok_or_else(|| bad("unknown metric"))?;
-                let measured_at =
-                    r.measured_at.as_ref().and_then(timestamp_from_proto).ok_or_else(|| bad("no measured_at"))?;
+                let measured_at = r
+                    .measured_at
+                    .as_ref()
+                    .and_then(timestamp_from_proto)
+                    .ok_or_else(|| bad("no measured_at"))?;
                 let measurement = match metric {
                     Metric::BloodPressure => {
-                        let get = |n: &str| r.components.iter().find(|c| c.name == n).map(|c| c.value);
+                        let get =
+                            |n: &str| r.components.iter().find(|c| c.name == n).map(|c| c.value);
                         Measurement::BloodPressure {
                             systolic: get(SYSTOLIC).ok_or_else(|| bad("no systolic"))?,
                             diastolic: get(DIASTOLIC).ok_or_else(|| bad("no diastolic"))?,
                         }
                     }
-                    Metric::Consciousness => {
-                        Measurement::Consciousness(Acvpu::parse(&r.text_value).ok_or_else(|| bad("bad ACVPU"))?)
-                    }
+                    Metric::Consciousness => Measurement::Consciousness(
+                        Acvpu::parse(&r.text_value).ok_or_else(|| bad("bad ACVPU"))?,
+                    ),
                     _ => Measurement::Scalar(r.value),
                 };
-                Ok::<_, RecordError>(Reading { metric, measurement, measured_at, quality: Quality::from_proto(&r.flags) })
+                Ok::<_, RecordError>(Reading {
+                    metric,
+                    measurement,
+                    measured_at,
+                    quality: Quality::from_proto(&r.flags),
+                })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Batch { device_id: p.device_id, patient_id: p.patient_id, seq: p.seq, received_at, readings })
+        Ok(Batch {
+            device_id: p.device_id,
+            patient_id: p.patient_id,
+            seq: p.seq,
+            received_at,
+            readings,
+        })
     }
 }
 
@@ -209,7 +240,9 @@ mod tests {
     use chrono::TimeZone;
 
     fn t(s: i64) -> DateTime<Utc> {
-        Utc.timestamp_opt(1_764_400_000 + s, 123_000_000).single().unwrap_or_default()
+        Utc.timestamp_opt(1_764_400_000 + s, 123_000_000)
+            .single()
+            .unwrap_or_default()
     }
 
     #[test]
@@ -224,11 +257,19 @@ mod tests {
             readings: vec![
                 Reading {
                     metric: Metric::BloodPressure,
-                    measurement: Measurement::BloodPressure { systolic: 142.0, diastolic: 91.0 },
+                    measurement: Measurement::BloodPressure {
+                        systolic: 142.0,
+                        diastolic: 91.0,
+                    },
                     measured_at: t(0),
                     quality: Quality::default(),
                 },
-                Reading { metric: Metric::Spo2, measurement: Measurement::Scalar(93.0), measured_at: t(1), quality: q },
+                Reading {
+                    metric: Metric::Spo2,
+                    measurement: Measurement::Scalar(93.0),
+                    measured_at: t(1),
+                    quality: q,
+                },
                 Reading {
                     metric: Metric::Consciousness,
                     measurement: Measurement::Consciousness(Acvpu::Voice),
@@ -241,13 +282,25 @@ mod tests {
         assert_eq!(back, batch);
         let rows: Vec<_> = back.readings[0].values().collect();
         assert_eq!(rows, vec![(SYSTOLIC, 142.0), (DIASTOLIC, 91.0)]);
-        assert_eq!(back.readings[2].values().collect::<Vec<_>>(), vec![("", 2.0)]);
+        assert_eq!(
+            back.readings[2].values().collect::<Vec<_>>(),
+            vec![("", 2.0)]
+        );
     }
 
     #[test]
     fn records_without_identity_are_refused() {
-        let p = proto::ReadingBatch { device_id: "d".into(), ..Default::default() };
-        assert!(matches!(Batch::decode(&p.encode_to_vec()), Err(RecordError::Missing("patient_id"))));
-        assert!(matches!(Batch::decode(b"\xff\xff\xff"), Err(RecordError::Decode(_))));
+        let p = proto::ReadingBatch {
+            device_id: "d".into(),
+            ..Default::default()
+        };
+        assert!(matches!(
+            Batch::decode(&p.encode_to_vec()),
+            Err(RecordError::Missing("patient_id"))
+        ));
+        assert!(matches!(
+            Batch::decode(b"\xff\xff\xff"),
+            Err(RecordError::Decode(_))
+        ));
     }
 }

@@ -47,14 +47,32 @@ mod tests {
     #[test]
     fn readings_topics_parse() {
         let r = MQTT_DEVICE_ROOT;
-        assert_eq!(parse_readings_topic(r, "rpm/v1/devices/bp-1/readings"), Some(("bp-1", false)));
-        assert_eq!(parse_readings_topic(r, "rpm/v1/devices/bp-1/readings/json"), Some(("bp-1", true)));
-        assert_eq!(parse_readings_topic(r, &mqtt_readings_topic(r, "ox-9")), Some(("ox-9", false)));
-        assert_eq!(parse_readings_topic("t1/rpm", &mqtt_readings_topic("t1/rpm", "ox-9")), Some(("ox-9", false)));
+        assert_eq!(
+            parse_readings_topic(r, "rpm/v1/devices/bp-1/readings"),
+            Some(("bp-1", false))
+        );
+        assert_eq!(
+            parse_readings_topic(r, "rpm/v1/devices/bp-1/readings/json"),
+            Some(("bp-1", true))
+        );
+        assert_eq!(
+            parse_readings_topic(r, &mqtt_readings_topic(r, "ox-9")),
+            Some(("ox-9", false))
+        );
+        assert_eq!(
+            parse_readings_topic("t1/rpm", &mqtt_readings_topic("t1/rpm", "ox-9")),
+            Some(("ox-9", false))
+        );
         assert_eq!(parse_readings_topic(r, "rpm/v1/devices//readings"), None);
         assert_eq!(parse_readings_topic(r, "rpm/v1/devices/bp-1/status"), None);
-        assert_eq!(parse_readings_topic(r, "rpm/v1/devices/bp-1/readings/xml"), None);
-        assert_eq!(parse_readings_topic(r, "rpm/v1/devicesX/bp-1/readings"), None);
+        assert_eq!(
+            parse_readings_topic(r, "rpm/v1/devices/bp-1/readings/xml"),
+            None
+        );
+        assert_eq!(
+            parse_readings_topic(r, "rpm/v1/devicesX/bp-1/readings"),
+            None
+        );
         assert_eq!(parse_readings_topic(r, "other/bp-1/readings"), None);
         assert_eq!(mqtt_readings_filter(r), "rpm/v1/devices/+/readings/#");
     }

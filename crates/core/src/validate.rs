@@ -105,7 +105,10 @@ pub struct Rejection {
 
 impl Rejection {
     pub fn new(reason: Reason, detail: impl Into<String>) -> Rejection {
-        Rejection { reason, detail: detail.into() }
+        Rejection {
+            reason,
+            detail: detail.into(),
+        }
     }
 }
 
@@ -126,51 +129,95 @@ pub struct TimePolicy {
 
 impl Default for TimePolicy {
     fn default() -> Self {
-        TimePolicy { max_future_skew: Duration::minutes(5), max_age: Duration::days(90) }
+        TimePolicy {
+            max_future_skew: Duration::minutes(5),
+            max_age: Duration::days(90),
+        }
     }
 }
 
 /// Validates one reading as received at `now`.
-pub fn validate(raw: &RawReading, now: DateTime<Utc>, policy: &TimePolicy) -> Result<Reading, Rejection> {
+pub fn validate(
+    raw: &RawReading,
+    now: DateTime<Utc>,
+    policy: &TimePolicy,
+) -> Result<Reading, Rejection> {
     use Reason::*;
-    let metric: Metric = raw.metric.parse().map_err(|_| Rejection::new(UnknownMetric, format!("metric {:?}", raw.metric)))?;
+    let metric: Metric = raw
+        .metric
+        .parse()
+        .map_err(|_| Rejection::new(UnknownMetric, format!("metric {:?}", raw.metric)))?;
     let info = metric.info();
 
-    let measured_at = raw.measured_at.ok_or_else(|| Rejection::new(MissingTimestamp, "measured_at is missing"))?;
+    let measured_at = raw
+        .measured_at
+        .ok_or_else(|| Rejection::new(MissingTimestamp, "measured_at is missing"))?;
     if measured_at > now + policy.max_future_skew {
         return Err(Rejection::new(
             FutureTimestamp,
-            format!("measured_at {measured_at} is ahead of received time {now} by more than {}s", policy.max_future_skew.num_seconds()),
+            format!(
+                "measured_at {measured_at} is ahead of received time {now} by more than {}s",
+                policy.max_future_skew.num_seconds()
+            ),
         ));
     }
     if measured_at < now - policy.max_age {
-        return Err(Rejection::new(TooOld, format!("measured_at {measured_at} is older than {} days", policy.max_age.num_days())));
+        return Err(Rejection::new(
+            TooOld,
+            format!(
+                "measured_at {measured_at} is older than {} days",
+                policy.max_age.num_days()
+            ),
+        ));
     }
 
     let mut quality = Quality::default();
     for f in &raw.flags {
-        quality.insert(Quality::from_name(f).ok_or_else(|| Rejection::new(UnknownFlag, format!("flag {f:?}")))?);
+        quality.insert(
+            Quality::from_name(f)
+                .ok_or_else(|| Rejection::new(UnknownFlag, format!("flag {f:?}")))?,
+        );
     }
 
     let convert = |v: f64| -> Result<f64, Rejection> {
         metric
             .to_stored_unit(v, raw.unit.as_deref())
-            .ok_or_else(|| Rejection::new(BadUnit, format!("unit {:?} is not accepted for {metric} (stored as {:?})", raw.unit.as_deref().unwrap_or(""), info.unit)))
+            .ok_or_else(|| {
+                Rejection::new(
+                    BadUnit,
+                    format!(
+                        "unit {:?} is not accepted for {metric} (stored as {:?})",
+                        raw.unit.as_deref().unwrap_or(""),
+                        info.unit
+                    ),
+                )
+            })
     };
     let check = |what: &str, v: f64, range: crate::catalogue::Range| -> Result<f64, Rejection> {
         if range.contains(v) {
             Ok(v)
         } else {
-            Err(Rejection::new(OutOfRange, format!("{what} {v} {} is outside {}..={}", info.unit, range.min, range.max)))
+            Err(Rejection::new(
+                OutOfRange,
+                format!(
+                    "{what} {v} {} is outside {}..={}",
+                    info.unit, range.min, range.max
+                ),
+            ))
         }
     };
 
     let measurement = match info.shape {
         Shape::Scalar | Shape::Flag => {
-            let v = raw.value.ok_or_else(|| Rejection::new(MissingValue, format!("{metric} needs a numeric value")))?;
+            let v = raw.value.ok_or_else(|| {
+                Rejection::new(MissingValue, format!("{metric} needs a numeric value"))
+            })?;
             let v = check(metric.name(), convert(v)?, info.range)?;
             if info.shape == Shape::Flag && v != 0.0 && v != 1.0 {
-                return Err(Rejection::new(OutOfRange, format!("{metric} must be 0 or 1, got {v}")));
+                return Err(Rejection::new(
+                    OutOfRange,
+                    format!("{metric} must be 0 or 1, got {v}"),
+                ));
             }
             Measurement::Scalar(v)
         }
@@ -180,26 +227,47 @@ pub fn validate(raw: &RawReading, now: DateTime<Utc>, policy: &TimePolicy) -> Re
                     .iter()
                     .find(|(n, _)| n == name)
                     .map(|(_, v)| *v)
-                    .ok_or_else(|| Rejection::new(MissingValue, format!("blood_pressure needs a {name} component")))
+                    .ok_or_else(|| {
+                        Rejection::new(
+                            MissingValue,
+                            format!("blood_pressure needs a {name} component"),
+                        )
+                    })
             };
             let systolic = check(SYSTOLIC, convert(get(SYSTOLIC)?)?, info.range)?;
-            let diastolic = check(DIASTOLIC, convert(get(DIASTOLIC)?)?, info.range2.unwrap_or(info.range))?;
+            let diastolic = check(
+                DIASTOLIC,
+                convert(get(DIASTOLIC)?)?,
+                info.range2.unwrap_or(info.range),
+            )?;
             if systolic <= diastolic {
                 return Err(Rejection::new(
                     InconsistentBloodPressure,
                     format!("systolic {systolic} is not above diastolic {diastolic}"),
                 ));
             }
-            Measurement::BloodPressure { systolic, diastolic }
+            Measurement::BloodPressure {
+                systolic,
+                diastolic,
+            }
         }
         Shape::Acvpu => {
             let letter = raw.text_value.as_deref().unwrap_or("");
-            let a = Acvpu::parse(letter)
-                .ok_or_else(|| Rejection::new(MissingValue, format!("consciousness needs one of A, C, V, P, U, got {letter:?}")))?;
+            let a = Acvpu::parse(letter).ok_or_else(|| {
+                Rejection::new(
+                    MissingValue,
+                    format!("consciousness needs one of A, C, V, P, U, got {letter:?}"),
+                )
+            })?;
             Measurement::Consciousness(a)
         }
     };
-    Ok(Reading { metric, measurement, measured_at, quality })
+    Ok(Reading {
+        metric,
+        measurement,
+        measured_at,
+        quality,
+    })
 }
 
 #[cfg(test)]
@@ -208,7 +276,9 @@ mod tests {
     use chrono::TimeZone;
 
     fn now() -> DateTime<Utc> {
-        Utc.with_ymd_and_hms(2026, 11, 29, 8, 0, 0).single().unwrap_or_default()
+        Utc.with_ymd_and_hms(2026, 11, 29, 8, 0, 0)
+            .single()
+            .unwrap_or_default()
     }
 
     fn raw(metric: &str, value: f64, unit: Option<&str>) -> RawReading {
@@ -222,12 +292,19 @@ mod tests {
     }
 
     fn reason(r: &RawReading) -> Option<Reason> {
-        validate(r, now(), &TimePolicy::default()).err().map(|e| e.reason)
+        validate(r, now(), &TimePolicy::default())
+            .err()
+            .map(|e| e.reason)
     }
 
     #[test]
     fn a_plain_reading_passes_and_converts() {
-        let r = validate(&raw("body_temperature", 98.6, Some("[degF]")), now(), &TimePolicy::default()).expect("valid");
+        let r = validate(
+            &raw("body_temperature", 98.6, Some("[degF]")),
+            now(),
+            &TimePolicy::default(),
+        )
+        .expect("valid");
         match r.measurement {
             Measurement::Scalar(c) => assert!((c - 37.0).abs() < 1e-9, "{c}"),
             other => panic!("unexpected {other:?}"),
@@ -236,11 +313,26 @@ mod tests {
 
     #[test]
     fn each_reason_is_reported() {
-        assert_eq!(reason(&raw("heart_rate", 900.0, None)), Some(Reason::OutOfRange));
-        assert_eq!(reason(&raw("heart_rate", f64::NAN, None)), Some(Reason::OutOfRange));
-        assert_eq!(reason(&raw("pulse", 70.0, None)), Some(Reason::UnknownMetric));
-        assert_eq!(reason(&raw("heart_rate", 70.0, Some("Hz"))), Some(Reason::BadUnit));
-        assert_eq!(reason(&raw("supplemental_oxygen", 0.5, None)), Some(Reason::OutOfRange));
+        assert_eq!(
+            reason(&raw("heart_rate", 900.0, None)),
+            Some(Reason::OutOfRange)
+        );
+        assert_eq!(
+            reason(&raw("heart_rate", f64::NAN, None)),
+            Some(Reason::OutOfRange)
+        );
+        assert_eq!(
+            reason(&raw("pulse", 70.0, None)),
+            Some(Reason::UnknownMetric)
+        );
+        assert_eq!(
+            reason(&raw("heart_rate", 70.0, Some("Hz"))),
+            Some(Reason::BadUnit)
+        );
+        assert_eq!(
+            reason(&raw("supplemental_oxygen", 0.5, None)),
+            Some(Reason::OutOfRange)
+        );
         let mut r = raw("heart_rate", 70.0, None);
         r.value = None;
         assert_eq!(reason(&r), Some(Reason::MissingValue));
@@ -265,7 +357,13 @@ mod tests {
         r.value = None;
         r.components = vec![("systolic".into(), 142.0), ("diastolic".into(), 91.0)];
         let ok = validate(&r, now(), &TimePolicy::default()).expect("valid");
-        assert_eq!(ok.measurement, Measurement::BloodPressure { systolic: 142.0, diastolic: 91.0 });
+        assert_eq!(
+            ok.measurement,
+            Measurement::BloodPressure {
+                systolic: 142.0,
+                diastolic: 91.0
+            }
+        );
         r.components = vec![("systolic".into(), 80.0), ("diastolic".into(), 91.0)];
         assert_eq!(reason(&r), Some(Reason::InconsistentBloodPressure));
         r.components = vec![("systolic".into(), 120.0)];

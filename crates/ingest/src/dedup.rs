@@ -80,7 +80,11 @@ mod tests {
         let b = r.identity("d", b"two");
         let c = r.identity("d", b"three");
         assert_ne!(a, b);
-        assert_ne!(r.identity("d", b"one"), r.identity("e", b"one"), "the topic is part of the identity");
+        assert_ne!(
+            r.identity("d", b"one"),
+            r.identity("e", b"one"),
+            "the topic is part of the identity"
+        );
         assert_eq!(a, r.identity("d", b"one"));
         r.insert(a);
         r.insert(b);

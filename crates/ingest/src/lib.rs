@@ -103,19 +103,27 @@ impl MqttTls {
     /// rustls crypto provider if none is installed yet.
     pub fn transport(&self) -> Result<rumqttc::Transport, IngestError> {
         let read = |p: &std::path::Path| {
-            std::fs::read(p).map_err(|e| IngestError::Config(format!("mqtt.tls: cannot read {}: {e}", p.display())))
+            std::fs::read(p).map_err(|e| {
+                IngestError::Config(format!("mqtt.tls: cannot read {}: {e}", p.display()))
+            })
         };
         let client_auth = match (&self.client_cert_file, &self.client_key_file) {
             (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
             (None, None) => None,
-            _ => return Err(IngestError::Config("mqtt.tls: client_cert_file and client_key_file go together".into())),
+            _ => {
+                return Err(IngestError::Config(
+                    "mqtt.tls: client_cert_file and client_key_file go together".into(),
+                ));
+            }
         };
         let _ = rustls::crypto::ring::default_provider().install_default();
-        Ok(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Simple {
-            ca: read(&self.ca_file)?,
-            alpn: None,
-            client_auth,
-        }))
+        Ok(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Simple {
+                ca: read(&self.ca_file)?,
+                alpn: None,
+                client_auth,
+            },
+        ))
     }
 }
 
@@ -216,19 +224,29 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), IngestError> {
     if cfg.max_in_flight == 0 {
-        return Err(IngestError::Config("ingest.max_in_flight must be at least 1".into()));
+        return Err(IngestError::Config(
+            "ingest.max_in_flight must be at least 1".into(),
+        ));
     }
     readiness.set_not_ready("ingest.mqtt", "not connected yet");
     readiness.set_not_ready("ingest.registry", "not loaded yet");
     readiness.set_ready("ingest.broker_drops");
     let producer = vitalwatch_bus::Producer::new(kafka)?;
     let kafka_health = DeliveryHealth::new(readiness.clone(), "ingest.kafka");
-    let deadletter = DeadLetter::new(producer.clone(), kafka.deadletter_topic.clone(), Some(kafka_health.clone()));
+    let deadletter = DeadLetter::new(
+        producer.clone(),
+        kafka.deadletter_topic.clone(),
+        Some(kafka_health.clone()),
+    );
     let registry = Arc::new(RegistryCache::new(vitalwatch_store::pool(db)?));
     load_registry(&registry, &shutdown).await;
     readiness.set_ready("ingest.registry");
     let every = Duration::from_secs(cfg.registry_refresh_secs.max(1));
-    let refresher = tokio::spawn(registry.clone().keep_fresh(db.url.clone(), every, shutdown.clone()));
+    let refresher = tokio::spawn(registry.clone().keep_fresh(
+        db.url.clone(),
+        every,
+        shutdown.clone(),
+    ));
 
     let mut opts = MqttOptions::new(&mqtt.client_id, &mqtt.host, mqtt.port);
     opts.set_keep_alive(Duration::from_secs(mqtt.keep_alive_secs.max(5)))
@@ -242,10 +260,22 @@ pub async fn run(
         opts.set_transport(tls.transport()?);
     }
     let (client, eventloop) = AsyncClient::new(opts, cfg.max_in_flight * 2);
-    let filter = format!("$share/{}/{}", mqtt.share_group, topics::mqtt_readings_filter(&mqtt.topic_root));
+    let filter = format!(
+        "$share/{}/{}",
+        mqtt.share_group,
+        topics::mqtt_readings_filter(&mqtt.topic_root)
+    );
     let epoch = Arc::new(AtomicU64::new(0));
     let (tx, rx) = mpsc::channel(cfg.max_in_flight);
-    let events = tokio::spawn(event_loop(eventloop, client.clone(), filter, epoch.clone(), tx, readiness.clone(), shutdown.clone()));
+    let events = tokio::spawn(event_loop(
+        eventloop,
+        client.clone(),
+        filter,
+        epoch.clone(),
+        tx,
+        readiness.clone(),
+        shutdown.clone(),
+    ));
     tracing::info!(broker = %format!("{}:{}", mqtt.host, mqtt.port), client_id = %mqtt.client_id, "ingest started");
 
     let ctx = Arc::new(Context {
@@ -329,11 +359,17 @@ async fn event_loop(
             }
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 let e = epoch.fetch_add(1, Ordering::AcqRel) + 1;
-                tracing::info!(session_present = ack.session_present, epoch = e, "mqtt connected");
+                tracing::info!(
+                    session_present = ack.session_present,
+                    epoch = e,
+                    "mqtt connected"
+                );
                 if !ack.session_present && e > 1 {
                     // Our session (and any messages queued for it) is gone:
                     // the broker restarted without persistence, or expired it.
-                    tracing::error!("the broker did not keep ingest's session; messages queued for it may be lost");
+                    tracing::error!(
+                        "the broker did not keep ingest's session; messages queued for it may be lost"
+                    );
                     metrics::counter!("vitalwatch_ingest_mqtt_sessions_lost_total").increment(1);
                 }
                 metrics::counter!("vitalwatch_ingest_mqtt_connects_total").increment(1);
@@ -358,12 +394,18 @@ async fn event_loop(
                     Some(Success(QoS::AtLeastOnce | QoS::ExactlyOnce)) => {}
                     Some(Failure) => {
                         tracing::error!(filter = %filter, "the broker refused the readings subscription (ACL?); ingest receives nothing");
-                        readiness.set_not_ready("ingest.mqtt", format!("subscription to {filter} refused by the broker"));
+                        readiness.set_not_ready(
+                            "ingest.mqtt",
+                            format!("subscription to {filter} refused by the broker"),
+                        );
                     }
                     other => {
                         // QoS 0 would mean no redelivery: not acceptable for readings.
                         tracing::error!(filter = %filter, granted = ?other, "the broker downgraded the readings subscription below QoS 1");
-                        readiness.set_not_ready("ingest.mqtt", format!("subscription to {filter} granted as {other:?}, not QoS 1"));
+                        readiness.set_not_ready(
+                            "ingest.mqtt",
+                            format!("subscription to {filter} granted as {other:?}, not QoS 1"),
+                        );
                     }
                 }
                 if ack.return_codes.get(1) == Some(&Failure) {
@@ -397,14 +439,27 @@ async fn event_loop(
 /// Follows the broker's dropped-messages counter: a metric, and not ready
 /// while it rises (Mosquitto reports it every `sys_interval`, 10 s by default).
 fn watch_drops(payload: &[u8], last: &mut Option<u64>, readiness: &Readiness) {
-    let Some(now) = std::str::from_utf8(payload).ok().and_then(|s| s.trim().parse::<u64>().ok()) else {
+    let Some(now) = std::str::from_utf8(payload)
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+    else {
         return;
     };
     metrics::gauge!("vitalwatch_ingest_broker_dropped_messages").set(now as f64);
     match *last {
         Some(before) if now > before => {
-            tracing::error!(dropped = now - before, total = now, "the MQTT broker is dropping messages: its queue limits are reached");
-            readiness.set_not_ready("ingest.broker_drops", format!("broker dropped {} messages since the last report", now - before));
+            tracing::error!(
+                dropped = now - before,
+                total = now,
+                "the MQTT broker is dropping messages: its queue limits are reached"
+            );
+            readiness.set_not_ready(
+                "ingest.broker_drops",
+                format!(
+                    "broker dropped {} messages since the last report",
+                    now - before
+                ),
+            );
         }
         _ => readiness.set_ready("ingest.broker_drops"),
     }
@@ -448,7 +503,13 @@ async fn process(
     let mut draining = false;
     loop {
         metrics::gauge!("vitalwatch_ingest_in_flight").set(pending.len() as f64);
-        metrics::gauge!("vitalwatch_ingest_backpressure").set(if pending.len() >= cfg.max_in_flight { 1.0 } else { 0.0 });
+        metrics::gauge!("vitalwatch_ingest_backpressure").set(
+            if pending.len() >= cfg.max_in_flight {
+                1.0
+            } else {
+                0.0
+            },
+        );
         tokio::select! {
             biased;
             Some((msg, delivered)) = pending.next(), if !pending.is_empty() => {
@@ -488,7 +549,11 @@ async fn process(
 }
 
 /// Queues the acks in `unsent`, in order, as far as the client has room.
-fn flush_acks(client: &AsyncClient, unsent: &mut std::collections::VecDeque<Incoming>, epoch: &AtomicU64) {
+fn flush_acks(
+    client: &AsyncClient,
+    unsent: &mut std::collections::VecDeque<Incoming>,
+    epoch: &AtomicU64,
+) {
     while let Some(msg) = unsent.front() {
         if msg.epoch != epoch.load(Ordering::Acquire) {
             metrics::counter!("vitalwatch_ingest_stale_acks_skipped_total").increment(1);
@@ -497,7 +562,8 @@ fn flush_acks(client: &AsyncClient, unsent: &mut std::collections::VecDeque<Inco
         }
         match client.try_ack(&msg.publish) {
             Ok(()) => {
-                metrics::histogram!("vitalwatch_ingest_mqtt_to_kafka_seconds").record(msg.since.elapsed().as_secs_f64());
+                metrics::histogram!("vitalwatch_ingest_mqtt_to_kafka_seconds")
+                    .record(msg.since.elapsed().as_secs_f64());
                 unsent.pop_front();
             }
             // The request queue is full (or the event loop is gone, which
@@ -523,14 +589,26 @@ async fn deliver_message(ctx: &Context, msg: &Incoming) -> bool {
     let topic = msg.publish.topic.as_str();
     let payload = &msg.publish.payload[..];
     let Some((device_id, json_topic)) = topics::parse_readings_topic(&ctx.topic_root, topic) else {
-        return dead_letter(ctx, msg, "", Reason::BadTopic, &format!("{topic:?} is not a readings topic"), None).await;
+        return dead_letter(
+            ctx,
+            msg,
+            "",
+            Reason::BadTopic,
+            &format!("{topic:?} is not a readings topic"),
+            None,
+        )
+        .await;
     };
     let identity = lock(&ctx.recent).identity(topic, payload);
     let twin = Arc::clone(lock(&ctx.in_flight).entry(identity).or_default());
     let guard = twin.lock().await;
     let delivered = if lock(&ctx.recent).contains(identity) {
         metrics::counter!("vitalwatch_ingest_duplicates_total", "kind" => "batch").increment(1);
-        tracing::debug!(device_id, dup = msg.publish.dup, "batch already delivered; acknowledging the redelivery");
+        tracing::debug!(
+            device_id,
+            dup = msg.publish.dup,
+            "batch already delivered; acknowledging the redelivery"
+        );
         true
     } else {
         deliver_new(ctx, msg, device_id, json_topic, identity).await
@@ -550,7 +628,13 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Delivers a batch not seen before; remembers it once Kafka has it all.
-async fn deliver_new(ctx: &Context, msg: &Incoming, device_id: &str, json_topic: bool, identity: u128) -> bool {
+async fn deliver_new(
+    ctx: &Context,
+    msg: &Incoming,
+    device_id: &str,
+    json_topic: bool,
+    identity: u128,
+) -> bool {
     let payload = &msg.publish.payload[..];
     let device = loop {
         match ctx.registry.device(device_id, msg.since).await {
@@ -564,12 +648,29 @@ async fn deliver_new(ctx: &Context, msg: &Incoming, device_id: &str, json_topic:
             }
         }
     };
-    let outcome = classify(device_id, json_topic, payload, device.as_ref(), msg.received_at, &ctx.policy);
+    let outcome = classify(
+        device_id,
+        json_topic,
+        payload,
+        device.as_ref(),
+        msg.received_at,
+        &ctx.policy,
+    );
     if outcome.duplicates > 0 {
-        metrics::counter!("vitalwatch_ingest_duplicates_total", "kind" => "reading").increment(outcome.duplicates as u64);
+        metrics::counter!("vitalwatch_ingest_duplicates_total", "kind" => "reading")
+            .increment(outcome.duplicates as u64);
     }
     for r in &outcome.rejected {
-        if !dead_letter(ctx, msg, device_id, r.rejection.reason, &r.rejection.detail, r.reading_index).await {
+        if !dead_letter(
+            ctx,
+            msg,
+            device_id,
+            r.rejection.reason,
+            &r.rejection.detail,
+            r.reading_index,
+        )
+        .await
+        {
             return false;
         }
     }
@@ -577,15 +678,25 @@ async fn deliver_new(ctx: &Context, msg: &Incoming, device_id: &str, json_topic:
         let started = Instant::now();
         let value = batch.encode();
         let health = Some(&ctx.kafka_health);
-        if vitalwatch_bus::deliver(&ctx.producer, &ctx.readings_topic, &batch.patient_id, &value, None, health, &ctx.give_up)
-            .await
-            .is_err()
+        if vitalwatch_bus::deliver(
+            &ctx.producer,
+            &ctx.readings_topic,
+            &batch.patient_id,
+            &value,
+            None,
+            health,
+            &ctx.give_up,
+        )
+        .await
+        .is_err()
         {
             return false;
         }
-        metrics::histogram!("vitalwatch_ingest_kafka_produce_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("vitalwatch_ingest_kafka_produce_seconds")
+            .record(started.elapsed().as_secs_f64());
     }
-    metrics::counter!("vitalwatch_ingest_accepted_readings_total").increment(outcome.accepted_readings() as u64);
+    metrics::counter!("vitalwatch_ingest_accepted_readings_total")
+        .increment(outcome.accepted_readings() as u64);
     // A payload refused whole (unknown device, bad topic, …) may be sent
     // again once the cause is fixed (the device registered): that copy must
     // be judged afresh, not taken for a redelivery.
@@ -603,7 +714,13 @@ async fn dead_letter(
     detail: &str,
     reading_index: Option<usize>,
 ) -> bool {
-    tracing::info!(device_id, reason = reason.as_str(), detail, reading_index, "input rejected");
+    tracing::info!(
+        device_id,
+        reason = reason.as_str(),
+        detail,
+        reading_index,
+        "input rejected"
+    );
     metrics::counter!("vitalwatch_ingest_rejected_total", "reason" => reason.as_str()).increment(1);
     let info = DeadLetterInfo {
         reason: reason.as_str(),
@@ -612,7 +729,11 @@ async fn dead_letter(
         received_at: msg.received_at,
         reading_index,
     };
-    match ctx.deadletter.send(device_id, &msg.publish.payload, info, &ctx.give_up).await {
+    match ctx
+        .deadletter
+        .send(device_id, &msg.publish.payload, info, &ctx.give_up)
+        .await
+    {
         Ok(()) => {
             metrics::counter!("vitalwatch_ingest_deadlettered_total").increment(1);
             true

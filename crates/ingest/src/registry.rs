@@ -30,7 +30,11 @@ pub struct RegistryCache {
 
 impl RegistryCache {
     pub fn new(pool: Pool) -> RegistryCache {
-        RegistryCache { pool, devices: RwLock::new(Arc::new(HashMap::new())), loaded_at: Mutex::new(None) }
+        RegistryCache {
+            pool,
+            devices: RwLock::new(Arc::new(HashMap::new())),
+            loaded_at: Mutex::new(None),
+        }
     }
 
     /// Reloads the snapshot from the database.
@@ -53,7 +57,11 @@ impl RegistryCache {
     /// The device's record, or `None` if it is not registered, for a message
     /// that arrived at `arrived`. An error means the registry could not be
     /// read: the caller must not decide yet.
-    pub async fn device(&self, device_id: &str, arrived: Instant) -> Result<Option<DeviceRecord>, StoreError> {
+    pub async fn device(
+        &self,
+        device_id: &str,
+        arrived: Instant,
+    ) -> Result<Option<DeviceRecord>, StoreError> {
         if let Some(d) = self.devices.read().await.get(device_id) {
             return Ok(Some(d.clone()));
         }
@@ -70,7 +78,12 @@ impl RegistryCache {
 
     /// Keeps the snapshot fresh until `shutdown`: reloads on every change
     /// notification and every `every`. Reconnects the listener with backoff.
-    pub async fn keep_fresh(self: Arc<Self>, url: String, every: Duration, shutdown: CancellationToken) {
+    pub async fn keep_fresh(
+        self: Arc<Self>,
+        url: String,
+        every: Duration,
+        shutdown: CancellationToken,
+    ) {
         let (tx, mut changed) = mpsc::channel::<()>(1);
         let listener = tokio::spawn(listen(url, tx, shutdown.clone()));
         loop {
@@ -101,7 +114,10 @@ async fn listen(url: String, tx: mpsc::Sender<()>, shutdown: CancellationToken) 
                 let (up_tx, up_rx) = tokio::sync::oneshot::channel::<()>();
                 let notify = tx.clone();
                 let driver = tokio::spawn(async move {
-                    let mut messages = std::pin::pin!(futures_util::stream::poll_fn(move |cx| conn.poll_message(cx)));
+                    let mut messages =
+                        std::pin::pin!(futures_util::stream::poll_fn(
+                            move |cx| conn.poll_message(cx)
+                        ));
                     while let Some(Ok(m)) = messages.next().await {
                         if let AsyncMessage::Notification(_) = m {
                             let _ = notify.try_send(());
@@ -109,7 +125,10 @@ async fn listen(url: String, tx: mpsc::Sender<()>, shutdown: CancellationToken) 
                     }
                     drop(up_tx);
                 });
-                match client.batch_execute(&format!("LISTEN {CHANGE_CHANNEL}")).await {
+                match client
+                    .batch_execute(&format!("LISTEN {CHANGE_CHANNEL}"))
+                    .await
+                {
                     Ok(()) => {
                         backoff = Duration::from_millis(200);
                         // A reload now covers changes made while we were not listening.

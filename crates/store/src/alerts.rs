@@ -69,7 +69,12 @@ pub async fn update_severity(
 
 /// Resolves an open alert: by the engine when its condition cleared
 /// (`actor` `None`), or by a nurse. `false` when it was not open.
-pub async fn resolve(client: &impl GenericClient, alert_id: &str, at: DateTime<Utc>, actor: Option<&str>) -> Result<bool, StoreError> {
+pub async fn resolve(
+    client: &impl GenericClient,
+    alert_id: &str,
+    at: DateTime<Utc>,
+    actor: Option<&str>,
+) -> Result<bool, StoreError> {
     let n = client
         .execute(
             "WITH changed AS (

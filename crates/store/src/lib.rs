@@ -67,7 +67,9 @@ impl DatabaseConfig {
     /// Checks the settings that the database would otherwise refuse late.
     pub fn validate(&self) -> Result<(), StoreError> {
         if self.chunk_hours == 0 {
-            return Err(StoreError::Invalid("database.chunk_hours must be at least 1".into()));
+            return Err(StoreError::Invalid(
+                "database.chunk_hours must be at least 1".into(),
+            ));
         }
         if self.retain_days != 0 && self.retain_days <= storage::REFRESH_WINDOW_DAYS {
             return Err(StoreError::Invalid(format!(
@@ -105,7 +107,9 @@ impl StoreError {
     /// waiting out rather than giving the data up.
     pub fn is_data_error(&self) -> bool {
         match self {
-            StoreError::Db(e) => e.code().is_some_and(|c| c.code().starts_with("22") || c.code().starts_with("23")),
+            StoreError::Db(e) => e
+                .code()
+                .is_some_and(|c| c.code().starts_with("22") || c.code().starts_with("23")),
             StoreError::Invalid(_) => true,
             StoreError::Pool(_) | StoreError::CreatePool(_) | StoreError::Schema(_) => false,
         }
@@ -122,7 +126,10 @@ impl StoreError {
                     let c = code.code();
                     // 08: connection exception, 53: insufficient resources,
                     // 57P: operator intervention (shutdown), 40: rollback (serialization, deadlock).
-                    c.starts_with("08") || c.starts_with("53") || c.starts_with("57P") || c.starts_with("40")
+                    c.starts_with("08")
+                        || c.starts_with("53")
+                        || c.starts_with("57P")
+                        || c.starts_with("40")
                 }
             },
             StoreError::CreatePool(_) | StoreError::Invalid(_) => false,
@@ -139,7 +146,10 @@ pub fn pool(cfg: &DatabaseConfig) -> Result<Pool, StoreError> {
     pc.manager = Some(deadpool_postgres::ManagerConfig {
         recycling_method: deadpool_postgres::RecyclingMethod::Fast,
     });
-    Ok(pc.create_pool(Some(deadpool_postgres::Runtime::Tokio1), tokio_postgres::NoTls)?)
+    Ok(pc.create_pool(
+        Some(deadpool_postgres::Runtime::Tokio1),
+        tokio_postgres::NoTls,
+    )?)
 }
 
 /// One connection outside any pool (migrations, tools).

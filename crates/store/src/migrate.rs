@@ -23,7 +23,10 @@ pub struct Migration {
 pub enum Sql {
     Any(&'static str),
     /// The first such migration chooses the layout (see [`storage`]).
-    ByLayout { timescaledb: &'static str, native: &'static str },
+    ByLayout {
+        timescaledb: &'static str,
+        native: &'static str,
+    },
 }
 
 /// Every migration, in order. Never edit one that has been released: add
@@ -34,7 +37,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "registry_and_readings",
         sql: Sql::Any(include_str!("../migrations/0001_registry_and_readings.sql")),
     },
-    Migration { version: 2, name: "registry_notify", sql: Sql::Any(include_str!("../migrations/0002_registry_notify.sql")) },
+    Migration {
+        version: 2,
+        name: "registry_notify",
+        sql: Sql::Any(include_str!("../migrations/0002_registry_notify.sql")),
+    },
     Migration {
         version: 3,
         name: "readings_timeseries",
@@ -46,7 +53,9 @@ pub const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 4,
         name: "care_teams_alerts_audit",
-        sql: Sql::Any(include_str!("../migrations/0004_care_teams_alerts_audit.sql")),
+        sql: Sql::Any(include_str!(
+            "../migrations/0004_care_teams_alerts_audit.sql"
+        )),
     },
 ];
 
@@ -65,20 +74,32 @@ pub async fn migrate(client: &mut Client, cfg: &DatabaseConfig) -> Result<Vec<i3
 }
 
 /// [`migrate`], stopping after version `target` (tests of upgrades).
-pub async fn migrate_to(client: &mut Client, cfg: &DatabaseConfig, target: i32) -> Result<Vec<i32>, StoreError> {
+pub async fn migrate_to(
+    client: &mut Client,
+    cfg: &DatabaseConfig,
+    target: i32,
+) -> Result<Vec<i32>, StoreError> {
     cfg.validate()?;
-    client.execute("SELECT pg_advisory_lock($1)", &[&LOCK_KEY]).await?;
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&LOCK_KEY])
+        .await?;
     let result = apply(client, cfg, target).await;
     let result = match result {
         Ok(applied) => storage::apply_policies(client, cfg).await.map(|()| applied),
         Err(e) => Err(e),
     };
     // On error the lock is released with the session if this fails too.
-    let _ = client.execute("SELECT pg_advisory_unlock($1)", &[&LOCK_KEY]).await;
+    let _ = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&LOCK_KEY])
+        .await;
     result
 }
 
-async fn apply(client: &mut Client, cfg: &DatabaseConfig, target: i32) -> Result<Vec<i32>, StoreError> {
+async fn apply(
+    client: &mut Client,
+    cfg: &DatabaseConfig,
+    target: i32,
+) -> Result<Vec<i32>, StoreError> {
     client
         .batch_execute(
             "CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -88,8 +109,12 @@ async fn apply(client: &mut Client, cfg: &DatabaseConfig, target: i32) -> Result
             )",
         )
         .await?;
-    let done: Vec<i32> =
-        client.query("SELECT version FROM schema_migrations", &[]).await?.iter().map(|r| r.get(0)).collect();
+    let done: Vec<i32> = client
+        .query("SELECT version FROM schema_migrations", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
     let mut applied = Vec::new();
     for Migration { version, name, sql } in MIGRATIONS {
         if done.contains(version) || *version > target {
@@ -98,7 +123,10 @@ async fn apply(client: &mut Client, cfg: &DatabaseConfig, target: i32) -> Result
         let mut tx = client.transaction().await?;
         let text = match sql {
             Sql::Any(text) => text,
-            Sql::ByLayout { timescaledb, native } => {
+            Sql::ByLayout {
+                timescaledb,
+                native,
+            } => {
                 let layout = match storage::recorded_layout(&tx).await? {
                     Some(l) => l,
                     None => storage::choose_layout(&mut tx, cfg).await?,
@@ -109,8 +137,14 @@ async fn apply(client: &mut Client, cfg: &DatabaseConfig, target: i32) -> Result
                 }
             }
         };
-        tx.batch_execute(text).await.map_err(|e| migration_error(*version, name, e))?;
-        tx.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", &[version, name]).await?;
+        tx.batch_execute(text)
+            .await
+            .map_err(|e| migration_error(*version, name, e))?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+            &[version, name],
+        )
+        .await?;
         tx.commit().await?;
         tracing::info!(version, name, "migration applied");
         applied.push(*version);
@@ -127,7 +161,13 @@ pub async fn current_version(client: &Client) -> Result<i32, StoreError> {
     if !exists {
         return Ok(0);
     }
-    Ok(client.query_one("SELECT coalesce(max(version), 0) FROM schema_migrations", &[]).await?.get(0))
+    Ok(client
+        .query_one(
+            "SELECT coalesce(max(version), 0) FROM schema_migrations",
+            &[],
+        )
+        .await?
+        .get(0))
 }
 
 /// Names the migration in the error, with the server's message and position.

@@ -18,7 +18,8 @@ use crate::StoreError;
 use crate::storage::{self, Layout};
 
 /// The columns written, in the order of [`COLUMN_TYPES`].
-pub const COLUMNS: &str = "time, patient_id, device_id, metric, component, value, unit, seq, quality, received_at";
+pub const COLUMNS: &str =
+    "time, patient_id, device_id, metric, component, value, unit, seq, quality, received_at";
 
 /// Binary COPY types of [`COLUMNS`].
 pub const COLUMN_TYPES: &[Type] = &[
@@ -60,7 +61,8 @@ impl Rows {
 
     /// The distinct UTC days of `time`, in order.
     pub fn days(&self) -> Vec<chrono::NaiveDate> {
-        let days: std::collections::BTreeSet<_> = self.time.iter().map(|t| t.date_naive()).collect();
+        let days: std::collections::BTreeSet<_> =
+            self.time.iter().map(|t| t.date_naive()).collect();
         days.into_iter().collect()
     }
 
@@ -144,14 +146,22 @@ impl Rows {
 /// found no partition (retention dropped it meanwhile, or an older writer
 /// did not make it): that is [`StoreError::Schema`], worth a retry (which
 /// makes it), never a reason to give the readings up.
-pub async fn write(client: &mut tokio_postgres::Client, layout: Layout, rows: &Rows) -> Result<u64, StoreError> {
+pub async fn write(
+    client: &mut tokio_postgres::Client,
+    layout: Layout,
+    rows: &Rows,
+) -> Result<u64, StoreError> {
     if layout == Layout::Native {
         storage::ensure_partitions_for(&*client, &rows.days()).await?;
     }
     let mut tx = client.transaction().await?;
     let n = match insert(&mut tx, rows).await {
-        Err(StoreError::Db(e)) if e.code() == Some(&tokio_postgres::error::SqlState::CHECK_VIOLATION) => {
-            return Err(StoreError::Schema(format!("no partition for a row yet: {e}")));
+        Err(StoreError::Db(e))
+            if e.code() == Some(&tokio_postgres::error::SqlState::CHECK_VIOLATION) =>
+        {
+            return Err(StoreError::Schema(format!(
+                "no partition for a row yet: {e}"
+            )));
         }
         other => other?,
     };
@@ -169,7 +179,10 @@ pub async fn write(client: &mut tokio_postgres::Client, layout: Layout, rows: &R
 /// the idempotent path: `COPY` into `readings_staging`, a temporary table
 /// private to the connection and emptied at every commit, then
 /// `INSERT … SELECT … ON CONFLICT DO NOTHING` from it.
-pub async fn insert(tx: &mut tokio_postgres::Transaction<'_>, rows: &Rows) -> Result<u64, StoreError> {
+pub async fn insert(
+    tx: &mut tokio_postgres::Transaction<'_>,
+    rows: &Rows,
+) -> Result<u64, StoreError> {
     if rows.is_empty() {
         return Ok(0);
     }
@@ -179,9 +192,14 @@ pub async fn insert(tx: &mut tokio_postgres::Transaction<'_>, rows: &Rows) -> Re
             direct.commit().await?;
             return Ok(n);
         }
-        Err(StoreError::Db(e)) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
+        Err(StoreError::Db(e))
+            if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) =>
+        {
             direct.rollback().await?;
-            tracing::debug!(rows = rows.len(), "batch holds stored readings; writing it idempotently");
+            tracing::debug!(
+                rows = rows.len(),
+                "batch holds stored readings; writing it idempotently"
+            );
         }
         Err(e) => return Err(e),
     }
@@ -189,12 +207,18 @@ pub async fn insert(tx: &mut tokio_postgres::Transaction<'_>, rows: &Rows) -> Re
 }
 
 async fn copy_direct(tx: &tokio_postgres::Transaction<'_>, rows: &Rows) -> Result<u64, StoreError> {
-    let sink = tx.copy_in(&format!("COPY readings ({COLUMNS}) FROM STDIN BINARY")).await?;
-    rows.copy_into(BinaryCopyInWriter::new(sink, COLUMN_TYPES)).await
+    let sink = tx
+        .copy_in(&format!("COPY readings ({COLUMNS}) FROM STDIN BINARY"))
+        .await?;
+    rows.copy_into(BinaryCopyInWriter::new(sink, COLUMN_TYPES))
+        .await
 }
 
 /// The idempotent path alone (see [`insert`]).
-pub async fn insert_staged(tx: &tokio_postgres::Transaction<'_>, rows: &Rows) -> Result<u64, StoreError> {
+pub async fn insert_staged(
+    tx: &tokio_postgres::Transaction<'_>,
+    rows: &Rows,
+) -> Result<u64, StoreError> {
     if rows.is_empty() {
         return Ok(0);
     }
@@ -205,8 +229,13 @@ pub async fn insert_staged(tx: &tokio_postgres::Transaction<'_>, rows: &Rows) ->
          ) ON COMMIT DELETE ROWS",
     )
     .await?;
-    let sink = tx.copy_in(&format!("COPY readings_staging ({COLUMNS}) FROM STDIN BINARY")).await?;
-    rows.copy_into(BinaryCopyInWriter::new(sink, COLUMN_TYPES)).await?;
+    let sink = tx
+        .copy_in(&format!(
+            "COPY readings_staging ({COLUMNS}) FROM STDIN BINARY"
+        ))
+        .await?;
+    rows.copy_into(BinaryCopyInWriter::new(sink, COLUMN_TYPES))
+        .await?;
     let n = tx
         .execute(
             &format!(

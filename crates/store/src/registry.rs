@@ -41,12 +41,17 @@ impl DeviceRecord {
 
     /// The patient who has the device now, if anyone.
     pub fn current_patient(&self) -> Option<&str> {
-        self.assignments.last().filter(|a| a.until.is_none()).map(|a| a.patient_id.as_str())
+        self.assignments
+            .last()
+            .filter(|a| a.until.is_none())
+            .map(|a| a.patient_id.as_str())
     }
 }
 
 /// Every registered device with its whole assignment history, in one query.
-pub async fn load_devices(client: &impl GenericClient) -> Result<HashMap<String, DeviceRecord>, StoreError> {
+pub async fn load_devices(
+    client: &impl GenericClient,
+) -> Result<HashMap<String, DeviceRecord>, StoreError> {
     let rows = client
         .query(
             "SELECT d.device_id, d.kind, d.active, a.patient_id, a.assigned_at, a.unassigned_at
@@ -59,11 +64,17 @@ pub async fn load_devices(client: &impl GenericClient) -> Result<HashMap<String,
     let mut out: HashMap<String, DeviceRecord> = HashMap::new();
     for r in &rows {
         let device: String = r.get(0);
-        let rec = out
-            .entry(device)
-            .or_insert_with(|| DeviceRecord { kind: r.get(1), active: r.get(2), assignments: Vec::new() });
+        let rec = out.entry(device).or_insert_with(|| DeviceRecord {
+            kind: r.get(1),
+            active: r.get(2),
+            assignments: Vec::new(),
+        });
         if let Some(patient_id) = r.get::<_, Option<String>>(3) {
-            rec.assignments.push(Assignment { patient_id, from: r.get(4), until: r.get(5) });
+            rec.assignments.push(Assignment {
+                patient_id,
+                from: r.get(4),
+                until: r.get(5),
+            });
         }
     }
     Ok(out)
@@ -91,7 +102,9 @@ pub async fn register_device(
     if let Some(p) = patient_id
         && (p.is_empty() || p.len() > MAX_ID_LEN)
     {
-        return Err(StoreError::Invalid(format!("patient id {p:?} must be 1 to {MAX_ID_LEN} bytes")));
+        return Err(StoreError::Invalid(format!(
+            "patient id {p:?} must be 1 to {MAX_ID_LEN} bytes"
+        )));
     }
     let tx = client.transaction().await?;
     tx.execute(
@@ -101,7 +114,11 @@ pub async fn register_device(
     )
     .await?;
     if let Some(patient) = patient_id {
-        tx.execute("INSERT INTO patients (patient_id) VALUES ($1) ON CONFLICT DO NOTHING", &[&patient]).await?;
+        tx.execute(
+            "INSERT INTO patients (patient_id) VALUES ($1) ON CONFLICT DO NOTHING",
+            &[&patient],
+        )
+        .await?;
         // The latest period, open or closed: a new one may not overlap it.
         let latest: Option<(String, DateTime<Utc>, Option<DateTime<Utc>>)> = tx
             .query_opt(
@@ -150,7 +167,9 @@ mod tests {
     use chrono::TimeZone;
 
     fn t(h: u32) -> DateTime<Utc> {
-        Utc.with_ymd_and_hms(2026, 11, 1, h, 0, 0).single().unwrap_or_default()
+        Utc.with_ymd_and_hms(2026, 11, 1, h, 0, 0)
+            .single()
+            .unwrap_or_default()
     }
 
     #[test]
@@ -159,21 +178,41 @@ mod tests {
             kind: "bp_cuff".into(),
             active: true,
             assignments: vec![
-                Assignment { patient_id: "a".into(), from: t(1), until: Some(t(5)) },
-                Assignment { patient_id: "b".into(), from: t(5), until: None },
+                Assignment {
+                    patient_id: "a".into(),
+                    from: t(1),
+                    until: Some(t(5)),
+                },
+                Assignment {
+                    patient_id: "b".into(),
+                    from: t(5),
+                    until: None,
+                },
             ],
         };
         assert_eq!(rec.patient_at(t(0)), None, "before the first assignment");
         assert_eq!(rec.patient_at(t(1)), Some("a"));
         assert_eq!(rec.patient_at(t(4)), Some("a"));
-        assert_eq!(rec.patient_at(t(5)), Some("b"), "the hand-over instant belongs to the new patient");
+        assert_eq!(
+            rec.patient_at(t(5)),
+            Some("b"),
+            "the hand-over instant belongs to the new patient"
+        );
         assert_eq!(rec.patient_at(t(23)), Some("b"));
         assert_eq!(rec.current_patient(), Some("b"));
         let returned = DeviceRecord {
-            assignments: vec![Assignment { patient_id: "a".into(), from: t(1), until: Some(t(5)) }],
+            assignments: vec![Assignment {
+                patient_id: "a".into(),
+                from: t(1),
+                until: Some(t(5)),
+            }],
             ..rec
         };
-        assert_eq!(returned.patient_at(t(6)), None, "returned devices belong to no one");
+        assert_eq!(
+            returned.patient_at(t(6)),
+            None,
+            "returned devices belong to no one"
+        );
         assert_eq!(returned.current_patient(), None);
     }
 }

@@ -62,7 +62,11 @@ impl fmt::Display for Layout {
 }
 
 /// The continuous aggregates, finest first: (bucket width in seconds, view).
-pub const AGGREGATES: &[(i64, &str)] = &[(300, "readings_5m"), (3600, "readings_1h"), (86_400, "readings_1d")];
+pub const AGGREGATES: &[(i64, &str)] = &[
+    (300, "readings_5m"),
+    (3600, "readings_1h"),
+    (86_400, "readings_1d"),
+];
 
 /// How far back the aggregate refresh policies look: late readings older
 /// than this are not folded into the aggregates. Ingest refuses readings
@@ -72,24 +76,33 @@ pub const REFRESH_WINDOW_DAYS: u32 = 100;
 
 /// The recorded layout, or `None` before the migration that decides it.
 pub async fn recorded_layout(client: &impl GenericClient) -> Result<Option<Layout>, StoreError> {
-    let exists: bool = client.query_one("SELECT to_regclass('storage_layout') IS NOT NULL", &[]).await?.get(0);
+    let exists: bool = client
+        .query_one("SELECT to_regclass('storage_layout') IS NOT NULL", &[])
+        .await?
+        .get(0);
     if !exists {
         return Ok(None);
     }
-    let row = client.query_opt("SELECT layout FROM storage_layout", &[]).await?;
+    let row = client
+        .query_opt("SELECT layout FROM storage_layout", &[])
+        .await?;
     Ok(match row.map(|r| r.get::<_, String>(0)).as_deref() {
         Some("timescaledb") => Some(Layout::TimescaleDb),
         Some("native") => Some(Layout::Native),
-        Some(other) => return Err(StoreError::Schema(format!("unknown storage layout {other:?} in storage_layout"))),
+        Some(other) => {
+            return Err(StoreError::Schema(format!(
+                "unknown storage layout {other:?} in storage_layout"
+            )));
+        }
         None => None,
     })
 }
 
 /// The layout of a migrated database.
 pub async fn layout(client: &impl GenericClient) -> Result<Layout, StoreError> {
-    recorded_layout(client)
-        .await?
-        .ok_or_else(|| StoreError::Schema("the database is not migrated: run `vitalwatch migrate`".into()))
+    recorded_layout(client).await?.ok_or_else(|| {
+        StoreError::Schema("the database is not migrated: run `vitalwatch migrate`".into())
+    })
 }
 
 /// Decides the layout inside the migration transaction `tx` and records it.
@@ -102,8 +115,13 @@ pub(crate) async fn choose_layout(
     let layout = match cfg.timescaledb {
         TimescaleMode::Off => Layout::Native,
         TimescaleMode::Auto | TimescaleMode::Required => {
-            let installed: bool =
-                tx.query_one("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')", &[]).await?.get(0);
+            let installed: bool = tx
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')",
+                    &[],
+                )
+                .await?
+                .get(0);
             let available: bool = tx
                 .query_one("SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb')", &[])
                 .await?
@@ -111,7 +129,10 @@ pub(crate) async fn choose_layout(
             // The loader defines this setting only when the library is
             // preloaded; CREATE EXTENSION without it ends the session (FATAL).
             let preloaded: bool = tx
-                .query_one("SELECT current_setting('timescaledb.disable_load', true) IS NOT NULL", &[])
+                .query_one(
+                    "SELECT current_setting('timescaledb.disable_load', true) IS NOT NULL",
+                    &[],
+                )
                 .await?
                 .get(0);
             let mut why_not = String::from("the server does not have the timescaledb extension");
@@ -122,13 +143,17 @@ pub(crate) async fn choose_layout(
                 false
             } else if available {
                 let sp = tx.transaction().await?;
-                match sp.batch_execute("CREATE EXTENSION IF NOT EXISTS timescaledb").await {
+                match sp
+                    .batch_execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+                    .await
+                {
                     Ok(()) => {
                         sp.commit().await?;
                         true
                     }
                     Err(e) => {
-                        why_not = format!("CREATE EXTENSION timescaledb failed: {}", db_message(&e));
+                        why_not =
+                            format!("CREATE EXTENSION timescaledb failed: {}", db_message(&e));
                         sp.rollback().await?;
                         false
                     }
@@ -147,7 +172,10 @@ pub(crate) async fn choose_layout(
                     )
                     .await?;
                 let (license, version): (String, String) = (row.get(0), row.get(1));
-                let parts: Vec<u32> = version.split(['.', '-']).filter_map(|p| p.parse().ok()).collect();
+                let parts: Vec<u32> = version
+                    .split(['.', '-'])
+                    .filter_map(|p| p.parse().ok())
+                    .collect();
                 let recent = parts.first().copied().unwrap_or(0) > 2
                     || (parts.first() == Some(&2) && parts.get(1).copied().unwrap_or(0) >= 13);
                 if license != "timescale" || !recent {
@@ -160,7 +188,9 @@ pub(crate) async fn choose_layout(
             match (usable, cfg.timescaledb) {
                 (true, _) => Layout::TimescaleDb,
                 (false, TimescaleMode::Required) => {
-                    return Err(StoreError::Invalid(format!("database.timescaledb = \"required\", but {why_not}")));
+                    return Err(StoreError::Invalid(format!(
+                        "database.timescaledb = \"required\", but {why_not}"
+                    )));
                 }
                 (false, _) => {
                     tracing::warn!(reason = %why_not, "TimescaleDB not used: readings go to natively partitioned tables");
@@ -179,13 +209,18 @@ pub(crate) async fn choose_layout(
          )",
     )
     .await?;
-    tx.execute("INSERT INTO storage_layout (layout) VALUES ($1)", &[&layout.as_str()]).await?;
+    tx.execute(
+        "INSERT INTO storage_layout (layout) VALUES ($1)",
+        &[&layout.as_str()],
+    )
+    .await?;
     tracing::info!(%layout, "storage layout chosen");
     Ok(layout)
 }
 
 fn db_message(e: &tokio_postgres::Error) -> String {
-    e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_owned())
+    e.as_db_error()
+        .map_or_else(|| e.to_string(), |d| d.message().to_owned())
 }
 
 /// Brings the storage in line with the configuration. TimescaleDB: chunk
@@ -195,7 +230,10 @@ fn db_message(e: &tokio_postgres::Error) -> String {
 /// over all history. Native: [`maintain`] (partitions ahead, retention).
 /// Runs under the migration lock, after the migrations, outside any
 /// transaction.
-pub async fn apply_policies(client: &tokio_postgres::Client, cfg: &DatabaseConfig) -> Result<(), StoreError> {
+pub async fn apply_policies(
+    client: &tokio_postgres::Client,
+    cfg: &DatabaseConfig,
+) -> Result<(), StoreError> {
     cfg.validate()?;
     match recorded_layout(client).await? {
         None => return Ok(()),
@@ -206,7 +244,12 @@ pub async fn apply_policies(client: &tokio_postgres::Client, cfg: &DatabaseConfi
         Some(Layout::TimescaleDb) => {}
     }
     let chunk = format!("{} hours", cfg.chunk_hours);
-    client.execute("SELECT set_chunk_time_interval('readings', $1::text::interval)", &[&chunk]).await?;
+    client
+        .execute(
+            "SELECT set_chunk_time_interval('readings', $1::text::interval)",
+            &[&chunk],
+        )
+        .await?;
 
     replace_policy(
         client,
@@ -258,14 +301,21 @@ pub async fn apply_policies(client: &tokio_postgres::Client, cfg: &DatabaseConfi
                          start_offset => $1::text::interval, end_offset => $2::text::interval,
                          schedule_interval => $3::text::interval)"
                 ),
-                &[&format!("{REFRESH_WINDOW_DAYS} days"), &end_offset, &schedule],
+                &[
+                    &format!("{REFRESH_WINDOW_DAYS} days"),
+                    &end_offset,
+                    &schedule,
+                ],
             )
             .await?;
     }
     // Rows that predate the aggregates (moved in from an older schema)
     // reach back further than any refresh policy looks: refresh all of
     // history once, finest level first. Cannot run inside a transaction.
-    let backfilled: bool = client.query_one("SELECT aggregates_backfilled FROM storage_layout", &[]).await?.get(0);
+    let backfilled: bool = client
+        .query_one("SELECT aggregates_backfilled FROM storage_layout", &[])
+        .await?
+        .get(0);
     if !backfilled {
         for (width, view) in AGGREGATES {
             client
@@ -274,7 +324,9 @@ pub async fn apply_policies(client: &tokio_postgres::Client, cfg: &DatabaseConfi
                 ))
                 .await?;
         }
-        client.batch_execute("UPDATE storage_layout SET aggregates_backfilled = true").await?;
+        client
+            .batch_execute("UPDATE storage_layout SET aggregates_backfilled = true")
+            .await?;
         tracing::info!("continuous aggregates refreshed over all history");
     }
     Ok(())
@@ -300,9 +352,10 @@ async fn replace_policy(
         .and_then(|r| r.get(0));
     let same = match (&current, &want) {
         (None, None) => true,
-        (Some(c), Some(w)) => {
-            client.query_one("SELECT $1::text::interval = $2::text::interval", &[c, w]).await?.get::<_, bool>(0)
-        }
+        (Some(c), Some(w)) => client
+            .query_one("SELECT $1::text::interval = $2::text::interval", &[c, w])
+            .await?
+            .get::<_, bool>(0),
         _ => false,
     };
     if same {
@@ -328,7 +381,11 @@ pub struct Maintenance {
 /// Native layout: creates the partitions from yesterday to
 /// `premake_days` ahead, and drops those wholly older than `retain_days`.
 /// Nothing to do under TimescaleDB, whose jobs do the same.
-pub async fn maintain(client: &impl GenericClient, cfg: &DatabaseConfig, now: DateTime<Utc>) -> Result<Maintenance, StoreError> {
+pub async fn maintain(
+    client: &impl GenericClient,
+    cfg: &DatabaseConfig,
+    now: DateTime<Utc>,
+) -> Result<Maintenance, StoreError> {
     if layout(client).await? != Layout::Native {
         return Ok(Maintenance::default());
     }
@@ -338,7 +395,10 @@ pub async fn maintain(client: &impl GenericClient, cfg: &DatabaseConfig, now: Da
     let mut dropped = Vec::new();
     if cfg.retain_days > 0 {
         let cutoff = now - chrono::Duration::days(i64::from(cfg.retain_days));
-        for row in client.query("SELECT vitalwatch_drop_partitions_before($1)", &[&cutoff]).await? {
+        for row in client
+            .query("SELECT vitalwatch_drop_partitions_before($1)", &[&cutoff])
+            .await?
+        {
             dropped.push(row.get(0));
         }
         if !dropped.is_empty() {
@@ -356,14 +416,23 @@ pub async fn ensure_partitions(
     from: DateTime<Utc>,
     to: DateTime<Utc>,
 ) -> Result<i32, StoreError> {
-    Ok(client.query_one("SELECT vitalwatch_ensure_partitions($1, $2)", &[&from, &to]).await?.get(0))
+    Ok(client
+        .query_one("SELECT vitalwatch_ensure_partitions($1, $2)", &[&from, &to])
+        .await?
+        .get(0))
 }
 
 /// Native layout: makes sure a partition exists for each of `days` (UTC);
 /// returns how many were created. Safe to run concurrently.
-pub async fn ensure_partitions_for(client: &impl GenericClient, days: &[chrono::NaiveDate]) -> Result<i32, StoreError> {
+pub async fn ensure_partitions_for(
+    client: &impl GenericClient,
+    days: &[chrono::NaiveDate],
+) -> Result<i32, StoreError> {
     if days.is_empty() {
         return Ok(0);
     }
-    Ok(client.query_one("SELECT vitalwatch_ensure_partitions($1::date[])", &[&days]).await?.get(0))
+    Ok(client
+        .query_one("SELECT vitalwatch_ensure_partitions($1::date[])", &[&days])
+        .await?
+        .get(0))
 }

@@ -45,11 +45,19 @@ pub struct Plan {
 /// Chooses the coarsest aggregate whose width divides `bucket_seconds`, and
 /// the part of `[from, to)` aligned to it. `None` aggregate: raw rows only.
 pub fn plan(layout: Layout, from: DateTime<Utc>, to: DateTime<Utc>, bucket_seconds: i64) -> Plan {
-    let raw = Plan { aggregate: None, agg_from: to, agg_to: to };
+    let raw = Plan {
+        aggregate: None,
+        agg_from: to,
+        agg_to: to,
+    };
     if layout != Layout::TimescaleDb || bucket_seconds <= 0 {
         return raw;
     }
-    let Some(&(width, view)) = AGGREGATES.iter().rev().find(|(w, _)| bucket_seconds % w == 0) else {
+    let Some(&(width, view)) = AGGREGATES
+        .iter()
+        .rev()
+        .find(|(w, _)| bucket_seconds % w == 0)
+    else {
         return raw;
     };
     let (f, t) = (from.timestamp(), to.timestamp());
@@ -59,8 +67,15 @@ pub fn plan(layout: Layout, from: DateTime<Utc>, to: DateTime<Utc>, bucket_secon
         a += width;
     }
     let b = t.div_euclid(width) * width;
-    match (DateTime::from_timestamp(a, 0), DateTime::from_timestamp(b, 0)) {
-        (Some(agg_from), Some(agg_to)) if a < b => Plan { aggregate: Some(view), agg_from, agg_to },
+    match (
+        DateTime::from_timestamp(a, 0),
+        DateTime::from_timestamp(b, 0),
+    ) {
+        (Some(agg_from), Some(agg_to)) if a < b => Plan {
+            aggregate: Some(view),
+            agg_from,
+            agg_to,
+        },
         _ => raw,
     }
 }
@@ -89,7 +104,9 @@ pub async fn buckets(
                       ORDER BY 2, 1",
                 )
                 .await?;
-            client.query(&stmt, &[&patient_id, &metric, &from, &to, &bucket_seconds]).await?
+            client
+                .query(&stmt, &[&patient_id, &metric, &from, &to, &bucket_seconds])
+                .await?
         }
         Some(view) => {
             // $3..$4 raw head, $5..$6 aggregate, $6..$7 raw tail.
@@ -118,7 +135,16 @@ pub async fn buckets(
             client
                 .query(
                     &stmt,
-                    &[&patient_id, &metric, &from, &plan.agg_from, &plan.agg_from, &plan.agg_to, &to, &bucket_seconds],
+                    &[
+                        &patient_id,
+                        &metric,
+                        &from,
+                        &plan.agg_from,
+                        &plan.agg_from,
+                        &plan.agg_to,
+                        &to,
+                        &bucket_seconds,
+                    ],
                 )
                 .await?
         }
@@ -147,18 +173,44 @@ mod tests {
     #[test]
     fn the_coarsest_dividing_aggregate_over_the_aligned_middle() {
         let day = 86_400;
-        let p = plan(Layout::TimescaleDb, at(10 * day + 100), at(40 * day + 7200 + 5), 3600);
+        let p = plan(
+            Layout::TimescaleDb,
+            at(10 * day + 100),
+            at(40 * day + 7200 + 5),
+            3600,
+        );
         assert_eq!(p.aggregate, Some("readings_1h"));
-        assert_eq!((p.agg_from, p.agg_to), (at(10 * day + 3600), at(40 * day + 7200)));
-        assert_eq!(plan(Layout::TimescaleDb, at(0), at(30 * day), 7 * day).aggregate, Some("readings_1d"));
-        assert_eq!(plan(Layout::TimescaleDb, at(0), at(day), 900).aggregate, Some("readings_5m"));
+        assert_eq!(
+            (p.agg_from, p.agg_to),
+            (at(10 * day + 3600), at(40 * day + 7200))
+        );
+        assert_eq!(
+            plan(Layout::TimescaleDb, at(0), at(30 * day), 7 * day).aggregate,
+            Some("readings_1d")
+        );
+        assert_eq!(
+            plan(Layout::TimescaleDb, at(0), at(day), 900).aggregate,
+            Some("readings_5m")
+        );
         // 90 s is not a multiple of 5 minutes; 7 minutes neither.
-        assert_eq!(plan(Layout::TimescaleDb, at(0), at(day), 420).aggregate, None);
+        assert_eq!(
+            plan(Layout::TimescaleDb, at(0), at(day), 420).aggregate,
+            None
+        );
         // A range shorter than one aggregate bucket is read raw.
-        assert_eq!(plan(Layout::TimescaleDb, at(100), at(3000), 3600).aggregate, None);
+        assert_eq!(
+            plan(Layout::TimescaleDb, at(100), at(3000), 3600).aggregate,
+            None
+        );
         // An aligned start with a sub-second part starts at the next bucket.
         let from = at(3600) + chrono::Duration::milliseconds(1);
-        assert_eq!(plan(Layout::TimescaleDb, from, at(5 * 3600), 3600).agg_from, at(7200));
-        assert_eq!(plan(Layout::Native, at(0), at(30 * day), 3600).aggregate, None);
+        assert_eq!(
+            plan(Layout::TimescaleDb, from, at(5 * 3600), 3600).agg_from,
+            at(7200)
+        );
+        assert_eq!(
+            plan(Layout::Native, at(0), at(30 * day), 3600).aggregate,
+            None
+        );
     }
 }

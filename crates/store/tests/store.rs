@@ -16,7 +16,10 @@ use vitalwatch_store::{DatabaseConfig, migrate, trends};
 use vitalwatch_test_support as ts;
 
 fn native() -> DatabaseConfig {
-    DatabaseConfig { timescaledb: TimescaleMode::Off, ..DatabaseConfig::default() }
+    DatabaseConfig {
+        timescaledb: TimescaleMode::Off,
+        ..DatabaseConfig::default()
+    }
 }
 
 /// The layouts this server can test: native always, TimescaleDB when it is
@@ -24,7 +27,13 @@ fn native() -> DatabaseConfig {
 async fn layouts() -> Vec<(Layout, DatabaseConfig)> {
     let mut all = vec![(Layout::Native, native())];
     match ts::timescaledb_available().await {
-        Ok(()) => all.push((Layout::TimescaleDb, DatabaseConfig { timescaledb: TimescaleMode::Required, ..Default::default() })),
+        Ok(()) => all.push((
+            Layout::TimescaleDb,
+            DatabaseConfig {
+                timescaledb: TimescaleMode::Required,
+                ..Default::default()
+            },
+        )),
         Err(why) => eprintln!("TimescaleDB layout NOT tested here: {why}"),
     }
     all
@@ -52,11 +61,21 @@ async fn migrations_apply_once_even_when_run_concurrently() {
         }));
     }
     for h in handles {
-        assert_eq!(h.await.expect("join"), Vec::<i32>::new(), "nothing left to apply");
+        assert_eq!(
+            h.await.expect("join"),
+            Vec::<i32>::new(),
+            "nothing left to apply"
+        );
     }
     let c = vitalwatch_store::connect(&db.url).await.expect("connect");
-    assert_eq!(migrate::current_version(&c).await.expect("version"), migrate::latest_version());
-    assert_eq!(count(&c, "SELECT count(*) FROM schema_migrations").await, migrate::MIGRATIONS.len() as i64);
+    assert_eq!(
+        migrate::current_version(&c).await.expect("version"),
+        migrate::latest_version()
+    );
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM schema_migrations").await,
+        migrate::MIGRATIONS.len() as i64
+    );
 }
 
 #[tokio::test]
@@ -67,7 +86,10 @@ async fn a_fresh_database_migrates_concurrently_without_errors() {
         let mut applied = Vec::new();
         let mut handles = Vec::new();
         for _ in 0..4 {
-            let cfg = DatabaseConfig { url: url.clone(), ..cfg.clone() };
+            let cfg = DatabaseConfig {
+                url: url.clone(),
+                ..cfg.clone()
+            };
             handles.push(tokio::spawn(async move {
                 let mut c = vitalwatch_store::connect(&cfg.url).await.expect("connect");
                 migrate::migrate(&mut c, &cfg).await.expect("migrate")
@@ -78,12 +100,30 @@ async fn a_fresh_database_migrates_concurrently_without_errors() {
         }
         applied.sort_unstable();
         let all: Vec<i32> = migrate::MIGRATIONS.iter().map(|m| m.version).collect();
-        assert_eq!(applied, all, "{layout}: each migration applied exactly once across the racers");
+        assert_eq!(
+            applied, all,
+            "{layout}: each migration applied exactly once across the racers"
+        );
         let c = vitalwatch_store::connect(&url).await.expect("connect");
         assert_eq!(storage::layout(&c).await.expect("layout"), layout);
-        for table in ["patients", "devices", "device_assignments", "readings", "care_teams", "care_team_patients",
-                      "care_team_members", "thresholds", "alerts", "alert_events", "audit_log"] {
-            let exists: bool = c.query_one("SELECT to_regclass($1) IS NOT NULL", &[&table]).await.expect("q").get(0);
+        for table in [
+            "patients",
+            "devices",
+            "device_assignments",
+            "readings",
+            "care_teams",
+            "care_team_patients",
+            "care_team_members",
+            "thresholds",
+            "alerts",
+            "alert_events",
+            "audit_log",
+        ] {
+            let exists: bool = c
+                .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
+                .await
+                .expect("q")
+                .get(0);
             assert!(exists, "{layout}: table {table}");
         }
     }
@@ -96,11 +136,21 @@ async fn the_audit_log_is_append_only() {
     c.execute("INSERT INTO audit_log (actor, action, patient_id, outcome) VALUES ('nurse-1', 'vitals.read', 'p-1', 'allowed')", &[])
         .await
         .expect("append");
-    for sql in ["UPDATE audit_log SET actor = 'someone-else'", "DELETE FROM audit_log", "TRUNCATE audit_log"] {
+    for sql in [
+        "UPDATE audit_log SET actor = 'someone-else'",
+        "DELETE FROM audit_log",
+        "TRUNCATE audit_log",
+    ] {
         let e = c.execute(sql, &[]).await.expect_err(sql);
-        assert!(e.to_string().contains("append-only") || format!("{e:?}").contains("append-only"), "{sql}: {e:?}");
+        assert!(
+            e.to_string().contains("append-only") || format!("{e:?}").contains("append-only"),
+            "{sql}: {e:?}"
+        );
     }
-    assert_eq!(count(&c, "SELECT count(*) FROM audit_log WHERE actor = 'nurse-1'").await, 1);
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM audit_log WHERE actor = 'nurse-1'").await,
+        1
+    );
 }
 
 #[tokio::test]
@@ -112,9 +162,20 @@ async fn upgrading_a_version_2_database_keeps_its_readings_and_their_trends() {
         let url = ts::empty_database().await;
         let cfg = DatabaseConfig { url, ..cfg };
         let mut c = vitalwatch_store::connect(&cfg.url).await.expect("connect");
-        assert_eq!(migrate::migrate_to(&mut c, &cfg, 2).await.expect("to v2"), vec![1, 2]);
+        assert_eq!(
+            migrate::migrate_to(&mut c, &cfg, 2).await.expect("to v2"),
+            vec![1, 2]
+        );
         // History in the v2 table: far older than any refresh policy looks back.
-        for (i, at) in [old, old + Duration::minutes(7), old + Duration::hours(30), now - Duration::days(2)].iter().enumerate() {
+        for (i, at) in [
+            old,
+            old + Duration::minutes(7),
+            old + Duration::hours(30),
+            now - Duration::days(2),
+        ]
+        .iter()
+        .enumerate()
+        {
             c.execute(
                 "INSERT INTO readings (time, patient_id, device_id, metric, value, unit, seq, received_at)
                  VALUES ($1, 'p', 'd', 'heart_rate', $2, '/min', 1, $1)",
@@ -123,9 +184,16 @@ async fn upgrading_a_version_2_database_keeps_its_readings_and_their_trends() {
             .await
             .expect("insert into the v2 table");
         }
-        assert_eq!(migrate::migrate(&mut c, &cfg).await.expect("upgrade"), vec![3, 4]);
+        assert_eq!(
+            migrate::migrate(&mut c, &cfg).await.expect("upgrade"),
+            vec![3, 4]
+        );
         assert_eq!(storage::layout(&c).await.expect("layout"), layout);
-        assert_eq!(count(&c, "SELECT count(*) FROM readings WHERE patient_id = 'p'").await, 4, "{layout}");
+        assert_eq!(
+            count(&c, "SELECT count(*) FROM readings WHERE patient_id = 'p'").await,
+            4,
+            "{layout}"
+        );
         if layout == Layout::TimescaleDb {
             // The refresh policies run as in production, moving the
             // real-time watermark up to now.
@@ -142,10 +210,28 @@ async fn upgrading_a_version_2_database_keeps_its_readings_and_their_trends() {
         let client = pool.get().await.expect("client");
         let mut got = Vec::new();
         for bucket in [3600, 86_400] {
-            let b = trends::buckets(&client, layout, "p", "heart_rate", old - Duration::days(1), now, bucket).await.expect("trend");
-            got.push(b.iter().map(|b| (b.start, b.count, b.min, b.max)).collect::<Vec<_>>());
+            let b = trends::buckets(
+                &client,
+                layout,
+                "p",
+                "heart_rate",
+                old - Duration::days(1),
+                now,
+                bucket,
+            )
+            .await
+            .expect("trend");
+            got.push(
+                b.iter()
+                    .map(|b| (b.start, b.count, b.min, b.max))
+                    .collect::<Vec<_>>(),
+            );
         }
-        assert_eq!(got[1].iter().map(|b| b.1).sum::<i64>(), 4, "{layout}: every moved reading is on the daily chart");
+        assert_eq!(
+            got[1].iter().map(|b| b.1).sum::<i64>(),
+            4,
+            "{layout}: every moved reading is on the daily chart"
+        );
         trends_by_layout.push((layout, got));
         // And the unique key still holds after the move.
         let mut rows = Rows::default();
@@ -153,16 +239,27 @@ async fn upgrading_a_version_2_database_keeps_its_readings_and_their_trends() {
         assert_eq!(insert_rows(&cfg, &rows).await, 0, "{layout}");
     }
     for (layout, got) in &trends_by_layout[1..] {
-        assert_eq!(got, &trends_by_layout[0].1, "{layout} gives the native layout's trends");
+        assert_eq!(
+            got, &trends_by_layout[0].1,
+            "{layout} gives the native layout's trends"
+        );
     }
 }
 
 fn t(secs: i64) -> DateTime<Utc> {
-    Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0).single().expect("time") + Duration::seconds(secs)
+    Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0)
+        .single()
+        .expect("time")
+        + Duration::seconds(secs)
 }
 
 fn batch(patient: &str, device: &str, seq: u64, values: &[(i64, f64)]) -> Batch {
-    batch_at(patient, device, seq, &values.iter().map(|(s, v)| (t(*s), *v)).collect::<Vec<_>>())
+    batch_at(
+        patient,
+        device,
+        seq,
+        &values.iter().map(|(s, v)| (t(*s), *v)).collect::<Vec<_>>(),
+    )
 }
 
 fn batch_at(patient: &str, device: &str, seq: u64, values: &[(DateTime<Utc>, f64)]) -> Batch {
@@ -195,35 +292,63 @@ async fn inserting_the_same_rows_twice_changes_nothing() {
         rows.push(&batch("p", "d", 2, &[(2, 62.0)]));
         assert_eq!(insert_rows(&db, &rows).await, 3, "{layout}");
         assert_eq!(insert_rows(&db, &rows).await, 0, "{layout}: again");
-        assert_eq!(insert_unnest(&c, &rows).await.expect("unnest"), 0, "{layout}: the unnest path agrees");
+        assert_eq!(
+            insert_unnest(&c, &rows).await.expect("unnest"),
+            0,
+            "{layout}: the unnest path agrees"
+        );
         // The same reading from another device is another reading.
         let mut other = Rows::default();
         other.push(&batch("p", "d2", 1, &[(0, 60.0)]));
         assert_eq!(insert_rows(&db, &other).await, 1, "{layout}");
-        assert_eq!(count(&c, "SELECT count(*) FROM readings").await, 4, "{layout}");
+        assert_eq!(
+            count(&c, "SELECT count(*) FROM readings").await,
+            4,
+            "{layout}"
+        );
     }
 }
 
 #[tokio::test]
 async fn native_layout_makes_partitions_ahead_and_drops_them_for_retention() {
-    let db = ts::database_with(DatabaseConfig { retain_days: 120, ..native() }).await;
+    let db = ts::database_with(DatabaseConfig {
+        retain_days: 120,
+        ..native()
+    })
+    .await;
     let c = vitalwatch_store::connect(&db.url).await.expect("connect");
-    let partitions = || async {
-        let rows = c
+    let partitions =
+        || async {
+            let rows = c
             .query("SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
                      WHERE i.inhparent = 'readings'::regclass ORDER BY 1", &[])
             .await
             .expect("partitions");
-        rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>()
-    };
+            rows.iter()
+                .map(|r| r.get::<_, String>(0))
+                .collect::<Vec<_>>()
+        };
     // A day well away from today (migrate already made today's partitions).
-    let now = Utc.with_ymd_and_hms(2027, 6, 15, 13, 0, 0).single().expect("now");
+    let now = Utc
+        .with_ymd_and_hms(2027, 6, 15, 13, 0, 0)
+        .single()
+        .expect("now");
     let m = storage::maintain(&c, &db, now).await.expect("maintain");
     assert_eq!(m.created, 9, "yesterday, today and 7 days ahead");
     let made = partitions().await;
-    assert!(made.contains(&"readings_p20270614".to_owned()) && made.contains(&"readings_p20270622".to_owned()), "{made:?}");
+    assert!(
+        made.contains(&"readings_p20270614".to_owned())
+            && made.contains(&"readings_p20270622".to_owned()),
+        "{made:?}"
+    );
     assert!(!made.contains(&"readings_p20270623".to_owned()));
-    assert_eq!(storage::maintain(&c, &db, now).await.expect("again").created, 0);
+    assert_eq!(
+        storage::maintain(&c, &db, now)
+            .await
+            .expect("again")
+            .created,
+        0
+    );
 
     // A late reading 60 days back gets its partition on demand; concurrent
     // callers do not trip over each other.
@@ -233,7 +358,9 @@ async fn native_layout_makes_partitions_ahead_and_drops_them_for_retention() {
         let url = db.url.clone();
         handles.push(tokio::spawn(async move {
             let c = vitalwatch_store::connect(&url).await.expect("connect");
-            storage::ensure_partitions(&c, old, old + Duration::hours(30)).await.expect("ensure")
+            storage::ensure_partitions(&c, old, old + Duration::hours(30))
+                .await
+                .expect("ensure")
         }));
     }
     let mut created = 0;
@@ -244,15 +371,39 @@ async fn native_layout_makes_partitions_ahead_and_drops_them_for_retention() {
     let mut rows = Rows::default();
     rows.push(&batch_at("p", "d", 1, &[(old, 70.0), (now, 71.0)]));
     assert_eq!(insert_rows(&db, &rows).await, 2);
-    assert_eq!(partitions().await.len(), made.len() + 2, "a write creates only its own days' partitions");
+    assert_eq!(
+        partitions().await.len(),
+        made.len() + 2,
+        "a write creates only its own days' partitions"
+    );
 
     // 100 days later the 60-day-old partitions are past 120 days (cutoff
     // 2027-05-26): dropped, with their row; the newer ones stay.
-    let later = storage::maintain(&c, &db, now + Duration::days(100)).await.expect("retention");
-    assert!(later.dropped.contains(&"readings_p20270416".to_owned()) && later.dropped.contains(&"readings_p20270417".to_owned()));
-    assert!(later.dropped.iter().all(|p| p.as_str() < "readings_p20270526"), "{:?}", later.dropped);
-    assert!(partitions().await.contains(&"readings_p20270614".to_owned()));
-    assert_eq!(count(&c, "SELECT count(*) FROM readings").await, 1, "the recent reading stays");
+    let later = storage::maintain(&c, &db, now + Duration::days(100))
+        .await
+        .expect("retention");
+    assert!(
+        later.dropped.contains(&"readings_p20270416".to_owned())
+            && later.dropped.contains(&"readings_p20270417".to_owned())
+    );
+    assert!(
+        later
+            .dropped
+            .iter()
+            .all(|p| p.as_str() < "readings_p20270526"),
+        "{:?}",
+        later.dropped
+    );
+    assert!(
+        partitions()
+            .await
+            .contains(&"readings_p20270614".to_owned())
+    );
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM readings").await,
+        1,
+        "the recent reading stays"
+    );
     // The attached partitions carry the unique key.
     let mut again = Rows::default();
     again.push(&batch_at("p", "d", 1, &[(now, 71.0)]));
@@ -262,13 +413,23 @@ async fn native_layout_makes_partitions_ahead_and_drops_them_for_retention() {
 #[tokio::test]
 async fn timescaledb_layout_has_hypertable_aggregates_compression_and_retention() {
     if let Err(why) = ts::timescaledb_available().await {
-        eprintln!("SKIPPED: TimescaleDB is not available on the test PostgreSQL ({why}); the native layout is tested instead");
+        eprintln!(
+            "SKIPPED: TimescaleDB is not available on the test PostgreSQL ({why}); the native layout is tested instead"
+        );
         return;
     }
-    let cfg = DatabaseConfig { timescaledb: TimescaleMode::Required, compress_after_days: 7, retain_days: 730, ..Default::default() };
+    let cfg = DatabaseConfig {
+        timescaledb: TimescaleMode::Required,
+        compress_after_days: 7,
+        retain_days: 730,
+        ..Default::default()
+    };
     let db = ts::database_with(cfg).await;
     let c = vitalwatch_store::connect(&db.url).await.expect("connect");
-    assert_eq!(storage::layout(&c).await.expect("layout"), Layout::TimescaleDb);
+    assert_eq!(
+        storage::layout(&c).await.expect("layout"),
+        Layout::TimescaleDb
+    );
     assert_eq!(count(&c, "SELECT count(*) FROM timescaledb_information.hypertables WHERE hypertable_name = 'readings'").await, 1);
     let aggs = c
         .query(
@@ -280,7 +441,11 @@ async fn timescaledb_layout_has_hypertable_aggregates_compression_and_retention(
     let aggs: Vec<(String, bool)> = aggs.iter().map(|r| (r.get(0), r.get(1))).collect();
     assert_eq!(
         aggs,
-        vec![("readings_1d".into(), false), ("readings_1h".into(), false), ("readings_5m".into(), false)],
+        vec![
+            ("readings_1d".into(), false),
+            ("readings_1h".into(), false),
+            ("readings_5m".into(), false)
+        ],
         "real-time continuous aggregates"
     );
     let segmentby: Vec<String> = c
@@ -309,19 +474,40 @@ async fn timescaledb_layout_has_hypertable_aggregates_compression_and_retention(
             .collect::<Vec<_>>()
         }
     };
-    assert_eq!(job("policy_refresh_continuous_aggregate").await.len(), 3, "a refresh policy per aggregate");
+    assert_eq!(
+        job("policy_refresh_continuous_aggregate").await.len(),
+        3,
+        "a refresh policy per aggregate"
+    );
     let compression = job("policy_compression").await;
-    assert!(compression.len() == 1 && compression[0].1.contains("7 days"), "{compression:?}");
+    assert!(
+        compression.len() == 1 && compression[0].1.contains("7 days"),
+        "{compression:?}"
+    );
     let retention = job("policy_retention").await;
-    assert!(retention.len() == 1 && retention[0].1.contains("730 days"), "{retention:?}");
+    assert!(
+        retention.len() == 1 && retention[0].1.contains("730 days"),
+        "{retention:?}"
+    );
 
     // The policies do their work (run here, not left to the scheduler).
     let now = Utc::now();
-    let (recent, week_old, ancient) = (now - Duration::hours(1), now - Duration::days(10), now - Duration::days(800));
+    let (recent, week_old, ancient) = (
+        now - Duration::hours(1),
+        now - Duration::days(10),
+        now - Duration::days(800),
+    );
     let mut rows = Rows::default();
-    rows.push(&batch_at("p", "d", 1, &[(recent, 70.0), (week_old, 71.0), (ancient, 72.0)]));
+    rows.push(&batch_at(
+        "p",
+        "d",
+        1,
+        &[(recent, 70.0), (week_old, 71.0), (ancient, 72.0)],
+    ));
     assert_eq!(insert_rows(&db, &rows).await, 3);
-    c.batch_execute(&format!("CALL run_job({})", compression[0].0)).await.expect("compression job");
+    c.batch_execute(&format!("CALL run_job({})", compression[0].0))
+        .await
+        .expect("compression job");
     let compressed = c
         .query_one(
             "SELECT count(*) FILTER (WHERE is_compressed AND range_end <= now() - interval '7 days'),
@@ -331,23 +517,50 @@ async fn timescaledb_layout_has_hypertable_aggregates_compression_and_retention(
         )
         .await
         .expect("chunks");
-    assert_eq!((compressed.get::<_, i64>(0), compressed.get::<_, i64>(1)), (2, 0), "old chunks compressed, the recent one not");
+    assert_eq!(
+        (compressed.get::<_, i64>(0), compressed.get::<_, i64>(1)),
+        (2, 0),
+        "old chunks compressed, the recent one not"
+    );
     // A duplicate landing in a compressed chunk is still a no-op.
     assert_eq!(insert_rows(&db, &rows).await, 0);
-    c.batch_execute(&format!("CALL run_job({})", retention[0].0)).await.expect("retention job");
-    assert_eq!(count(&c, "SELECT count(*) FROM readings").await, 2, "the 800-day-old reading is dropped");
+    c.batch_execute(&format!("CALL run_job({})", retention[0].0))
+        .await
+        .expect("retention job");
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM readings").await,
+        2,
+        "the 800-day-old reading is dropped"
+    );
 
     // Changing the configuration replaces the policy at the next start.
-    let changed = DatabaseConfig { compress_after_days: 14, retain_days: 0, ..db.clone() };
+    let changed = DatabaseConfig {
+        compress_after_days: 14,
+        retain_days: 0,
+        ..db.clone()
+    };
     let mut c2 = vitalwatch_store::connect(&db.url).await.expect("connect");
-    migrate::migrate(&mut c2, &changed).await.expect("migrate again");
+    migrate::migrate(&mut c2, &changed)
+        .await
+        .expect("migrate again");
     let compression = job("policy_compression").await;
-    assert!(compression.len() == 1 && compression[0].1.contains("14 days"), "{compression:?}");
-    assert!(job("policy_retention").await.is_empty(), "retain_days = 0 removes the retention policy");
+    assert!(
+        compression.len() == 1 && compression[0].1.contains("14 days"),
+        "{compression:?}"
+    );
+    assert!(
+        job("policy_retention").await.is_empty(),
+        "retain_days = 0 removes the retention policy"
+    );
 }
 
 /// 3 days of pseudo-random heart rate and blood pressure, from a fixed seed.
-fn cohort_rows(first: i64, seconds: i64, n: usize, seed: u64) -> (Rows, Vec<(i64, &'static str, f64)>) {
+fn cohort_rows(
+    first: i64,
+    seconds: i64,
+    n: usize,
+    seed: u64,
+) -> (Rows, Vec<(i64, &'static str, f64)>) {
     let mut x = seed;
     let mut next = || {
         x ^= x << 13;
@@ -368,7 +581,10 @@ fn cohort_rows(first: i64, seconds: i64, n: usize, seed: u64) -> (Rows, Vec<(i64
         let mut b = batch("p", "d", 1, &[(s, hr)]);
         b.readings.push(Reading {
             metric: Metric::BloodPressure,
-            measurement: Measurement::BloodPressure { systolic: sys, diastolic: dia },
+            measurement: Measurement::BloodPressure {
+                systolic: sys,
+                diastolic: dia,
+            },
             measured_at: t(s),
             quality: Quality::default(),
         });
@@ -392,9 +608,12 @@ async fn trend_buckets_equal_a_brute_force_computation_on_both_layouts() {
         insert_rows(&db, &rows).await;
         if layout == Layout::TimescaleDb {
             for view in ["readings_5m", "readings_1h", "readings_1d"] {
-                c.batch_execute(&format!("CALL refresh_continuous_aggregate('{view}', NULL, '{}')", t(2 * 86_400).to_rfc3339()))
-                    .await
-                    .expect("refresh");
+                c.batch_execute(&format!(
+                    "CALL refresh_continuous_aggregate('{view}', NULL, '{}')",
+                    t(2 * 86_400).to_rfc3339()
+                ))
+                .await
+                .expect("refresh");
             }
             // Each level holds materialized rows, so the aggregate path is the one exercised.
             for r in c
@@ -407,7 +626,11 @@ async fn trend_buckets_equal_a_brute_force_computation_on_both_layouts() {
                 assert!(count(&c, &format!("SELECT count(*) FROM {table}")).await > 0, "{table} is materialized");
             }
             // The aggregates' own avg column, for direct readers, agrees with the raw rows.
-            for (view, width) in [("readings_5m", 300), ("readings_1h", 3600), ("readings_1d", 86_400)] {
+            for (view, width) in [
+                ("readings_5m", 300),
+                ("readings_1h", 3600),
+                ("readings_1d", 86_400),
+            ] {
                 let row = c
                     .query_one(
                         &format!(
@@ -435,34 +658,66 @@ async fn trend_buckets_equal_a_brute_force_computation_on_both_layouts() {
         insert_rows(&db, &other).await;
 
         let client = pool.get().await.expect("client");
-        let ranges = [(t(0), t(3 * 86_400)), (t(1799), t(2 * 86_400 + 4000)), (t(-86_400), t(5 * 86_400)), (t(3 * 3600 + 17), t(3 * 3600 + 400))];
+        let ranges = [
+            (t(0), t(3 * 86_400)),
+            (t(1799), t(2 * 86_400 + 4000)),
+            (t(-86_400), t(5 * 86_400)),
+            (t(3 * 3600 + 17), t(3 * 3600 + 400)),
+        ];
         for bucket in [60_i64, 300, 900, 3600, 7200, 86_400] {
             for (from, to) in ranges {
-                let hr = trends::buckets(&client, layout, "p", "heart_rate", from, to, bucket).await.expect("buckets");
-                let bp = trends::buckets(&client, layout, "p", "blood_pressure", from, to, bucket).await.expect("buckets");
+                let hr = trends::buckets(&client, layout, "p", "heart_rate", from, to, bucket)
+                    .await
+                    .expect("buckets");
+                let bp = trends::buckets(&client, layout, "p", "blood_pressure", from, to, bucket)
+                    .await
+                    .expect("buckets");
                 let got: Vec<_> = hr
                     .iter()
                     .map(|b| ("heart_rate".to_owned(), b))
-                    .chain(bp.iter().map(|b| (format!("blood_pressure/{}", b.component), b)))
+                    .chain(
+                        bp.iter()
+                            .map(|b| (format!("blood_pressure/{}", b.component), b)),
+                    )
                     .collect();
                 let mut want: BTreeMap<(String, i64), Vec<f64>> = BTreeMap::new();
                 for (s, series, v) in &truth {
                     let time = t(*s);
                     if time >= from && time < to {
-                        want.entry(((*series).to_owned(), time.timestamp().div_euclid(bucket) * bucket)).or_default().push(*v);
+                        want.entry((
+                            (*series).to_owned(),
+                            time.timestamp().div_euclid(bucket) * bucket,
+                        ))
+                        .or_default()
+                        .push(*v);
                     }
                 }
                 let ctx = format!("{layout}, bucket {bucket}, {from}..{to}");
                 assert_eq!(got.len(), want.len(), "{ctx}");
-                let mut got_sorted: Vec<_> = got.iter().map(|(s, b)| ((s.clone(), b.start.timestamp()), *b)).collect();
+                let mut got_sorted: Vec<_> = got
+                    .iter()
+                    .map(|(s, b)| ((s.clone(), b.start.timestamp()), *b))
+                    .collect();
                 got_sorted.sort_by(|a, b| a.0.cmp(&b.0));
                 for ((key, g), (wkey, vs)) in got_sorted.iter().zip(&want) {
                     assert_eq!(key, wkey, "{ctx}");
                     assert_eq!(g.count, vs.len() as i64, "{ctx} {key:?}");
-                    assert_eq!(g.min, vs.iter().copied().fold(f64::INFINITY, f64::min), "{ctx} {key:?}");
-                    assert_eq!(g.max, vs.iter().copied().fold(f64::NEG_INFINITY, f64::max), "{ctx} {key:?}");
+                    assert_eq!(
+                        g.min,
+                        vs.iter().copied().fold(f64::INFINITY, f64::min),
+                        "{ctx} {key:?}"
+                    );
+                    assert_eq!(
+                        g.max,
+                        vs.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+                        "{ctx} {key:?}"
+                    );
                     let avg = vs.iter().sum::<f64>() / vs.len() as f64;
-                    assert!((g.avg - avg).abs() < 1e-9 * avg.abs().max(1.0), "{ctx} {key:?}: {} vs {avg}", g.avg);
+                    assert!(
+                        (g.avg - avg).abs() < 1e-9 * avg.abs().max(1.0),
+                        "{ctx} {key:?}: {} vs {avg}",
+                        g.avg
+                    );
                 }
             }
         }
@@ -473,8 +728,12 @@ async fn trend_buckets_equal_a_brute_force_computation_on_both_layouts() {
 async fn registry_tracks_assignment_history() {
     let db = ts::database().await;
     let mut c = vitalwatch_store::connect(&db.url).await.expect("connect");
-    register_device(&mut c, "cuff-1", "bp_cuff", Some("p-1"), Some(t(0))).await.expect("register");
-    register_device(&mut c, "scale-1", "scale", None, None).await.expect("register unassigned");
+    register_device(&mut c, "cuff-1", "bp_cuff", Some("p-1"), Some(t(0)))
+        .await
+        .expect("register");
+    register_device(&mut c, "scale-1", "scale", None, None)
+        .await
+        .expect("register unassigned");
     let d = load_devices(&c).await.expect("devices");
     assert_eq!(d["cuff-1"].current_patient(), Some("p-1"));
     assert_eq!(d["cuff-1"].kind, "bp_cuff");
@@ -482,8 +741,12 @@ async fn registry_tracks_assignment_history() {
     assert!(d["scale-1"].active);
 
     // Registering again is a no-op; moving the device closes the old assignment at the hand-over.
-    register_device(&mut c, "cuff-1", "bp_cuff", Some("p-1"), Some(t(50))).await.expect("again");
-    register_device(&mut c, "cuff-1", "bp_cuff", Some("p-2"), Some(t(100))).await.expect("move");
+    register_device(&mut c, "cuff-1", "bp_cuff", Some("p-1"), Some(t(50)))
+        .await
+        .expect("again");
+    register_device(&mut c, "cuff-1", "bp_cuff", Some("p-2"), Some(t(100)))
+        .await
+        .expect("move");
     let d = load_devices(&c).await.expect("devices");
     let cuff = &d["cuff-1"];
     assert_eq!(cuff.assignments.len(), 2);
@@ -491,32 +754,61 @@ async fn registry_tracks_assignment_history() {
     assert_eq!(cuff.patient_at(t(100)), Some("p-2"));
     assert_eq!(cuff.patient_at(t(-1)), None);
     // A hand-over cannot be dated before the assignment it ends.
-    assert!(register_device(&mut c, "cuff-1", "bp_cuff", Some("p-3"), Some(t(10))).await.is_err());
-    assert!(register_device(&mut c, "cuff-1", "bp_cuff", Some("p-3"), Some(t(100))).await.is_err(), "a zero-length period");
+    assert!(
+        register_device(&mut c, "cuff-1", "bp_cuff", Some("p-3"), Some(t(10)))
+            .await
+            .is_err()
+    );
+    assert!(
+        register_device(&mut c, "cuff-1", "bp_cuff", Some("p-3"), Some(t(100)))
+            .await
+            .is_err(),
+        "a zero-length period"
+    );
     // A returned device (closed by hand) cannot be given out inside its last period.
     c.execute("UPDATE device_assignments SET unassigned_at = $1 WHERE device_id = 'cuff-1' AND unassigned_at IS NULL", &[&t(200)])
         .await
         .expect("return the device");
-    assert!(register_device(&mut c, "cuff-1", "bp_cuff", Some("p-3"), Some(t(150))).await.is_err(), "overlap");
-    register_device(&mut c, "cuff-1", "bp_cuff", Some("p-3"), Some(t(200))).await.expect("after the return");
+    assert!(
+        register_device(&mut c, "cuff-1", "bp_cuff", Some("p-3"), Some(t(150)))
+            .await
+            .is_err(),
+        "overlap"
+    );
+    register_device(&mut c, "cuff-1", "bp_cuff", Some("p-3"), Some(t(200)))
+        .await
+        .expect("after the return");
     let d = load_devices(&c).await.expect("devices");
     assert_eq!(d["cuff-1"].patient_at(t(199)), Some("p-2"));
     assert_eq!(d["cuff-1"].patient_at(t(200)), Some("p-3"));
 
-    c.execute("UPDATE devices SET active = false WHERE device_id = 'cuff-1'", &[]).await.expect("deactivate");
+    c.execute(
+        "UPDATE devices SET active = false WHERE device_id = 'cuff-1'",
+        &[],
+    )
+    .await
+    .expect("deactivate");
     assert!(!load_devices(&c).await.expect("devices")["cuff-1"].active);
-    assert!(register_device(&mut c, "bad/id", "x", None, None).await.is_err(), "MQTT wildcards and separators are refused");
+    assert!(
+        register_device(&mut c, "bad/id", "x", None, None)
+            .await
+            .is_err(),
+        "MQTT wildcards and separators are refused"
+    );
 }
 
 #[tokio::test]
 async fn registry_changes_are_notified() {
     let db = ts::database().await;
-    let (client, mut conn) = vitalwatch_store::tokio_postgres::connect(&db.url, vitalwatch_store::tokio_postgres::NoTls)
-        .await
-        .expect("connect");
+    let (client, mut conn) =
+        vitalwatch_store::tokio_postgres::connect(&db.url, vitalwatch_store::tokio_postgres::NoTls)
+            .await
+            .expect("connect");
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
-        let mut stream = std::pin::pin!(futures_util::stream::poll_fn(move |cx| conn.poll_message(cx)));
+        let mut stream = std::pin::pin!(futures_util::stream::poll_fn(
+            move |cx| conn.poll_message(cx)
+        ));
         use futures_util::StreamExt;
         while let Some(Ok(m)) = stream.next().await {
             if let vitalwatch_store::tokio_postgres::AsyncMessage::Notification(n) = m {
@@ -524,11 +816,21 @@ async fn registry_changes_are_notified() {
             }
         }
     });
-    client.batch_execute("LISTEN vitalwatch_registry").await.expect("listen");
+    client
+        .batch_execute("LISTEN vitalwatch_registry")
+        .await
+        .expect("listen");
     let mut c = vitalwatch_store::connect(&db.url).await.expect("connect");
-    register_device(&mut c, "ox-1", "pulse_oximeter", Some("p-9"), None).await.expect("register");
-    let got = tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv()).await.expect("notified in time");
-    assert_eq!(got.as_deref(), Some(vitalwatch_store::registry::CHANGE_CHANNEL));
+    register_device(&mut c, "ox-1", "pulse_oximeter", Some("p-9"), None)
+        .await
+        .expect("register");
+    let got = tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
+        .await
+        .expect("notified in time");
+    assert_eq!(
+        got.as_deref(),
+        Some(vitalwatch_store::registry::CHANGE_CHANNEL)
+    );
 }
 
 #[tokio::test]
@@ -547,31 +849,103 @@ async fn the_alert_lifecycle_is_idempotent_with_one_open_alert_per_patient_and_r
         detail: serde_json::json!({"value": 88.0}),
     };
     assert!(raise(&c, &a).await.expect("raise"));
-    assert!(!raise(&c, &a).await.expect("replay"), "the same alert again changes nothing");
+    assert!(
+        !raise(&c, &a).await.expect("replay"),
+        "the same alert again changes nothing"
+    );
     // Another id for the same patient and rule while one is open: refused.
-    assert!(!raise(&c, &NewAlert { alert_id: "a2", episode_start: t(60), ..a.clone() }).await.expect("second open"));
+    assert!(
+        !raise(
+            &c,
+            &NewAlert {
+                alert_id: "a2",
+                episode_start: t(60),
+                ..a.clone()
+            }
+        )
+        .await
+        .expect("second open")
+    );
     // Another rule is another alert.
-    assert!(raise(&c, &NewAlert { alert_id: "b1", rule: "news2", severity: "medium", ..a.clone() }).await.expect("other rule"));
-    assert!(update_severity(&c, "b1", "high", t(400), Some(8)).await.expect("escalate"));
-    assert!(!update_severity(&c, "b1", "high", t(400), Some(8)).await.expect("again"));
+    assert!(
+        raise(
+            &c,
+            &NewAlert {
+                alert_id: "b1",
+                rule: "news2",
+                severity: "medium",
+                ..a.clone()
+            }
+        )
+        .await
+        .expect("other rule")
+    );
+    assert!(
+        update_severity(&c, "b1", "high", t(400), Some(8))
+            .await
+            .expect("escalate")
+    );
+    assert!(
+        !update_severity(&c, "b1", "high", t(400), Some(8))
+            .await
+            .expect("again")
+    );
     // Two changes at one event time are both kept, in order.
-    assert!(update_severity(&c, "b1", "medium", t(400), Some(6)).await.expect("down again"));
+    assert!(
+        update_severity(&c, "b1", "medium", t(400), Some(6))
+            .await
+            .expect("down again")
+    );
     assert!(resolve(&c, "a1", t(900), None).await.expect("clear"));
     assert!(!resolve(&c, "a1", t(900), None).await.expect("clear again"));
-    assert!(!update_severity(&c, "a1", "high", t(950), None).await.expect("resolved alerts stay"));
+    assert!(
+        !update_severity(&c, "a1", "high", t(950), None)
+            .await
+            .expect("resolved alerts stay")
+    );
     // Once resolved, a new episode opens a new alert.
-    assert!(raise(&c, &NewAlert { alert_id: "a3", episode_start: t(1000), raised_at: t(1300), ..a.clone() }).await.expect("new episode"));
+    assert!(
+        raise(
+            &c,
+            &NewAlert {
+                alert_id: "a3",
+                episode_start: t(1000),
+                raised_at: t(1300),
+                ..a.clone()
+            }
+        )
+        .await
+        .expect("new episode")
+    );
     let events: Vec<(String, String)> = c
-        .query("SELECT alert_id, state FROM alert_events ORDER BY alert_id, id", &[])
+        .query(
+            "SELECT alert_id, state FROM alert_events ORDER BY alert_id, id",
+            &[],
+        )
         .await
         .expect("events")
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
-    let want = [("a1", "raised"), ("a1", "resolved"), ("a3", "raised"), ("b1", "raised"), ("b1", "updated"), ("b1", "updated")];
+    let want = [
+        ("a1", "raised"),
+        ("a1", "resolved"),
+        ("a3", "raised"),
+        ("b1", "raised"),
+        ("b1", "updated"),
+        ("b1", "updated"),
+    ];
     assert_eq!(events, want.map(|(a, b)| (a.to_owned(), b.to_owned())));
-    let open: i64 = c.query_one("SELECT count(*) FROM alerts WHERE state <> 'resolved'", &[]).await.expect("open").get(0);
+    let open: i64 = c
+        .query_one("SELECT count(*) FROM alerts WHERE state <> 'resolved'", &[])
+        .await
+        .expect("open")
+        .get(0);
     assert_eq!(open, 2);
-    let severity: String = c.query_one("SELECT severity FROM alerts WHERE alert_id = 'b1'", &[]).await.expect("b1").get(0);
+    let severity: String = c
+        .query_one("SELECT severity FROM alerts WHERE alert_id = 'b1'", &[])
+        .await
+        .expect("b1")
+        .get(0);
     assert_eq!(severity, "medium", "the row and its last event agree");
 }

@@ -48,15 +48,28 @@ pub fn mqtt_password() -> String {
 
 pub fn mqtt_host_port() -> (String, u16) {
     let addr = std::env::var("VITALWATCH_TEST_MQTT").unwrap_or_else(|_| "127.0.0.1:18830".into());
-    let (host, port) = addr.rsplit_once(':').expect("VITALWATCH_TEST_MQTT is host:port");
-    (host.to_owned(), port.parse().expect("VITALWATCH_TEST_MQTT port"))
+    let (host, port) = addr
+        .rsplit_once(':')
+        .expect("VITALWATCH_TEST_MQTT is host:port");
+    (
+        host.to_owned(),
+        port.parse().expect("VITALWATCH_TEST_MQTT port"),
+    )
 }
 
 /// A name no other test (in this run or an earlier one) uses.
 pub fn unique(prefix: &str) -> String {
     static N: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-    format!("{prefix}_{}_{}_{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed), nanos % 1_000_000_000_000)
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!(
+        "{prefix}_{}_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed),
+        nanos % 1_000_000_000_000
+    )
 }
 
 /// A new, migrated database (named `vw_test_…`; `deploy/local/test` drops
@@ -77,15 +90,28 @@ pub async fn database() -> DatabaseConfig {
 /// (its `url` and `pool_size` are replaced).
 pub async fn database_with(settings: DatabaseConfig) -> DatabaseConfig {
     let name = unique("vw_test");
-    let admin = vitalwatch_store::connect(&admin_database_url()).await.expect("connect to the test PostgreSQL");
-    admin.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create test database");
+    let admin = vitalwatch_store::connect(&admin_database_url())
+        .await
+        .expect("connect to the test PostgreSQL");
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("create test database");
     let url = match admin_database_url().rsplit_once('/') {
         Some((base, _)) => format!("{base}/{name}"),
         None => panic!("VITALWATCH_TEST_DATABASE_URL must end in /dbname"),
     };
-    let cfg = DatabaseConfig { url, pool_size: 4, ..settings };
-    let mut client = vitalwatch_store::connect(&cfg.url).await.expect("connect to the test database");
-    vitalwatch_store::migrate::migrate(&mut client, &cfg).await.expect("migrate");
+    let cfg = DatabaseConfig {
+        url,
+        pool_size: 4,
+        ..settings
+    };
+    let mut client = vitalwatch_store::connect(&cfg.url)
+        .await
+        .expect("connect to the test database");
+    vitalwatch_store::migrate::migrate(&mut client, &cfg)
+        .await
+        .expect("migrate");
     cfg
 }
 
@@ -104,9 +130,16 @@ pub async fn kafka_on(brokers: &str) -> KafkaConfig {
         partitions: 3,
         ..KafkaConfig::default()
     };
-    vitalwatch_bus::ensure_topics(&cfg, &[&cfg.readings_topic, &cfg.deadletter_topic, &cfg.alerts_topic])
-        .await
-        .expect("create test topics");
+    vitalwatch_bus::ensure_topics(
+        &cfg,
+        &[
+            &cfg.readings_topic,
+            &cfg.deadletter_topic,
+            &cfg.alerts_topic,
+        ],
+    )
+    .await
+    .expect("create test topics");
     cfg
 }
 
@@ -136,7 +169,10 @@ where
         if let Some(v) = f().await {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -175,12 +211,20 @@ impl Device {
                 }
             }
         });
-        Device { client, acked, published: 0, task }
+        Device {
+            client,
+            acked,
+            published: 0,
+            task,
+        }
     }
 
     /// Publishes with QoS 1 (the broker's PUBACK is counted, not awaited).
     pub async fn publish(&mut self, topic: &str, payload: impl Into<Vec<u8>>) {
-        self.client.publish(topic, QoS::AtLeastOnce, false, payload.into()).await.expect("queue publish");
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload.into())
+            .await
+            .expect("queue publish");
         self.published += 1;
     }
 
@@ -221,7 +265,10 @@ pub async fn consume_matching(
                 }
             }
             Ok(Err(e)) => panic!("consuming {topic}: {e}"),
-            Err(_) => panic!("only {} of {n} records arrived on {topic} within {timeout:?}", out.len()),
+            Err(_) => panic!(
+                "only {} of {n} records arrived on {topic} within {timeout:?}",
+                out.len()
+            ),
         }
     }
     out
@@ -229,14 +276,19 @@ pub async fn consume_matching(
 
 /// The record's key as text.
 pub fn key(m: &OwnedMessage) -> String {
-    m.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default()
+    m.key()
+        .map(|k| String::from_utf8_lossy(k).into_owned())
+        .unwrap_or_default()
 }
 
 /// A header of a record as text.
 pub fn header(m: &OwnedMessage, key: &str) -> Option<String> {
     use vitalwatch_bus::rdkafka::message::Headers;
     let h = m.headers()?;
-    h.iter().find(|h| h.key == key).and_then(|h| h.value).map(|v| String::from_utf8_lossy(v).into_owned())
+    h.iter()
+        .find(|h| h.key == key)
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
 /// A Kafka-protocol broker of the test's own (tansu, sqlite storage in a
@@ -251,10 +303,18 @@ pub struct PrivateKafka {
 
 impl PrivateKafka {
     pub async fn start() -> PrivateKafka {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("free port").local_addr().expect("addr").port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("free port")
+            .local_addr()
+            .expect("addr")
+            .port();
         let dir = std::env::temp_dir().join(unique("tansu"));
         std::fs::create_dir_all(&dir).expect("tansu dir");
-        let mut k = PrivateKafka { port, dir, child: None };
+        let mut k = PrivateKafka {
+            port,
+            dir,
+            child: None,
+        };
         k.resume().await;
         k
     }
@@ -265,22 +325,38 @@ impl PrivateKafka {
 
     /// Starts the broker process (again) and waits until it accepts connections.
     pub async fn resume(&mut self) {
-        let bin = std::env::var("VITALWATCH_TEST_TANSU").expect("VITALWATCH_TEST_TANSU names the tansu binary");
+        let bin = std::env::var("VITALWATCH_TEST_TANSU")
+            .expect("VITALWATCH_TEST_TANSU names the tansu binary");
         let url = format!("tcp://127.0.0.1:{}", self.port);
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("tansu.log")).expect("log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("tansu.log"))
+            .expect("log");
         let child = std::process::Command::new(bin)
             .current_dir(&self.dir)
             .env_remove("STORAGE_ENGINE")
             .env_remove("LISTENER_URL")
             .env_remove("ADVERTISED_LISTENER_URL")
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", "sqlite://tansu.db"])
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+                "--storage-engine",
+                "sqlite://tansu.db",
+            ])
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
             .expect("start tansu");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
-        while tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_err() {
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .is_err()
+        {
             assert!(Instant::now() < deadline, "private tansu did not start");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -311,18 +387,27 @@ impl Drop for PrivateKafka {
 /// `Err` says why not, for the test's output.
 pub async fn timescaledb_available() -> Result<(), String> {
     let url = empty_database().await;
-    let c = vitalwatch_store::connect(&url).await.expect("connect to the scratch database");
+    let c = vitalwatch_store::connect(&url)
+        .await
+        .expect("connect to the scratch database");
     match c.batch_execute("CREATE EXTENSION timescaledb").await {
         Ok(()) => Ok(()),
-        Err(e) => Err(e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_owned())),
+        Err(e) => Err(e
+            .as_db_error()
+            .map_or_else(|| e.to_string(), |d| d.message().to_owned())),
     }
 }
 
 /// An empty database of its own (not migrated); returns its URL.
 pub async fn empty_database() -> String {
     let name = unique("vw_test_empty");
-    let admin = vitalwatch_store::connect(&admin_database_url()).await.expect("connect to the test PostgreSQL");
-    admin.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create test database");
+    let admin = vitalwatch_store::connect(&admin_database_url())
+        .await
+        .expect("connect to the test PostgreSQL");
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("create test database");
     match admin_database_url().rsplit_once('/') {
         Some((base, _)) => format!("{base}/{name}"),
         None => panic!("VITALWATCH_TEST_DATABASE_URL must end in /dbname"),
@@ -352,23 +437,50 @@ impl PrivatePostgres {
                     .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
                     .collect();
                 versions.sort_unstable();
-                let v = versions.last().expect("a PostgreSQL version in /usr/lib/postgresql");
+                let v = versions
+                    .last()
+                    .expect("a PostgreSQL version in /usr/lib/postgresql");
                 std::path::PathBuf::from(format!("/usr/lib/postgresql/{v}/bin"))
             }
         };
-        let uid = std::process::Command::new("id").arg("-u").output().expect("id -u");
+        let uid = std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .expect("id -u");
         let as_postgres = String::from_utf8_lossy(&uid.stdout).trim() == "0";
-        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("free port").local_addr().expect("addr").port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("free port")
+            .local_addr()
+            .expect("addr")
+            .port();
         let dir = std::env::temp_dir().join(unique("postgres"));
         std::fs::create_dir_all(&dir).expect("postgres dir");
-        let pg = PrivatePostgres { port, dir, bin, as_postgres };
+        let pg = PrivatePostgres {
+            port,
+            dir,
+            bin,
+            as_postgres,
+        };
         if as_postgres {
-            pg.run("chown", &["-R", "postgres:postgres", &pg.dir.to_string_lossy()], false);
+            pg.run(
+                "chown",
+                &["-R", "postgres:postgres", &pg.dir.to_string_lossy()],
+                false,
+            );
         }
         let data = pg.dir.join("data");
         pg.run(
             &pg.bin.join("initdb").to_string_lossy(),
-            &["-D", &data.to_string_lossy(), "-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8"],
+            &[
+                "-D",
+                &data.to_string_lossy(),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--no-sync",
+                "-E",
+                "UTF8",
+            ],
             true,
         );
         pg.resume().await;
@@ -388,7 +500,10 @@ impl PrivatePostgres {
         } else {
             std::process::Command::new(program)
         };
-        let out = cmd.args(args).output().unwrap_or_else(|e| panic!("run {program}: {e}"));
+        let out = cmd
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("run {program}: {e}"));
         assert!(
             out.status.success(),
             "{program} {args:?} failed: {}{}",
@@ -407,7 +522,11 @@ impl PrivatePostgres {
     /// Starts the server (again) and waits until it accepts connections.
     pub async fn resume(&self) {
         let log = self.dir.join("postgres.log").to_string_lossy().into_owned();
-        let opts = format!("-p {} -c listen_addresses=127.0.0.1 -k {}", self.port, self.dir.display());
+        let opts = format!(
+            "-p {} -c listen_addresses=127.0.0.1 -k {}",
+            self.port,
+            self.dir.display()
+        );
         self.pg_ctl(&["-l", &log, "-o", &opts, "-w", "-t", "60", "start"]);
     }
 
@@ -429,9 +548,14 @@ impl Drop for PrivatePostgres {
         } else {
             std::process::Command::new(&pg_ctl)
         };
-        let _ = cmd.args(["-D", &data.to_string_lossy(), "-m", "immediate", "stop"]).output();
+        let _ = cmd
+            .args(["-D", &data.to_string_lossy(), "-m", "immediate", "stop"])
+            .output();
         if std::thread::panicking() {
-            eprintln!("private PostgreSQL data and log kept in {}", self.dir.display());
+            eprintln!(
+                "private PostgreSQL data and log kept in {}",
+                self.dir.display()
+            );
         } else {
             let _ = std::fs::remove_dir_all(&self.dir);
         }

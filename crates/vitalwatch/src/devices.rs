@@ -33,8 +33,9 @@ pub fn parse_csv(text: &str) -> anyhow::Result<Vec<Entry>> {
             [d, p, k] => (d, p, k, None),
             [d, p, k, ""] => (d, p, k, None),
             [d, p, k, s] => {
-                let t = DateTime::parse_from_rfc3339(s)
-                    .with_context(|| format!("line {}: assigned_at {s:?} is not RFC 3339", n + 1))?;
+                let t = DateTime::parse_from_rfc3339(s).with_context(|| {
+                    format!("line {}: assigned_at {s:?} is not RFC 3339", n + 1)
+                })?;
                 (d, p, k, Some(t.with_timezone(&Utc)))
             }
             _ => anyhow::bail!(
@@ -49,7 +50,11 @@ pub fn parse_csv(text: &str) -> anyhow::Result<Vec<Entry>> {
         out.push(Entry {
             device_id: device.to_owned(),
             patient_id: (!patient.is_empty()).then(|| patient.to_owned()),
-            kind: if kind.is_empty() { "unknown".into() } else { kind.to_owned() },
+            kind: if kind.is_empty() {
+                "unknown".into()
+            } else {
+                kind.to_owned()
+            },
             since,
         });
     }
@@ -60,16 +65,23 @@ pub fn parse_csv(text: &str) -> anyhow::Result<Vec<Entry>> {
 pub async fn register(db: &DatabaseConfig, entries: &[Entry]) -> anyhow::Result<usize> {
     let mut client = vitalwatch_store::connect(&db.url).await?;
     for e in entries {
-        vitalwatch_store::registry::register_device(&mut client, &e.device_id, &e.kind, e.patient_id.as_deref(), e.since)
-            .await
-            .with_context(|| format!("registering {}", e.device_id))?;
+        vitalwatch_store::registry::register_device(
+            &mut client,
+            &e.device_id,
+            &e.kind,
+            e.patient_id.as_deref(),
+            e.since,
+        )
+        .await
+        .with_context(|| format!("registering {}", e.device_id))?;
     }
     Ok(entries.len())
 }
 
 /// Imports a CSV file.
 pub async fn import(db: &DatabaseConfig, path: &Path) -> anyhow::Result<usize> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     register(db, &parse_csv(&text)?).await
 }
 
@@ -84,10 +96,18 @@ mod tests {
         assert_eq!(e.len(), 3);
         assert_eq!(
             e[0],
-            Entry { device_id: "sim-0001".into(), patient_id: Some("p-0001".into()), kind: "wearable".into(), since: None }
+            Entry {
+                device_id: "sim-0001".into(),
+                patient_id: Some("p-0001".into()),
+                kind: "wearable".into(),
+                since: None
+            }
         );
         assert_eq!(e[1].patient_id, None);
-        assert_eq!(e[2].since.map(|t| t.to_rfc3339()), Some("2026-11-01T00:00:00+00:00".to_owned()));
+        assert_eq!(
+            e[2].since.map(|t| t.to_rfc3339()),
+            Some("2026-11-01T00:00:00+00:00".to_owned())
+        );
         assert!(parse_csv("a,b,c,yesterday\n").is_err());
         let err = parse_csv("a,b\n").expect_err("two fields");
         assert!(err.to_string().contains("line 1"), "{err}");

@@ -78,9 +78,20 @@ pub async fn run_service(
 ) -> anyhow::Result<()> {
     match service {
         Service::Ingest => {
-            vitalwatch_ingest::run(&cfg.ingest, &cfg.mqtt, &cfg.kafka, &cfg.database, readiness, shutdown).await?;
+            vitalwatch_ingest::run(
+                &cfg.ingest,
+                &cfg.mqtt,
+                &cfg.kafka,
+                &cfg.database,
+                readiness,
+                shutdown,
+            )
+            .await?;
         }
-        Service::Writer => vitalwatch_writer::run(&cfg.writer, &cfg.kafka, &cfg.database, readiness, shutdown).await?,
+        Service::Writer => {
+            vitalwatch_writer::run(&cfg.writer, &cfg.kafka, &cfg.database, readiness, shutdown)
+                .await?
+        }
         Service::Alerts => vitalwatch_alerts::run(&cfg.alerts, &cfg.kafka, shutdown).await?,
         Service::Api => {
             let metrics = vitalwatch_api::telemetry::metrics_handle();
@@ -140,7 +151,11 @@ pub async fn migrate(db: &DatabaseConfig, wait: Duration) -> anyhow::Result<Vec<
 
 /// Creates the readings, dead-letter and alerts topics if they are missing.
 pub async fn create_topics(kafka: &KafkaConfig) -> anyhow::Result<()> {
-    let names = [kafka.readings_topic.as_str(), kafka.deadletter_topic.as_str(), kafka.alerts_topic.as_str()];
+    let names = [
+        kafka.readings_topic.as_str(),
+        kafka.deadletter_topic.as_str(),
+        kafka.alerts_topic.as_str(),
+    ];
     vitalwatch_bus::ensure_topics(kafka, &names).await?;
     Ok(())
 }

@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use vitalwatch::{Config, Service};
 
 #[derive(Parser)]
-#[command(name = "vitalwatch", version, about = "Remote patient monitoring: MQTT devices -> Kafka -> PostgreSQL -> care teams")]
+#[command(
+    name = "vitalwatch",
+    version,
+    about = "Remote patient monitoring: MQTT devices -> Kafka -> PostgreSQL -> care teams"
+)]
 struct Cli {
     /// TOML configuration file; `VITALWATCH_*` variables override it.
     #[arg(long, short, env = "VITALWATCH_CONFIG", global = true)]
@@ -61,8 +65,15 @@ fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_env("VITALWATCH_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_ansi(ansi).init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(ansi)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("vitalwatch: cannot start the runtime: {e}");
@@ -88,8 +99,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             return Ok(());
         }
         Command::Topics => return vitalwatch::create_topics(&cfg.kafka).await,
-        Command::Devices(Devices::Register { device, patient, kind, since }) => {
-            let entry = vitalwatch::devices::Entry { device_id: device, patient_id: patient, kind, since };
+        Command::Devices(Devices::Register {
+            device,
+            patient,
+            kind,
+            since,
+        }) => {
+            let entry = vitalwatch::devices::Entry {
+                device_id: device,
+                patient_id: patient,
+                kind,
+                since,
+            };
             vitalwatch::devices::register(&cfg.database, &[entry]).await?;
             return Ok(());
         }
@@ -102,11 +123,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Writer => &[Service::Writer],
         Command::Alerts => &[Service::Alerts],
         Command::Api => &[Service::Api],
-        Command::All => &[Service::Ingest, Service::Writer, Service::Alerts, Service::Api],
+        Command::All => &[
+            Service::Ingest,
+            Service::Writer,
+            Service::Alerts,
+            Service::Api,
+        ],
     };
     // Metrics recorder first, so every service's metrics reach /metrics.
     let _ = vitalwatch_api::telemetry::metrics_handle();
-    if services.contains(&Service::Writer) || services.contains(&Service::Api) || services.contains(&Service::Ingest) {
+    if services.contains(&Service::Writer)
+        || services.contains(&Service::Api)
+        || services.contains(&Service::Ingest)
+    {
         vitalwatch::migrate(&cfg.database, Duration::from_secs(60)).await?;
     }
     if services.len() > 1 {

@@ -51,7 +51,11 @@ pub struct WriterConfig {
 
 impl Default for WriterConfig {
     fn default() -> Self {
-        WriterConfig { group_id: "vitalwatch-writer".into(), batch_max_rows: 5000, batch_max_wait_ms: 200 }
+        WriterConfig {
+            group_id: "vitalwatch-writer".into(),
+            batch_max_rows: 5000,
+            batch_max_wait_ms: 200,
+        }
     }
 }
 
@@ -87,10 +91,17 @@ pub async fn run(
 ) -> Result<(), WriterError> {
     let consumer = vitalwatch_bus::consumer(kafka, &cfg.group_id)?;
     consumer.subscribe(&[kafka.readings_topic.as_str()])?;
-    let deadletter = DeadLetter::new(vitalwatch_bus::Producer::new(kafka)?, kafka.deadletter_topic.clone(), None);
+    let deadletter = DeadLetter::new(
+        vitalwatch_bus::Producer::new(kafka)?,
+        kafka.deadletter_topic.clone(),
+        None,
+    );
     readiness.set_ready("writer.database");
     let pool = vitalwatch_store::pool(db)?;
-    let store = Store { pool: pool.clone(), layout: tokio::sync::OnceCell::new() };
+    let store = Store {
+        pool: pool.clone(),
+        layout: tokio::sync::OnceCell::new(),
+    };
     tokio::spawn(maintenance(pool.clone(), db.clone(), shutdown.clone()));
     tracing::info!(group = %cfg.group_id, topic = %kafka.readings_topic, "writer started");
     let max_wait = Duration::from_millis(cfg.batch_max_wait_ms);
@@ -102,7 +113,8 @@ pub async fn run(
         let mut offsets: HashMap<(String, i32), i64> = HashMap::new();
         let mut deadline: Option<tokio::time::Instant> = None;
         while rows < cfg.batch_max_rows.max(1) {
-            let wait_until = deadline.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+            let wait_until =
+                deadline.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
             let msg = tokio::select! {
                 m = consumer.recv() => m,
                 () = tokio::time::sleep_until(wait_until) => break,
@@ -120,13 +132,26 @@ pub async fn run(
             let topic = msg.topic().to_owned();
             let (partition, offset) = (msg.partition(), msg.offset());
             let payload = msg.payload().unwrap_or_default().to_vec();
-            let key = msg.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default();
+            let key = msg
+                .key()
+                .map(|k| String::from_utf8_lossy(k).into_owned())
+                .unwrap_or_default();
             drop(msg);
             offsets.insert((topic.clone(), partition), offset);
             match Batch::decode(&payload) {
                 Ok(batch) => {
-                    rows += batch.readings.iter().map(|r| r.values().count()).sum::<usize>();
-                    records.push(Record { topic, partition, offset, payload, batch });
+                    rows += batch
+                        .readings
+                        .iter()
+                        .map(|r| r.values().count())
+                        .sum::<usize>();
+                    records.push(Record {
+                        topic,
+                        partition,
+                        offset,
+                        payload,
+                        batch,
+                    });
                 }
                 Err(e) => {
                     let info = DeadLetterInfo {
@@ -137,7 +162,11 @@ pub async fn run(
                         reading_index: None,
                     };
                     tracing::warn!(topic, partition, offset, error = %e, "record is not a valid batch; dead-lettering");
-                    if deadletter.send(&key, &payload, info, &shutdown).await.is_err() {
+                    if deadletter
+                        .send(&key, &payload, info, &shutdown)
+                        .await
+                        .is_err()
+                    {
                         break 'outer; // shutting down; its offset is not committed
                     }
                     metrics::counter!("vitalwatch_writer_deadlettered_total").increment(1);
@@ -147,7 +176,10 @@ pub async fn run(
         if offsets.is_empty() {
             continue;
         }
-        if write(&store, &records, &deadletter, &readiness, &shutdown).await.is_err() {
+        if write(&store, &records, &deadletter, &readiness, &shutdown)
+            .await
+            .is_err()
+        {
             break; // shut down while the database was away: nothing committed
         }
         let mut tpl = TopicPartitionList::new();
@@ -185,7 +217,9 @@ async fn write(
     }
     match insert_retrying(store, &rows, readiness, shutdown).await? {
         Ok(()) => return Ok(()),
-        Err(e) => tracing::warn!(error = %e, "database refused a batch; writing its records one by one"),
+        Err(e) => {
+            tracing::warn!(error = %e, "database refused a batch; writing its records one by one")
+        }
     }
     for r in records {
         let mut one = Rows::default();
@@ -200,7 +234,10 @@ async fn write(
                 reading_index: None,
             };
             tracing::error!(partition = r.partition, offset = r.offset, error = %e, "database refused a record; dead-lettering");
-            deadletter.send(&r.batch.device_id, &r.payload, info, shutdown).await.map_err(|_| ())?;
+            deadletter
+                .send(&r.batch.device_id, &r.payload, info, shutdown)
+                .await
+                .map_err(|_| ())?;
             metrics::counter!("vitalwatch_writer_deadlettered_total").increment(1);
         }
     }
@@ -223,9 +260,11 @@ async fn insert_retrying(
                 if readiness.is_ready("writer.database") != Some(true) {
                     readiness.set_ready("writer.database");
                 }
-                metrics::histogram!("vitalwatch_writer_batch_seconds").record(started.elapsed().as_secs_f64());
+                metrics::histogram!("vitalwatch_writer_batch_seconds")
+                    .record(started.elapsed().as_secs_f64());
                 metrics::counter!("vitalwatch_writer_rows_total").increment(new);
-                metrics::counter!("vitalwatch_writer_duplicate_rows_total").increment(rows.len() as u64 - new);
+                metrics::counter!("vitalwatch_writer_duplicate_rows_total")
+                    .increment(rows.len() as u64 - new);
                 return Ok(Ok(()));
             }
             Err(e) if !e.is_data_error() => {
@@ -254,7 +293,10 @@ impl Store {
     /// Writes `rows` in one transaction; returns how many were new.
     async fn insert(&self, rows: &Rows) -> Result<u64, StoreError> {
         let mut client = self.pool.get().await?;
-        let layout = *self.layout.get_or_try_init(|| storage::layout(&**client)).await?;
+        let layout = *self
+            .layout
+            .get_or_try_init(|| storage::layout(&**client))
+            .await?;
         readings::write(&mut client, layout, rows).await
     }
 }

@@ -82,7 +82,9 @@ impl Cohort {
         let seq = p.seq;
         p.seq += 1;
         let hr = (p.hr_base + rng.random_range(-4.0..4.0)).round();
-        let spo2 = (p.spo2_base + rng.random_range(-1.0..1.0)).round().min(100.0);
+        let spo2 = (p.spo2_base + rng.random_range(-1.0..1.0))
+            .round()
+            .min(100.0);
         let bp = (seq % 10 == 1).then(|| {
             let sys = (p.sys_base + rng.random_range(-6.0..6.0)).round();
             (sys, (sys * 0.65 + rng.random_range(-3.0..3.0)).round())
@@ -99,10 +101,15 @@ impl Cohort {
                     readings.push(serde_json::json!({"metric": "blood_pressure", "unit": "mm[Hg]", "measured_at": t,
                         "components": {"systolic": sys, "diastolic": dia}}));
                 }
-                serde_json::json!({"device_id": p.device_id, "seq": seq, "readings": readings}).to_string().into_bytes()
+                serde_json::json!({"device_id": p.device_id, "seq": seq, "readings": readings})
+                    .to_string()
+                    .into_bytes()
             }
             Format::Protobuf => {
-                let ts = Some(prost_types::Timestamp { seconds: at.timestamp(), nanos: at.timestamp_subsec_nanos() as i32 });
+                let ts = Some(prost_types::Timestamp {
+                    seconds: at.timestamp(),
+                    nanos: at.timestamp_subsec_nanos() as i32,
+                });
                 let scalar = |metric: proto::Metric, value: f64, unit: &str| proto::Reading {
                     metric: metric as i32,
                     value,
@@ -110,21 +117,35 @@ impl Cohort {
                     measured_at: ts,
                     ..Default::default()
                 };
-                let mut readings = vec![scalar(proto::Metric::HeartRate, hr, "/min"), scalar(proto::Metric::Spo2, spo2, "%")];
+                let mut readings = vec![
+                    scalar(proto::Metric::HeartRate, hr, "/min"),
+                    scalar(proto::Metric::Spo2, spo2, "%"),
+                ];
                 if let Some((sys, dia)) = bp {
                     readings.push(proto::Reading {
                         metric: proto::Metric::BloodPressure as i32,
                         unit: "mm[Hg]".into(),
                         measured_at: ts,
                         components: vec![
-                            proto::Component { name: "systolic".into(), value: sys },
-                            proto::Component { name: "diastolic".into(), value: dia },
+                            proto::Component {
+                                name: "systolic".into(),
+                                value: sys,
+                            },
+                            proto::Component {
+                                name: "diastolic".into(),
+                                value: dia,
+                            },
                         ],
                         ..Default::default()
                     });
                 }
-                proto::ReadingBatch { device_id: p.device_id.clone(), seq: Some(seq), readings, ..Default::default() }
-                    .encode_to_vec()
+                proto::ReadingBatch {
+                    device_id: p.device_id.clone(),
+                    seq: Some(seq),
+                    readings,
+                    ..Default::default()
+                }
+                .encode_to_vec()
             }
         };
         (payload, n)
@@ -140,29 +161,51 @@ mod tests {
 
     #[test]
     fn same_seed_same_bytes() {
-        let at = Utc.with_ymd_and_hms(2026, 11, 29, 8, 0, 0).single().unwrap_or_default();
+        let at = Utc
+            .with_ymd_and_hms(2026, 11, 29, 8, 0, 0)
+            .single()
+            .unwrap_or_default();
         let mut a = Cohort::new(3, "sim", 7);
         let mut b = Cohort::new(3, "sim", 7);
         assert_eq!(a.registry_csv(), b.registry_csv());
         for i in 0..3 {
-            assert_eq!(a.next_batch(i, at, Format::Json), b.next_batch(i, at, Format::Json));
-            assert_eq!(a.next_batch(i, at, Format::Protobuf), b.next_batch(i, at, Format::Protobuf));
+            assert_eq!(
+                a.next_batch(i, at, Format::Json),
+                b.next_batch(i, at, Format::Json)
+            );
+            assert_eq!(
+                a.next_batch(i, at, Format::Protobuf),
+                b.next_batch(i, at, Format::Protobuf)
+            );
         }
         let mut c = Cohort::new(3, "sim", 8);
-        assert_ne!(a.next_batch(0, at, Format::Json), c.next_batch(0, at, Format::Json));
+        assert_ne!(
+            a.next_batch(0, at, Format::Json),
+            c.next_batch(0, at, Format::Json)
+        );
     }
 
     #[test]
     fn every_generated_reading_is_valid() {
-        let at = Utc.with_ymd_and_hms(2026, 11, 29, 8, 0, 0).single().unwrap_or_default();
+        let at = Utc
+            .with_ymd_and_hms(2026, 11, 29, 8, 0, 0)
+            .single()
+            .unwrap_or_default();
         let mut cohort = Cohort::new(20, "sim", 1);
         for round in 0..30 {
             for i in 0..20 {
-                let format = if round % 2 == 0 { Format::Json } else { Format::Protobuf };
+                let format = if round % 2 == 0 {
+                    Format::Json
+                } else {
+                    Format::Protobuf
+                };
                 let (bytes, n) = cohort.next_batch(i, at, format);
                 let batch = decode(&bytes, PayloadFormat::detect(false, &bytes)).expect("decodes");
                 assert_eq!(batch.readings.len(), n);
-                assert_eq!(batch.device_id.as_deref(), Some(cohort.patients[i].device_id.as_str()));
+                assert_eq!(
+                    batch.device_id.as_deref(),
+                    Some(cohort.patients[i].device_id.as_str())
+                );
                 for r in &batch.readings {
                     validate(r, at, &TimePolicy::default()).expect("simulated reading is valid");
                 }

@@ -10,7 +10,11 @@ use vitalwatch_core::topics;
 use vitalwatch_sim::{Cohort, Format};
 
 #[derive(Parser)]
-#[command(name = "vitalwatch-sim", version, about = "Simulated home vitals devices publishing over MQTT")]
+#[command(
+    name = "vitalwatch-sim",
+    version,
+    about = "Simulated home vitals devices publishing over MQTT"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -64,11 +68,29 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Cohort(c) => {
-            print!("{}", Cohort::new(c.patients, &c.prefix, c.seed).registry_csv());
+            print!(
+                "{}",
+                Cohort::new(c.patients, &c.prefix, c.seed).registry_csv()
+            );
             Ok(())
         }
-        Command::Run { cohort, rate, duration, host, port, topic_root, format, username, password } => {
-            let broker = Broker { host, port, username, password };
+        Command::Run {
+            cohort,
+            rate,
+            duration,
+            host,
+            port,
+            topic_root,
+            format,
+            username,
+            password,
+        } => {
+            let broker = Broker {
+                host,
+                port,
+                username,
+                password,
+            };
             run(cohort, rate, duration, broker, topic_root, format).await
         }
     }
@@ -81,13 +103,31 @@ struct Broker {
     password: String,
 }
 
-async fn run(c: CohortArgs, rate: f64, duration: u64, broker: Broker, root: String, format: Format) -> anyhow::Result<()> {
-    let Broker { host, port, username, password } = broker;
+async fn run(
+    c: CohortArgs,
+    rate: f64,
+    duration: u64,
+    broker: Broker,
+    root: String,
+    format: Format,
+) -> anyhow::Result<()> {
+    let Broker {
+        host,
+        port,
+        username,
+        password,
+    } = broker;
     anyhow::ensure!(c.patients > 0, "--patients must be at least 1");
     anyhow::ensure!(rate > 0.0 && rate.is_finite(), "--rate must be positive");
     let mut cohort = Cohort::new(c.patients, &c.prefix, c.seed);
-    let mut opts = MqttOptions::new(format!("{}-sim-{}", c.prefix, std::process::id()), host.clone(), port);
-    opts.set_keep_alive(Duration::from_secs(30)).set_inflight(1000).set_max_packet_size(1 << 20, 1 << 20);
+    let mut opts = MqttOptions::new(
+        format!("{}-sim-{}", c.prefix, std::process::id()),
+        host.clone(),
+        port,
+    );
+    opts.set_keep_alive(Duration::from_secs(30))
+        .set_inflight(1000)
+        .set_max_packet_size(1 << 20, 1 << 20);
     if let Some(user) = username {
         opts.set_credentials(user, password);
     }
@@ -110,7 +150,10 @@ async fn run(c: CohortArgs, rate: f64, duration: u64, broker: Broker, root: Stri
         }
     });
 
-    println!("vitalwatch-sim: {} patients, {rate} batches/s, to {host}:{port} under {root}/", c.patients);
+    println!(
+        "vitalwatch-sim: {} patients, {rate} batches/s, to {host}:{port} under {root}/",
+        c.patients
+    );
     let started = Instant::now();
     let stop_at = (duration > 0).then(|| started + Duration::from_secs(duration));
     let (mut published, mut readings) = (0u64, 0u64);
@@ -132,14 +175,20 @@ async fn run(c: CohortArgs, rate: f64, duration: u64, broker: Broker, root: Stri
         let due = (started.elapsed().as_secs_f64() * rate) as u64;
         while published < due {
             let (payload, n) = cohort.next_batch(next_patient, chrono::Utc::now(), format);
-            let topic = topics::mqtt_readings_topic(&root, &cohort.patients[next_patient].device_id);
-            client.publish(topic, QoS::AtLeastOnce, false, payload).await?;
+            let topic =
+                topics::mqtt_readings_topic(&root, &cohort.patients[next_patient].device_id);
+            client
+                .publish(topic, QoS::AtLeastOnce, false, payload)
+                .await?;
             published += 1;
             readings += n as u64;
             next_patient = (next_patient + 1) % cohort.patients.len();
         }
         if last_report.elapsed() >= Duration::from_secs(10) {
-            println!("vitalwatch-sim: published {published} batches ({readings} readings), acknowledged {}", acked.load(Ordering::Relaxed));
+            println!(
+                "vitalwatch-sim: published {published} batches ({readings} readings), acknowledged {}",
+                acked.load(Ordering::Relaxed)
+            );
             last_report = Instant::now();
         }
     }
@@ -155,6 +204,10 @@ async fn run(c: CohortArgs, rate: f64, duration: u64, broker: Broker, root: Stri
         "vitalwatch-sim: done: published={published} acknowledged={acked} readings={readings} seconds={secs:.1} rate={:.1} batches/s",
         published as f64 / secs
     );
-    anyhow::ensure!(acked == published, "{} publishes were not acknowledged by the broker", published - acked);
+    anyhow::ensure!(
+        acked == published,
+        "{} publishes were not acknowledged by the broker",
+        published - acked
+    );
     Ok(())
 }

@@ -19,17 +19,28 @@ use crate::util::*;
 async fn a_reading_travels_from_device_to_trend() {
     let cfg = config().await;
     let device_id = "test-dev-1".to_owned();
-    let (patient, pipeline) = start_with_device(&cfg, &device_id, &[Service::Ingest, Service::Writer]).await;
+    let (patient, pipeline) =
+        start_with_device(&cfg, &device_id, &[Service::Ingest, Service::Writer]).await;
     let mut device = Device::connect(&device_id).await;
 
     // Heart rate over three 5-minute buckets, in JSON and protobuf, plus blood pressure.
     let topic = mqtt_readings_topic(&cfg.mqtt.topic_root, &device_id);
-    let values: [(i64, f64); 7] = [(0, 60.0), (60, 70.0), (299, 80.0), (300, 90.0), (420, 100.0), (600, 55.0), (899, 65.0)];
+    let values: [(i64, f64); 7] = [
+        (0, 60.0),
+        (60, 70.0),
+        (299, 80.0),
+        (300, 90.0),
+        (420, 100.0),
+        (600, 55.0),
+        (899, 65.0),
+    ];
     let mut seq = 0;
     for chunk in values.chunks(2) {
         seq += 1;
         let readings: Vec<_> = chunk.iter().map(|(s, v)| hr(*v, at(*s))).collect();
-        device.publish(&topic, json_batch(&device_id, seq, &readings)).await;
+        device
+            .publish(&topic, json_batch(&device_id, seq, &readings))
+            .await;
     }
     let pb = proto::ReadingBatch {
         device_id: device_id.clone(),
@@ -39,8 +50,14 @@ async fn a_reading_travels_from_device_to_trend() {
             unit: "kPa".into(),
             measured_at: Some(prost_types_ts(at(30))),
             components: vec![
-                proto::Component { name: "systolic".into(), value: 16.0 },
-                proto::Component { name: "diastolic".into(), value: 10.0 },
+                proto::Component {
+                    name: "systolic".into(),
+                    value: 16.0,
+                },
+                proto::Component {
+                    name: "diastolic".into(),
+                    value: 10.0,
+                },
             ],
             ..Default::default()
         }],
@@ -64,7 +81,10 @@ async fn a_reading_travels_from_device_to_trend() {
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["unit"], "/min");
     assert_eq!(body["bucket_seconds"], 300);
-    let points = body["series"][0]["points"].as_array().expect("points").clone();
+    let points = body["series"][0]["points"]
+        .as_array()
+        .expect("points")
+        .clone();
     assert!(body["series"][0].get("component").is_none());
 
     // The expected buckets, computed from the published values.
@@ -74,7 +94,11 @@ async fn a_reading_travels_from_device_to_trend() {
     }
     assert_eq!(points.len(), expected.len(), "{points:?}");
     for (p, (bucket, vs)) in points.iter().zip(&expected) {
-        let start: DateTime<Utc> = p["start"].as_str().expect("start").parse().expect("rfc3339");
+        let start: DateTime<Utc> = p["start"]
+            .as_str()
+            .expect("start")
+            .parse()
+            .expect("rfc3339");
         assert_eq!(start, at(bucket * 300));
         assert_eq!(p["count"], vs.len());
         assert_eq!(p["min"].as_f64(), vs.iter().copied().reduce(f64::min));
@@ -84,20 +108,35 @@ async fn a_reading_travels_from_device_to_trend() {
     }
 
     // Blood pressure: two series, converted from kPa to mm[Hg].
-    let uri = format!("/v1/patients/{patient}/vitals?metric=blood_pressure&bucket=1h&from={}&to={}", urlenc(at(0)), urlenc(at(3600)));
+    let uri = format!(
+        "/v1/patients/{patient}/vitals?metric=blood_pressure&bucket=1h&from={}&to={}",
+        urlenc(at(0)),
+        urlenc(at(3600))
+    );
     let (status, body) = get_json(&cfg, &uri).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let series = body["series"].as_array().expect("series");
-    let comps: Vec<_> = series.iter().map(|s| s["component"].as_str().unwrap_or("")).collect();
+    let comps: Vec<_> = series
+        .iter()
+        .map(|s| s["component"].as_str().unwrap_or(""))
+        .collect();
     assert_eq!(comps, vec!["diastolic", "systolic"]);
     let sys = series[1]["points"][0]["avg"].as_f64().expect("systolic");
     assert!((sys - 120.01).abs() < 0.01, "{sys}");
 
     // Bad requests get a problem body, not a crash.
-    let (status, body) = get_json(&cfg, &format!("/v1/patients/{patient}/vitals?metric=pulse")).await;
+    let (status, body) =
+        get_json(&cfg, &format!("/v1/patients/{patient}/vitals?metric=pulse")).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert!(body["detail"].as_str().unwrap_or("").contains("pulse"), "{body}");
-    let (status, _) = get_json(&cfg, &format!("/v1/patients/{patient}/vitals?metric=heart_rate&bucket=7s")).await;
+    assert!(
+        body["detail"].as_str().unwrap_or("").contains("pulse"),
+        "{body}"
+    );
+    let (status, _) = get_json(
+        &cfg,
+        &format!("/v1/patients/{patient}/vitals?metric=heart_rate&bucket=7s"),
+    )
+    .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
 
     device.disconnect().await;
@@ -112,8 +151,12 @@ async fn writer_crash_mid_stream_loses_and_doubles_nothing() {
     cfg.writer.batch_max_rows = 2;
     // A killed consumer never says goodbye: the group waits out its session
     // before handing its partitions on. Keep that wait short here.
-    cfg.kafka.properties.insert("session.timeout.ms".into(), "6000".into());
-    cfg.kafka.properties.insert("heartbeat.interval.ms".into(), "1000".into());
+    cfg.kafka
+        .properties
+        .insert("session.timeout.ms".into(), "6000".into());
+    cfg.kafka
+        .properties
+        .insert("heartbeat.interval.ms".into(), "1000".into());
     let device_id = "test-dev-1".to_owned();
     let (patient, ingest) = start_with_device(&cfg, &device_id, &[Service::Ingest]).await;
     let mut device = Device::connect(&device_id).await;
@@ -122,8 +165,13 @@ async fn writer_crash_mid_stream_loses_and_doubles_nothing() {
     let batches = 1000;
     for i in 0..batches {
         let t = at(i * 2);
-        let readings = [hr(60.0 + (i % 40) as f64, t), serde_json::json!({"metric": "spo2", "value": 95, "measured_at": t.to_rfc3339()})];
-        device.publish(&topic, json_batch(&device_id, i as u64, &readings)).await;
+        let readings = [
+            hr(60.0 + (i % 40) as f64, t),
+            serde_json::json!({"metric": "spo2", "value": 95, "measured_at": t.to_rfc3339()}),
+        ];
+        device
+            .publish(&topic, json_batch(&device_id, i as u64, &readings))
+            .await;
     }
     device.wait_acked(WAIT).await;
     let total = batches * 2;
@@ -137,16 +185,23 @@ async fn writer_crash_mid_stream_loses_and_doubles_nothing() {
     .await;
     first.task.abort();
     let _ = first.task.await;
-    assert!(at_crash < total, "the writer finished before it could be killed mid-stream ({at_crash} rows)");
+    assert!(
+        at_crash < total,
+        "the writer finished before it could be killed mid-stream ({at_crash} rows)"
+    );
 
     // A new writer in the same group picks up from the committed offsets.
     let second = start(&[Service::Writer], &cfg);
-    ts::eventually(Duration::from_secs(120), "every row after the restart", || async {
-        (count_rows(&cfg, &patient).await >= total).then_some(())
-    })
+    ts::eventually(
+        Duration::from_secs(120),
+        "every row after the restart",
+        || async { (count_rows(&cfg, &patient).await >= total).then_some(()) },
+    )
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let c = vitalwatch_store::connect(&cfg.database.url).await.expect("db");
+    let c = vitalwatch_store::connect(&cfg.database.url)
+        .await
+        .expect("db");
     let row = c
         .query_one(
             "SELECT count(*), count(DISTINCT (metric, time)), count(DISTINCT seq) FROM readings WHERE patient_id = $1",
@@ -176,17 +231,35 @@ async fn bad_input_is_dead_lettered_counted_and_ingest_keeps_running() {
     let garbage = b"\x08\x96\x01\xff\xff garbage".to_vec();
     device.publish(&topic, garbage.clone()).await;
     let t = at(0);
-    let unknown = json_batch(&device_id, 2, &[serde_json::json!({"metric": "pulse", "value": 70, "measured_at": t.to_rfc3339()}), hr(71.0, t)]);
+    let unknown = json_batch(
+        &device_id,
+        2,
+        &[
+            serde_json::json!({"metric": "pulse", "value": 70, "measured_at": t.to_rfc3339()}),
+            hr(71.0, t),
+        ],
+    );
     device.publish(&topic, unknown.clone()).await;
     let impossible = json_batch(&device_id, 3, &[hr(900.0, at(1))]);
     device.publish(&topic, impossible.clone()).await;
-    device.publish(&topic, json_batch(&device_id, 4, &[hr(72.0, at(2))])).await;
+    device
+        .publish(&topic, json_batch(&device_id, 4, &[hr(72.0, at(2))]))
+        .await;
     device.wait_acked(WAIT).await;
 
-    let dead = ts::consume_matching(&cfg.kafka, &cfg.kafka.deadletter_topic, 3, WAIT, |m| ts::key(m) == device_id).await;
-    let by_reason: BTreeMap<String, _> = dead.iter().map(|m| (ts::header(m, "reason").unwrap_or_default(), m)).collect();
+    let dead = ts::consume_matching(&cfg.kafka, &cfg.kafka.deadletter_topic, 3, WAIT, |m| {
+        ts::key(m) == device_id
+    })
+    .await;
+    let by_reason: BTreeMap<String, _> = dead
+        .iter()
+        .map(|m| (ts::header(m, "reason").unwrap_or_default(), m))
+        .collect();
     let reasons: Vec<&str> = by_reason.keys().map(String::as_str).collect();
-    assert_eq!(reasons, vec!["malformed_payload", "out_of_range", "unknown_metric"]);
+    assert_eq!(
+        reasons,
+        vec!["malformed_payload", "out_of_range", "unknown_metric"]
+    );
     for (reason, payload, index) in [
         ("malformed_payload", &garbage, None),
         ("unknown_metric", &unknown, Some("0")),
@@ -194,10 +267,17 @@ async fn bad_input_is_dead_lettered_counted_and_ingest_keeps_running() {
     ] {
         let m = by_reason[reason];
         use vitalwatch_bus::rdkafka::Message;
-        assert_eq!(m.payload(), Some(&payload[..]), "{reason}: the raw payload is kept");
+        assert_eq!(
+            m.payload(),
+            Some(&payload[..]),
+            "{reason}: the raw payload is kept"
+        );
         assert_eq!(ts::header(m, "topic").as_deref(), Some(topic.as_str()));
         assert_eq!(ts::header(m, "reading_index").as_deref(), index);
-        let received: DateTime<Utc> = ts::header(m, "received_at").expect("received_at").parse().expect("rfc3339");
+        let received: DateTime<Utc> = ts::header(m, "received_at")
+            .expect("received_at")
+            .parse()
+            .expect("rfc3339");
         assert!((Utc::now() - received).num_seconds().abs() < 120);
         assert!(!ts::header(m, "detail").unwrap_or_default().is_empty());
     }
@@ -208,10 +288,13 @@ async fn bad_input_is_dead_lettered_counted_and_ingest_keeps_running() {
         .iter()
         .flat_map(|m| {
             use vitalwatch_bus::rdkafka::Message;
-            let b = vitalwatch_core::reading::Batch::decode(m.payload().unwrap_or_default()).expect("valid batch");
+            let b = vitalwatch_core::reading::Batch::decode(m.payload().unwrap_or_default())
+                .expect("valid batch");
             assert_eq!(b.patient_id, patient);
             assert_eq!(ts::key(m), patient, "keyed by patient");
-            b.readings.into_iter().flat_map(|r| r.values().map(|(_, v)| v).collect::<Vec<_>>())
+            b.readings
+                .into_iter()
+                .flat_map(|r| r.values().map(|(_, v)| v).collect::<Vec<_>>())
         })
         .collect();
     hrs.sort_by(f64::total_cmp);
@@ -221,7 +304,10 @@ async fn bad_input_is_dead_lettered_counted_and_ingest_keeps_running() {
     let text = metrics.render();
     for reason in ["malformed_payload", "unknown_metric", "out_of_range"] {
         let series = format!("vitalwatch_ingest_rejected_total{{reason=\"{reason}\"}}");
-        assert!(metric(&text, &series) >= 1.0, "{series} missing or zero in:\n{text}");
+        assert!(
+            metric(&text, &series) >= 1.0,
+            "{series} missing or zero in:\n{text}"
+        );
     }
 
     device.disconnect().await;
@@ -229,5 +315,8 @@ async fn bad_input_is_dead_lettered_counted_and_ingest_keeps_running() {
 }
 
 fn prost_types_ts(t: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp { seconds: t.timestamp(), nanos: 0 }
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: 0,
+    }
 }

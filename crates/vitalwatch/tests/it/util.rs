@@ -20,7 +20,12 @@ pub const WAIT: Duration = Duration::from_secs(60);
 /// this test alone.
 pub async fn config() -> Config {
     ts::logs();
-    let mut cfg = Config { database: ts::database().await, kafka: ts::kafka().await, mqtt: ts::mqtt(), ..Config::default() };
+    let mut cfg = Config {
+        database: ts::database().await,
+        kafka: ts::kafka().await,
+        mqtt: ts::mqtt(),
+        ..Config::default()
+    };
     cfg.writer.group_id = ts::unique("writer");
     cfg.writer.batch_max_wait_ms = 50;
     cfg.alerts.group_id = ts::unique("alerts");
@@ -36,9 +41,18 @@ pub struct Running {
 pub fn start(services: &[Service], cfg: &Config) -> Running {
     let token = CancellationToken::new();
     let readiness = Readiness::new();
-    let (services, cfg, t, r) = (services.to_vec(), cfg.clone(), token.clone(), readiness.clone());
+    let (services, cfg, t, r) = (
+        services.to_vec(),
+        cfg.clone(),
+        token.clone(),
+        readiness.clone(),
+    );
     let task = tokio::spawn(async move { vitalwatch::run_services(&services, &cfg, r, t).await });
-    Running { token, task, readiness }
+    Running {
+        token,
+        task,
+        readiness,
+    }
 }
 
 impl Running {
@@ -54,7 +68,11 @@ impl Running {
 
 /// Registers `device` for a new patient, starts `services` (with ingest
 /// among them) and waits until ingest is subscribed; returns the patient id.
-pub async fn start_with_device(cfg: &Config, device: &str, services: &[Service]) -> (String, Running) {
+pub async fn start_with_device(
+    cfg: &Config,
+    device: &str,
+    services: &[Service],
+) -> (String, Running) {
     let patient = ts::unique("pat");
     register(cfg, device, &patient).await;
     let running = start(services, cfg);
@@ -64,22 +82,43 @@ pub async fn start_with_device(cfg: &Config, device: &str, services: &[Service])
 
 /// Registers `device` and assigns it to `patient` since 30 days ago.
 pub async fn register(cfg: &Config, device: &str, patient: &str) {
-    register_since(cfg, device, Some(patient), Some(Utc::now() - chrono::Duration::days(30))).await;
+    register_since(
+        cfg,
+        device,
+        Some(patient),
+        Some(Utc::now() - chrono::Duration::days(30)),
+    )
+    .await;
 }
 
-pub async fn register_since(cfg: &Config, device: &str, patient: Option<&str>, since: Option<DateTime<Utc>>) {
+pub async fn register_since(
+    cfg: &Config,
+    device: &str,
+    patient: Option<&str>,
+    since: Option<DateTime<Utc>>,
+) {
     let e = vitalwatch::devices::Entry {
         device_id: device.into(),
         patient_id: patient.map(Into::into),
         kind: "test".into(),
         since,
     };
-    vitalwatch::devices::register(&cfg.database, &[e]).await.expect("register device");
+    vitalwatch::devices::register(&cfg.database, &[e])
+        .await
+        .expect("register device");
 }
 
 pub async fn count_rows(cfg: &Config, patient: &str) -> i64 {
-    let c = vitalwatch_store::connect(&cfg.database.url).await.expect("db");
-    c.query_one("SELECT count(*) FROM readings WHERE patient_id = $1", &[&patient]).await.expect("count").get(0)
+    let c = vitalwatch_store::connect(&cfg.database.url)
+        .await
+        .expect("db");
+    c.query_one(
+        "SELECT count(*) FROM readings WHERE patient_id = $1",
+        &[&patient],
+    )
+    .await
+    .expect("count")
+    .get(0)
 }
 
 /// Publishes probes as the unregistered device `probe` until one comes out
@@ -90,14 +129,21 @@ pub async fn wait_until_ingest_subscribed(cfg: &Config) {
     use vitalwatch_bus::rdkafka::consumer::Consumer;
     let mut probe = Device::connect("probe").await;
     let consumer = vitalwatch_bus::consumer(&cfg.kafka, &ts::unique("probe")).expect("consumer");
-    consumer.subscribe(&[cfg.kafka.deadletter_topic.as_str()]).expect("subscribe");
+    consumer
+        .subscribe(&[cfg.kafka.deadletter_topic.as_str()])
+        .expect("subscribe");
     let topic = mqtt_readings_topic(&cfg.mqtt.topic_root, "probe");
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        assert!(tokio::time::Instant::now() < deadline, "ingest never subscribed");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "ingest never subscribed"
+        );
         // Distinct payloads, so that ingest does not take them for redeliveries.
         let n = tokio::time::Instant::now().elapsed().as_nanos();
-        probe.publish(&topic, format!("{{\"seq\": {n}}}").into_bytes()).await;
+        probe
+            .publish(&topic, format!("{{\"seq\": {n}}}").into_bytes())
+            .await;
         if let Ok(Ok(m)) = tokio::time::timeout(Duration::from_millis(500), consumer.recv()).await
             && ts::key(&m.detach()) == "probe"
         {
@@ -110,11 +156,15 @@ pub async fn wait_until_ingest_subscribed(cfg: &Config) {
 /// A time aligned to a 5-minute boundary about an hour ago, plus `secs`.
 pub fn at(secs: i64) -> DateTime<Utc> {
     let base = (Utc::now().timestamp() / 300 - 12) * 300;
-    Utc.timestamp_opt(base + secs, 0).single().expect("valid time")
+    Utc.timestamp_opt(base + secs, 0)
+        .single()
+        .expect("valid time")
 }
 
 pub fn json_batch(device: &str, seq: u64, readings: &[serde_json::Value]) -> Vec<u8> {
-    serde_json::json!({"device_id": device, "seq": seq, "readings": readings}).to_string().into_bytes()
+    serde_json::json!({"device_id": device, "seq": seq, "readings": readings})
+        .to_string()
+        .into_bytes()
 }
 
 pub fn hr(value: f64, t: DateTime<Utc>) -> serde_json::Value {
@@ -134,16 +184,24 @@ pub async fn get_json(cfg: &Config, uri: &str) -> (StatusCode, serde_json::Value
         .expect("response");
     let status = resp.status();
     let bytes = resp.into_body().collect().await.expect("body").to_bytes();
-    (status, serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null))
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+    )
 }
 
 /// The value of a Prometheus counter or gauge line, 0 when absent.
 pub fn metric(text: &str, series: &str) -> f64 {
     text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')).map(|v| v.trim().parse().unwrap_or(0.0)))
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|v| v.strip_prefix(' '))
+                .map(|v| v.trim().parse().unwrap_or(0.0))
+        })
         .unwrap_or(0.0)
 }
 
 pub fn urlenc(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true).replace('+', "%2B")
+    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        .replace('+', "%2B")
 }

@@ -35,9 +35,17 @@ fn batch(patient: &str, device: &str, seq: u64, first: DateTime<Utc>, n: i64) ->
 }
 
 async fn produce(kafka: &KafkaConfig, producer: &Producer, b: &Batch) {
-    vitalwatch_bus::deliver(producer, &kafka.readings_topic, &b.patient_id, &b.encode(), None, None, &CancellationToken::new())
-        .await
-        .expect("produce");
+    vitalwatch_bus::deliver(
+        producer,
+        &kafka.readings_topic,
+        &b.patient_id,
+        &b.encode(),
+        None,
+        None,
+        &CancellationToken::new(),
+    )
+    .await
+    .expect("produce");
 }
 
 /// Every column of every row, as one digest: equal digests, equal tables.
@@ -62,7 +70,9 @@ fn committed_and_end(kafka: &KafkaConfig, group: &str) -> (Vec<i64>, Vec<i64>) {
     for p in 0..kafka.partitions {
         tpl.add_partition(&kafka.readings_topic, p);
     }
-    let committed = consumer.committed_offsets(tpl, Duration::from_secs(10)).expect("committed offsets");
+    let committed = consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .expect("committed offsets");
     let mut got = Vec::new();
     let mut ends = Vec::new();
     for e in committed.elements() {
@@ -70,8 +80,13 @@ fn committed_and_end(kafka: &KafkaConfig, group: &str) -> (Vec<i64>, Vec<i64>) {
             Offset::Offset(o) => o,
             _ => 0,
         });
-        let (_, high) =
-            consumer.fetch_watermarks(&kafka.readings_topic, e.partition(), Duration::from_secs(10)).expect("watermarks");
+        let (_, high) = consumer
+            .fetch_watermarks(
+                &kafka.readings_topic,
+                e.partition(),
+                Duration::from_secs(10),
+            )
+            .expect("watermarks");
         ends.push(high);
     }
     (got, ends)
@@ -81,7 +96,12 @@ fn committed_and_end(kafka: &KafkaConfig, group: &str) -> (Vec<i64>, Vec<i64>) {
 fn deadletters(kafka: &KafkaConfig) -> i64 {
     let consumer = vitalwatch_bus::consumer(kafka, &ts::unique("probe")).expect("consumer");
     (0..kafka.partitions)
-        .map(|p| consumer.fetch_watermarks(&kafka.deadletter_topic, p, Duration::from_secs(10)).expect("watermarks").1)
+        .map(|p| {
+            consumer
+                .fetch_watermarks(&kafka.deadletter_topic, p, Duration::from_secs(10))
+                .expect("watermarks")
+                .1
+        })
         .sum()
 }
 
@@ -92,35 +112,64 @@ async fn records_consumed_again_after_an_offset_reset_leave_the_table_unchanged(
     // 60 records for 6 patients (so every partition gets some), 10 readings each.
     let start = Utc::now() - chrono::Duration::hours(2);
     for i in 0..60_u64 {
-        let b = batch(&format!("pat-{}", i % 6), &format!("dev-{}", i % 6), i, start + chrono::Duration::minutes(i as i64), 10);
+        let b = batch(
+            &format!("pat-{}", i % 6),
+            &format!("dev-{}", i % 6),
+            i,
+            start + chrono::Duration::minutes(i as i64),
+            10,
+        );
         produce(&cfg.kafka, &producer, &b).await;
     }
     let first = start_writer(&cfg);
-    ts::eventually(WAIT, "all 600 rows", || async { (digest(&cfg.database.url).await.0 == 600).then_some(()) }).await;
+    ts::eventually(WAIT, "all 600 rows", || async {
+        (digest(&cfg.database.url).await.0 == 600).then_some(())
+    })
+    .await;
     first.stop().await;
     let before = digest(&cfg.database.url).await;
 
     // Reset the group's offsets to the beginning, as an operator would.
     let (committed, ends) = committed_and_end(&cfg.kafka, &cfg.writer.group_id);
-    assert_eq!(committed, ends, "the first writer committed everything it wrote");
+    assert_eq!(
+        committed, ends,
+        "the first writer committed everything it wrote"
+    );
     let consumer = vitalwatch_bus::consumer(&cfg.kafka, &cfg.writer.group_id).expect("consumer");
     let mut tpl = TopicPartitionList::new();
     for p in 0..cfg.kafka.partitions {
-        tpl.add_partition_offset(&cfg.kafka.readings_topic, p, Offset::Offset(0)).expect("offset");
+        tpl.add_partition_offset(&cfg.kafka.readings_topic, p, Offset::Offset(0))
+            .expect("offset");
     }
-    consumer.commit(&tpl, CommitMode::Sync).expect("reset offsets");
+    consumer
+        .commit(&tpl, CommitMode::Sync)
+        .expect("reset offsets");
     drop(consumer);
-    assert!(committed_and_end(&cfg.kafka, &cfg.writer.group_id).0.iter().all(|o| *o == 0), "offsets reset");
+    assert!(
+        committed_and_end(&cfg.kafka, &cfg.writer.group_id)
+            .0
+            .iter()
+            .all(|o| *o == 0),
+        "offsets reset"
+    );
 
     // The second writer consumes every record again, to the end.
     let second = start_writer(&cfg);
-    ts::eventually(WAIT, "the second writer to consume every record again", || async {
-        let (committed, ends) = committed_and_end(&cfg.kafka, &cfg.writer.group_id);
-        (committed == ends).then_some(())
-    })
+    ts::eventually(
+        WAIT,
+        "the second writer to consume every record again",
+        || async {
+            let (committed, ends) = committed_and_end(&cfg.kafka, &cfg.writer.group_id);
+            (committed == ends).then_some(())
+        },
+    )
     .await;
     second.stop().await;
-    assert_eq!(digest(&cfg.database.url).await, before, "the replay changed nothing, not even received_at");
+    assert_eq!(
+        digest(&cfg.database.url).await,
+        before,
+        "the replay changed nothing, not even received_at"
+    );
 }
 
 fn start_writer(cfg: &vitalwatch::Config) -> Running {
@@ -132,15 +181,27 @@ async fn a_postgres_crash_during_writing_loses_and_doubles_nothing() {
     let mut cfg = config().await;
     // A PostgreSQL of this test's own, so crashing it disturbs no other test.
     let pg = ts::PrivatePostgres::start().await;
-    let admin = vitalwatch_store::connect(&pg.url("postgres")).await.expect("private postgres");
-    admin.batch_execute("CREATE DATABASE vitalwatch").await.expect("create database");
+    let admin = vitalwatch_store::connect(&pg.url("postgres"))
+        .await
+        .expect("private postgres");
+    admin
+        .batch_execute("CREATE DATABASE vitalwatch")
+        .await
+        .expect("create database");
     cfg.database.url = pg.url("vitalwatch");
     // `auto` on a server without TimescaleDB preloaded (where it is
     // installed, creating the extension fails under a savepoint): native.
     cfg.database.timescaledb = TimescaleMode::Auto;
-    vitalwatch::migrate(&cfg.database, Duration::from_secs(30)).await.expect("migrate");
-    let c = vitalwatch_store::connect(&cfg.database.url).await.expect("db");
-    assert_eq!(vitalwatch_store::storage::layout(&c).await.expect("layout"), vitalwatch_store::storage::Layout::Native);
+    vitalwatch::migrate(&cfg.database, Duration::from_secs(30))
+        .await
+        .expect("migrate");
+    let c = vitalwatch_store::connect(&cfg.database.url)
+        .await
+        .expect("db");
+    assert_eq!(
+        vitalwatch_store::storage::layout(&c).await.expect("layout"),
+        vitalwatch_store::storage::Layout::Native
+    );
     drop(c);
     cfg.writer.batch_max_rows = 50;
 
@@ -152,7 +213,13 @@ async fn a_postgres_crash_during_writing_loses_and_doubles_nothing() {
             let producer = Producer::new(&kafka).expect("producer");
             let start = Utc::now() - chrono::Duration::days(3);
             for i in 0..records {
-                let b = batch("pat-1", "dev-1", i, start + chrono::Duration::seconds(i as i64 * per_record), per_record);
+                let b = batch(
+                    "pat-1",
+                    "dev-1",
+                    i,
+                    start + chrono::Duration::seconds(i as i64 * per_record),
+                    per_record,
+                );
                 produce(&kafka, &producer, &b).await;
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
@@ -161,11 +228,18 @@ async fn a_postgres_crash_during_writing_loses_and_doubles_nothing() {
     let writer = start_writer(&cfg);
     let stored = || async {
         match vitalwatch_store::connect(&cfg.database.url).await {
-            Ok(c) => c.query_one("SELECT count(*) FROM readings", &[]).await.map(|r| r.get::<_, i64>(0)).unwrap_or(-1),
+            Ok(c) => c
+                .query_one("SELECT count(*) FROM readings", &[])
+                .await
+                .map(|r| r.get::<_, i64>(0))
+                .unwrap_or(-1),
             Err(_) => -1,
         }
     };
-    ts::eventually(WAIT, "the writer to store some rows", || async { (stored().await > 0).then_some(()) }).await;
+    ts::eventually(WAIT, "the writer to store some rows", || async {
+        (stored().await > 0).then_some(())
+    })
+    .await;
 
     pg.crash();
     ts::eventually(WAIT, "the writer to report the database down", || async {
@@ -173,16 +247,27 @@ async fn a_postgres_crash_during_writing_loses_and_doubles_nothing() {
     })
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(!writer.task.is_finished(), "the writer waits out the outage instead of exiting");
+    assert!(
+        !writer.task.is_finished(),
+        "the writer waits out the outage instead of exiting"
+    );
     pg.resume().await;
 
     producing.await.expect("producer task");
-    ts::eventually(Duration::from_secs(120), "every row after the restart", || async {
-        (stored().await >= total).then_some(())
-    })
+    ts::eventually(
+        Duration::from_secs(120),
+        "every row after the restart",
+        || async { (stored().await >= total).then_some(()) },
+    )
     .await;
-    assert_eq!(writer.readiness.is_ready("writer.database"), Some(true), "ready again");
-    let c = vitalwatch_store::connect(&cfg.database.url).await.expect("db");
+    assert_eq!(
+        writer.readiness.is_ready("writer.database"),
+        Some(true),
+        "ready again"
+    );
+    let c = vitalwatch_store::connect(&cfg.database.url)
+        .await
+        .expect("db");
     let row = c
         .query_one("SELECT count(*), count(DISTINCT time), count(DISTINCT seq) FROM readings WHERE patient_id = 'pat-1'", &[])
         .await
@@ -190,7 +275,11 @@ async fn a_postgres_crash_during_writing_loses_and_doubles_nothing() {
     assert_eq!(row.get::<_, i64>(0), total, "every reading exactly once");
     assert_eq!(row.get::<_, i64>(1), total);
     assert_eq!(row.get::<_, i64>(2), records as i64);
-    assert_eq!(deadletters(&cfg.kafka), 0, "the outage dead-lettered nothing");
+    assert_eq!(
+        deadletters(&cfg.kafka),
+        0,
+        "the outage dead-lettered nothing"
+    );
     writer.stop().await;
 }
 
@@ -201,22 +290,48 @@ async fn a_postgres_crash_during_writing_loses_and_doubles_nothing() {
 async fn a_writer_waits_for_migrations_instead_of_dead_lettering() {
     let mut cfg = config().await;
     cfg.database.url = ts::empty_database().await;
-    let mut c = vitalwatch_store::connect(&cfg.database.url).await.expect("db");
-    vitalwatch_store::migrate::migrate_to(&mut c, &cfg.database, 2).await.expect("to v2");
+    let mut c = vitalwatch_store::connect(&cfg.database.url)
+        .await
+        .expect("db");
+    vitalwatch_store::migrate::migrate_to(&mut c, &cfg.database, 2)
+        .await
+        .expect("to v2");
     let producer = Producer::new(&cfg.kafka).expect("producer");
     let start = Utc::now() - chrono::Duration::hours(1);
     for i in 0..5_u64 {
-        produce(&cfg.kafka, &producer, &batch("pat-1", "dev-1", i, start + chrono::Duration::minutes(i as i64), 10)).await;
+        produce(
+            &cfg.kafka,
+            &producer,
+            &batch(
+                "pat-1",
+                "dev-1",
+                i,
+                start + chrono::Duration::minutes(i as i64),
+                10,
+            ),
+        )
+        .await;
     }
     let writer = start_writer(&cfg);
-    ts::eventually(WAIT, "the writer to report the database not ready", || async {
-        (writer.readiness.is_ready("writer.database") == Some(false)).then_some(())
-    })
+    ts::eventually(
+        WAIT,
+        "the writer to report the database not ready",
+        || async { (writer.readiness.is_ready("writer.database") == Some(false)).then_some(()) },
+    )
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(deadletters(&cfg.kafka), 0, "nothing dead-lettered while the schema is behind");
-    vitalwatch_store::migrate::migrate(&mut c, &cfg.database).await.expect("migrate");
-    ts::eventually(WAIT, "all 50 rows", || async { (digest(&cfg.database.url).await.0 == 50).then_some(()) }).await;
+    assert_eq!(
+        deadletters(&cfg.kafka),
+        0,
+        "nothing dead-lettered while the schema is behind"
+    );
+    vitalwatch_store::migrate::migrate(&mut c, &cfg.database)
+        .await
+        .expect("migrate");
+    ts::eventually(WAIT, "all 50 rows", || async {
+        (digest(&cfg.database.url).await.0 == 50).then_some(())
+    })
+    .await;
     assert_eq!(deadletters(&cfg.kafka), 0);
     writer.stop().await;
 }
@@ -230,26 +345,52 @@ async fn two_writers_in_one_group_store_every_row_once_across_a_rebalance() {
     let cfg = config().await;
     let producer = Producer::new(&cfg.kafka).expect("producer");
     let start = Utc::now() - chrono::Duration::hours(1);
-    let record = |i: u64| batch(&format!("pat-{}", i % 6), &format!("dev-{}", i % 6), i, start + chrono::Duration::minutes(i as i64), 10);
+    let record = |i: u64| {
+        batch(
+            &format!("pat-{}", i % 6),
+            &format!("dev-{}", i % 6),
+            i,
+            start + chrono::Duration::minutes(i as i64),
+            10,
+        )
+    };
     let first = start_writer(&cfg);
     for i in 0..30_u64 {
         produce(&cfg.kafka, &producer, &record(i)).await;
     }
-    ts::eventually(WAIT, "the first writer to store rows", || async { (digest(&cfg.database.url).await.0 > 0).then_some(()) }).await;
+    ts::eventually(WAIT, "the first writer to store rows", || async {
+        (digest(&cfg.database.url).await.0 > 0).then_some(())
+    })
+    .await;
     let second = start_writer(&cfg);
     for i in 30..90_u64 {
         produce(&cfg.kafka, &producer, &record(i)).await;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    ts::eventually(WAIT, "all 900 rows", || async { (digest(&cfg.database.url).await.0 >= 900).then_some(()) }).await;
+    ts::eventually(WAIT, "all 900 rows", || async {
+        (digest(&cfg.database.url).await.0 >= 900).then_some(())
+    })
+    .await;
     ts::eventually(WAIT, "every offset committed", || async {
         let (committed, ends) = committed_and_end(&cfg.kafka, &cfg.writer.group_id);
         (committed == ends).then_some(())
     })
     .await;
-    let c = vitalwatch_store::connect(&cfg.database.url).await.expect("db");
-    let row = c.query_one("SELECT count(*), count(DISTINCT (patient_id, time)) FROM readings", &[]).await.expect("counts");
-    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (900, 900), "every reading once");
+    let c = vitalwatch_store::connect(&cfg.database.url)
+        .await
+        .expect("db");
+    let row = c
+        .query_one(
+            "SELECT count(*), count(DISTINCT (patient_id, time)) FROM readings",
+            &[],
+        )
+        .await
+        .expect("counts");
+    assert_eq!(
+        (row.get::<_, i64>(0), row.get::<_, i64>(1)),
+        (900, 900),
+        "every reading once"
+    );
     first.stop().await;
     second.stop().await;
 }
