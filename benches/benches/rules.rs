@@ -32,7 +32,10 @@ fn series(c: &mut Criterion) {
         direction: Direction::Below,
         level: 90.0,
         clear: 92.0,
-        persistence: Persistence::Sustained(Duration::minutes(1)),
+        persistence: Persistence::Sustained {
+            duration: Duration::minutes(1),
+            max_gap: Duration::minutes(1),
+        },
     };
     let mut group = c.benchmark_group("threshold series, SpO2 every 5 s");
     group.throughput(Throughput::Elements(1));

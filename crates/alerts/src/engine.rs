@@ -30,6 +30,8 @@ pub enum AlertChange {
         at: DateTime<Utc>,
         /// The value that met it (the aggregate score for NEWS2).
         value: f64,
+        /// NEWS2 alerts: the aggregate score.
+        news2_score: Option<u8>,
     },
     /// A NEWS2 episode's risk moved (up or down) while it is open.
     SeverityChanged {
@@ -474,6 +476,7 @@ impl Engine {
                                     episode_start: start,
                                     at,
                                     value: f64::from(score.total),
+                                    news2_score: Some(score.total),
                                 });
                             }
                             Transition::Clear { start, at } => {
@@ -526,6 +529,7 @@ fn change(patient_id: &str, rule: &Rule, severity: Severity, t: Transition) -> A
             episode_start: start,
             at,
             value,
+            news2_score: None,
         },
         Transition::Clear { start, at } => AlertChange::Cleared {
             alert_id: alert_id(patient_id, &rule.name, start),

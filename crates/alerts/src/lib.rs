@@ -1,9 +1,9 @@
-//! alerts: **placeholder**. The rules engine (thresholds, sustained and
-//! rate-of-change rules, missing data, NEWS2, the alert lifecycle) is not
-//! built yet and raises no alerts. Built so far, as pure functions not yet
-//! wired to the service:
+//! alerts: the rules engine that tells nurses when a patient needs
+//! attention.
+//!
+//! Pure parts (no I/O; tested and benchmarked alone):
 //! - [`series`]: a rule judged on one series on event time, with late and
-//!   out-of-order readings (see its known gaps: not ready to wire yet);
+//!   out-of-order readings, respecting what was already told;
 //! - [`threshold`]: single, sustained and k-of-n thresholds with
 //!   hysteresis, artifacts ignored;
 //! - [`rate`]: rate of change within a window;
@@ -11,15 +11,14 @@
 //! - [`news2`]: the NEWS2 chart, and assembling a patient's observations
 //!   from fresh readings;
 //! - [`rules`]: the configured rule set, checked and compiled, its
-//!   defaults, and deterministic alert ids;
+//!   defaults, per-patient overrides, and deterministic alert ids;
 //! - [`engine`]: every patient's rule states fed `rpm.readings.v1`
 //!   batches, giving alert changes (raised, severity changed, cleared).
 //!
-//! What it does now: joins its own consumer group on `rpm.readings.v1`,
-//! decodes every batch, counts readings per metric
-//! (`vitalwatch_alerts_readings_seen_total`), and commits offsets about once
-//! a second, so that the service, its group and its lag exist and can be
-//! watched while the engine is written.
+//! The service ([`service`]): consumes the readings topic, rebuilds a
+//! patient's windows from the store before judging them, writes alert
+//! changes with their outbox rows, commits offsets after, publishes the
+//! outbox to `rpm.alerts.v1`, and escalates unacknowledged alerts.
 #![forbid(unsafe_code)]
 
 pub mod engine;
@@ -28,17 +27,11 @@ pub mod news2;
 pub mod rate;
 pub mod rules;
 pub mod series;
+pub mod service;
 pub mod threshold;
 
-use std::collections::HashMap;
-use std::time::Duration;
-
 use serde::Deserialize;
-use tokio_util::sync::CancellationToken;
-use vitalwatch_bus::rdkafka::consumer::{CommitMode, Consumer};
-use vitalwatch_bus::rdkafka::{Message, Offset, TopicPartitionList};
-use vitalwatch_bus::{BusError, KafkaConfig};
-use vitalwatch_core::reading::Batch;
+use vitalwatch_bus::BusError;
 
 /// `[alerts]`.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -46,13 +39,56 @@ use vitalwatch_core::reading::Batch;
 pub struct AlertsConfig {
     /// Consumer group. Default `vitalwatch-alerts`.
     pub group_id: String,
+    /// The writer's consumer group: before rebuilding a patient from the
+    /// store, the engine waits until the writer has stored what this group
+    /// has consumed. Default `vitalwatch-writer`.
+    pub writer_group_id: String,
+    /// How long to wait for the writer before rebuilding from what is
+    /// stored, in milliseconds. Default 10000.
+    pub rebuild_wait_ms: u64,
+    /// How late (event time, behind the newest reading of a series) a
+    /// reading may arrive and still be judged, in minutes. Rules with longer
+    /// windows keep those. Default 60.
+    pub late_minutes: u32,
+    /// A raised alert nobody acknowledged is escalated one level after this
+    /// many minutes, and again after as many more. Default 15.
+    pub escalate_after_minutes: u32,
+    /// Highest escalation level. Default 2.
+    pub max_escalation_level: i16,
+    /// Records judged together (one transaction of alert changes). Default 500.
+    pub batch_max_records: usize,
+    /// …or when the first record is this old, in milliseconds. Default 20.
+    pub batch_max_wait_ms: u64,
+    /// The rules (`[[alerts.rules]]`); [`rules::default_rules`] when absent.
+    pub rules: Option<Vec<rules::RuleConfig>>,
 }
 
 impl Default for AlertsConfig {
     fn default() -> Self {
         AlertsConfig {
             group_id: "vitalwatch-alerts".into(),
+            writer_group_id: "vitalwatch-writer".into(),
+            rebuild_wait_ms: 10_000,
+            late_minutes: 60,
+            escalate_after_minutes: 15,
+            max_escalation_level: 2,
+            batch_max_records: 500,
+            batch_max_wait_ms: 20,
+            rules: None,
         }
+    }
+}
+
+impl AlertsConfig {
+    /// Checks the settings and compiles the rules; `Err` says what is wrong.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.escalate_after_minutes == 0 {
+            return Err("alerts.escalate_after_minutes must be at least 1".into());
+        }
+        if self.max_escalation_level < 0 {
+            return Err("alerts.max_escalation_level must not be negative".into());
+        }
+        rules::compile(self.rules.as_deref().unwrap_or(&rules::default_rules())).map(|_| ())
     }
 }
 
@@ -62,57 +98,10 @@ pub enum AlertsError {
     Bus(#[from] BusError),
     #[error(transparent)]
     Kafka(#[from] vitalwatch_bus::rdkafka::error::KafkaError),
+    #[error(transparent)]
+    Store(#[from] vitalwatch_store::StoreError),
+    #[error("{0}")]
+    Config(String),
 }
 
-/// Consumes until `shutdown` fires; commits what it has seen.
-pub async fn run(
-    cfg: &AlertsConfig,
-    kafka: &KafkaConfig,
-    shutdown: CancellationToken,
-) -> Result<(), AlertsError> {
-    let consumer = vitalwatch_bus::consumer(kafka, &cfg.group_id)?;
-    consumer.subscribe(&[kafka.readings_topic.as_str()])?;
-    tracing::warn!(
-        "alerts is a placeholder: it consumes readings but evaluates no rules and raises no alerts"
-    );
-    let mut seen: HashMap<(String, i32), i64> = HashMap::new();
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        tokio::select! {
-            m = consumer.recv() => match m {
-                Ok(m) => {
-                    seen.insert((m.topic().to_owned(), m.partition()), m.offset());
-                    match Batch::decode(m.payload().unwrap_or_default()) {
-                        Ok(b) => for r in &b.readings {
-                            metrics::counter!("vitalwatch_alerts_readings_seen_total", "metric" => r.metric.name()).increment(1);
-                        },
-                        Err(e) => tracing::warn!(error = %e, "record is not a valid batch (the writer dead-letters it)"),
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "kafka consume error"),
-            },
-            _ = tick.tick() => commit(&consumer, &mut seen, CommitMode::Async)?,
-            () = shutdown.cancelled() => break,
-        }
-    }
-    commit(&consumer, &mut seen, CommitMode::Sync)?;
-    Ok(())
-}
-
-fn commit(
-    consumer: &impl Consumer,
-    seen: &mut HashMap<(String, i32), i64>,
-    mode: CommitMode,
-) -> Result<(), AlertsError> {
-    if seen.is_empty() {
-        return Ok(());
-    }
-    let mut tpl = TopicPartitionList::new();
-    for ((t, p), o) in seen.drain() {
-        tpl.add_partition_offset(&t, p, Offset::Offset(o + 1))?;
-    }
-    if let Err(e) = consumer.commit(&tpl, mode) {
-        tracing::warn!(error = %e, "offset commit failed");
-    }
-    Ok(())
-}
+pub use service::run;

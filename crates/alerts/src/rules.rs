@@ -46,6 +46,18 @@ impl Severity {
         }
     }
 
+    /// The stored name back (`None` for anything else).
+    pub fn parse(s: &str) -> Option<Severity> {
+        [
+            Severity::Low,
+            Severity::LowMedium,
+            Severity::Medium,
+            Severity::High,
+        ]
+        .into_iter()
+        .find(|v| v.as_str() == s)
+    }
+
     /// The severity of a NEWS2 risk (`None` for no risk).
     pub fn of_risk(risk: Risk) -> Option<Severity> {
         match risk {

@@ -85,12 +85,12 @@ fn non_empty(s: String) -> Option<String> {
     if s.is_empty() { None } else { Some(s) }
 }
 
-pub(crate) fn timestamp_from_proto(t: &prost_types::Timestamp) -> Option<DateTime<Utc>> {
+pub fn timestamp_from_proto(t: &prost_types::Timestamp) -> Option<DateTime<Utc>> {
     let nanos = u32::try_from(t.nanos).ok()?;
     Utc.timestamp_opt(t.seconds, nanos).single()
 }
 
-pub(crate) fn timestamp_to_proto(t: DateTime<Utc>) -> prost_types::Timestamp {
+pub fn timestamp_to_proto(t: DateTime<Utc>) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: t.timestamp(),
         nanos: t.timestamp_subsec_nanos() as i32,

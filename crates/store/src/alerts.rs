@@ -88,3 +88,210 @@ pub async fn resolve(
         .await?;
     Ok(n == 1)
 }
+
+/// An alert that is not resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpenAlert {
+    pub alert_id: String,
+    pub rule: String,
+    pub severity: String,
+    pub state: String,
+    pub episode_start: DateTime<Utc>,
+    pub raised_at: DateTime<Utc>,
+}
+
+/// The patient's open alerts (raised or acknowledged).
+pub async fn open_for(
+    client: &impl GenericClient,
+    patient_id: &str,
+) -> Result<Vec<OpenAlert>, StoreError> {
+    let rows = client
+        .query(
+            "SELECT alert_id, rule, severity, state, episode_start, raised_at FROM alerts
+              WHERE patient_id = $1 AND state <> 'resolved' ORDER BY rule",
+            &[&patient_id],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(OpenAlert {
+                alert_id: r.try_get(0)?,
+                rule: r.try_get(1)?,
+                severity: r.try_get(2)?,
+                state: r.try_get(3)?,
+                episode_start: r.try_get(4)?,
+                raised_at: r.try_get(5)?,
+            })
+        })
+        .collect()
+}
+
+/// The patient's rule overrides (`thresholds`): (rule, params).
+pub async fn overrides_for(
+    client: &impl GenericClient,
+    patient_id: &str,
+) -> Result<Vec<(String, serde_json::Value)>, StoreError> {
+    let rows = client
+        .query(
+            "SELECT rule, params FROM thresholds WHERE patient_id = $1",
+            &[&patient_id],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        .collect()
+}
+
+/// A lifecycle change, joined with its alert, as published and streamed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    /// The change's place in the order of all changes.
+    pub id: i64,
+    pub alert_id: String,
+    pub patient_id: String,
+    pub rule: String,
+    /// `raised`, `updated`, `escalated`, `acknowledged` or `resolved`.
+    pub state: String,
+    /// The severity with this change (the alert's, for a change that kept it).
+    pub severity: String,
+    pub escalation_level: i16,
+    pub episode_start: DateTime<Utc>,
+    /// Event time for the engine's changes, wall clock for people's and escalations.
+    pub at: DateTime<Utc>,
+    pub actor: Option<String>,
+    pub note: Option<String>,
+    pub news2_score: Option<i16>,
+}
+
+const EVENT_COLUMNS: &str =
+    "e.id, e.alert_id, a.patient_id, a.rule, e.state, coalesce(e.severity, a.severity),
+    e.escalation_level, a.episode_start, e.at, e.actor, e.note, a.news2_score";
+
+fn event(r: &tokio_postgres::Row) -> Result<Event, StoreError> {
+    Ok(Event {
+        id: r.try_get(0)?,
+        alert_id: r.try_get(1)?,
+        patient_id: r.try_get(2)?,
+        rule: r.try_get(3)?,
+        state: r.try_get(4)?,
+        severity: r.try_get(5)?,
+        escalation_level: r.try_get(6)?,
+        episode_start: r.try_get(7)?,
+        at: r.try_get(8)?,
+        actor: r.try_get(9)?,
+        note: r.try_get(10)?,
+        news2_score: r.try_get(11)?,
+    })
+}
+
+/// Key of the transaction-scoped advisory lock that makes one outbox relay
+/// at a time publish, so events go out in id order.
+const OUTBOX_LOCK: i64 = 0x7677_6f75_7462; // "vwoutb"
+
+/// In the caller's transaction: waits for the outbox lock, then returns up
+/// to `limit` unpublished changes in id order. Publish them, then
+/// [`mark_published`] in the same transaction and commit.
+pub async fn lock_unpublished(
+    tx: &impl GenericClient,
+    limit: i64,
+) -> Result<Vec<Event>, StoreError> {
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&OUTBOX_LOCK])
+        .await?;
+    let rows = tx
+        .query(
+            &format!(
+                "SELECT {EVENT_COLUMNS} FROM alert_events e JOIN alerts a USING (alert_id)
+                  WHERE e.published_at IS NULL ORDER BY e.id LIMIT $1"
+            ),
+            &[&limit],
+        )
+        .await?;
+    rows.iter().map(event).collect()
+}
+
+/// Marks changes as published.
+pub async fn mark_published(tx: &impl GenericClient, ids: &[i64]) -> Result<u64, StoreError> {
+    Ok(tx
+        .execute(
+            "UPDATE alert_events SET published_at = now() WHERE id = ANY($1)",
+            &[&ids],
+        )
+        .await?)
+}
+
+/// Changes after `after_id`, in id order, at most `limit`; only those of
+/// `patients` when given.
+pub async fn events_after(
+    client: &impl GenericClient,
+    after_id: i64,
+    patients: Option<&[String]>,
+    limit: i64,
+) -> Result<Vec<Event>, StoreError> {
+    let rows = client
+        .query(
+            &format!(
+                "SELECT {EVENT_COLUMNS} FROM alert_events e JOIN alerts a USING (alert_id)
+                  WHERE e.id > $1 AND ($2::text[] IS NULL OR a.patient_id = ANY($2))
+                  ORDER BY e.id LIMIT $3"
+            ),
+            &[&after_id, &patients, &limit],
+        )
+        .await?;
+    rows.iter().map(event).collect()
+}
+
+/// The newest change's id (0 when there is none).
+pub async fn last_event_id(client: &impl GenericClient) -> Result<i64, StoreError> {
+    Ok(client
+        .query_one("SELECT coalesce(max(id), 0) FROM alert_events", &[])
+        .await?
+        .try_get(0)?)
+}
+
+/// Escalates every alert still `raised` (nobody acknowledged it) for
+/// `after` since it was opened or last escalated, one level at a time up to
+/// `max_level`. Returns how many were escalated. Safe to run from several
+/// instances at once: each escalation is one row update with its event.
+pub async fn escalate(
+    client: &impl GenericClient,
+    after: std::time::Duration,
+    max_level: i16,
+) -> Result<u64, StoreError> {
+    let after_ms = i64::try_from(after.as_millis()).unwrap_or(i64::MAX);
+    Ok(client
+        .execute(
+            "WITH due AS (
+                 UPDATE alerts SET escalation_level = escalation_level + 1, updated_at = now()
+                  WHERE state = 'raised' AND escalation_level < $2
+                    AND opened_at + (escalation_level + 1) * ($1::int8 * interval '1 millisecond') <= now()
+                 RETURNING alert_id, escalation_level, severity
+             )
+             INSERT INTO alert_events (alert_id, at, state, escalation_level, severity)
+             SELECT alert_id, now(), 'escalated', escalation_level, severity FROM due",
+            &[&after_ms, &max_level],
+        )
+        .await?)
+}
+
+/// A nurse acknowledges a raised alert. `false` when it was not `raised`
+/// (already acknowledged, or resolved).
+pub async fn acknowledge(
+    client: &impl GenericClient,
+    alert_id: &str,
+    actor: &str,
+    note: Option<&str>,
+) -> Result<bool, StoreError> {
+    let n = client
+        .execute(
+            "WITH changed AS (
+                 UPDATE alerts SET state = 'acknowledged', acknowledged_at = now(), acknowledged_by = $2, updated_at = now()
+                  WHERE alert_id = $1 AND state = 'raised'
+                 RETURNING alert_id, escalation_level
+             )
+             INSERT INTO alert_events (alert_id, at, state, escalation_level, actor, note)
+             SELECT alert_id, now(), 'acknowledged', escalation_level, $2, $3 FROM changed",
+            &[&alert_id, &actor, &note],
+        )
+        .await?;
+    Ok(n == 1)
+}

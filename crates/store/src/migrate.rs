@@ -57,6 +57,11 @@ pub const MIGRATIONS: &[Migration] = &[
             "../migrations/0004_care_teams_alerts_audit.sql"
         )),
     },
+    Migration {
+        version: 5,
+        name: "alert_delivery",
+        sql: Sql::Any(include_str!("../migrations/0005_alert_delivery.sql")),
+    },
 ];
 
 /// Arbitrary, fixed key of the advisory lock that guards migrations.

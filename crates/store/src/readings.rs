@@ -277,3 +277,88 @@ pub async fn insert_unnest(client: &impl GenericClient, rows: &Rows) -> Result<u
         .await?;
     Ok(n)
 }
+
+/// A patient's readings of `since`'s metrics from each one's instant on,
+/// oldest first, rebuilt as core readings (a blood pressure's two rows as
+/// one panel): what the rules engine replays to rebuild a patient's windows
+/// after a restart or a rebalance. At most `limit` rows are read (the
+/// newest are kept when there are more).
+pub async fn history(
+    client: &impl GenericClient,
+    patient_id: &str,
+    since: &[(vitalwatch_core::catalogue::Metric, DateTime<Utc>)],
+    limit: i64,
+) -> Result<Vec<vitalwatch_core::reading::Reading>, StoreError> {
+    use std::collections::BTreeMap;
+    use vitalwatch_core::catalogue::{Acvpu, Metric};
+    use vitalwatch_core::reading::{Measurement, Quality, Reading};
+
+    let metrics: Vec<&str> = since.iter().map(|(m, _)| m.name()).collect();
+    let instants: Vec<DateTime<Utc>> = since.iter().map(|(_, t)| *t).collect();
+    let rows = client
+        .query(
+            "SELECT * FROM (
+                 SELECT r.time, r.device_id, r.metric, r.component, r.value, r.quality
+                   FROM unnest($2::text[], $3::timestamptz[]) AS h(metric, since)
+                   JOIN readings r ON r.patient_id = $1 AND r.metric = h.metric AND r.time >= h.since
+                  ORDER BY r.time DESC
+                  LIMIT $4
+             ) newest ORDER BY time",
+            &[&patient_id, &metrics, &instants, &limit],
+        )
+        .await?;
+    let mut out = Vec::with_capacity(rows.len());
+    // Blood pressure rows by (time, device): systolic, diastolic, quality.
+    type Panel = (Option<f64>, Option<f64>, i16);
+    let mut panels: BTreeMap<(DateTime<Utc>, String), Panel> = BTreeMap::new();
+    for row in rows {
+        let time: DateTime<Utc> = row.try_get(0)?;
+        let device: String = row.try_get(1)?;
+        let metric: &str = row.try_get(2)?;
+        let component: &str = row.try_get(3)?;
+        let value: f64 = row.try_get(4)?;
+        let quality: i16 = row.try_get(5)?;
+        let Ok(metric) = metric.parse::<Metric>() else {
+            continue;
+        };
+        let measurement = match metric {
+            Metric::BloodPressure => {
+                let p = panels
+                    .entry((time, device))
+                    .or_insert((None, None, quality));
+                match component {
+                    "systolic" => p.0 = Some(value),
+                    "diastolic" => p.1 = Some(value),
+                    _ => {}
+                }
+                continue;
+            }
+            Metric::Consciousness => match Acvpu::from_code(value) {
+                Some(a) => Measurement::Consciousness(a),
+                None => continue,
+            },
+            _ => Measurement::Scalar(value),
+        };
+        out.push(Reading {
+            metric,
+            measurement,
+            measured_at: time,
+            quality: Quality(u8::try_from(quality).unwrap_or(0)),
+        });
+    }
+    for ((time, _), (systolic, diastolic, quality)) in panels {
+        if let (Some(systolic), Some(diastolic)) = (systolic, diastolic) {
+            out.push(Reading {
+                metric: Metric::BloodPressure,
+                measurement: Measurement::BloodPressure {
+                    systolic,
+                    diastolic,
+                },
+                measured_at: time,
+                quality: Quality(u8::try_from(quality).unwrap_or(0)),
+            });
+        }
+    }
+    out.sort_by_key(|r| r.measured_at);
+    Ok(out)
+}

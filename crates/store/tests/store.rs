@@ -949,3 +949,190 @@ async fn the_alert_lifecycle_is_idempotent_with_one_open_alert_per_patient_and_r
         .get(0);
     assert_eq!(severity, "medium", "the row and its last event agree");
 }
+
+#[tokio::test]
+async fn escalation_acknowledgement_and_the_outbox() {
+    use vitalwatch_store::alerts::{
+        NewAlert, acknowledge, escalate, events_after, lock_unpublished, mark_published, open_for,
+        raise,
+    };
+    let db = ts::database().await;
+    let mut c = vitalwatch_store::connect(&db.url).await.expect("connect");
+    let new = |id: &'static str, patient: &'static str| NewAlert {
+        alert_id: id,
+        patient_id: patient,
+        rule: "spo2_low",
+        severity: "medium",
+        episode_start: t(0),
+        raised_at: t(300),
+        news2_score: None,
+        detail: serde_json::json!({}),
+    };
+    assert!(raise(&c, &new("a", "p1")).await.expect("raise a"));
+    assert!(raise(&c, &new("b", "p2")).await.expect("raise b"));
+    // Nobody acknowledged either for 10 minutes (wall clock).
+    c.execute(
+        "UPDATE alerts SET opened_at = now() - interval '10 minutes'",
+        &[],
+    )
+    .await
+    .expect("age");
+    assert!(
+        acknowledge(&c, "b", "nurse-1", Some("called the patient"))
+            .await
+            .expect("ack")
+    );
+    assert!(
+        !acknowledge(&c, "b", "nurse-2", None)
+            .await
+            .expect("ack twice"),
+        "acknowledged once"
+    );
+    let five = std::time::Duration::from_secs(300);
+    assert_eq!(
+        escalate(&c, five, 2).await.expect("escalate"),
+        1,
+        "only the unacknowledged one"
+    );
+    assert_eq!(
+        escalate(&c, five, 2).await.expect("again"),
+        1,
+        "10 minutes: level 2 is due too"
+    );
+    assert_eq!(
+        escalate(&c, five, 2).await.expect("again"),
+        0,
+        "the highest level is 2"
+    );
+    let level: i16 = c
+        .query_one(
+            "SELECT escalation_level FROM alerts WHERE alert_id = 'a'",
+            &[],
+        )
+        .await
+        .expect("level")
+        .get(0);
+    assert_eq!(level, 2);
+    assert_eq!(
+        escalate(&c, std::time::Duration::from_secs(3600), 5)
+            .await
+            .expect("later"),
+        0,
+        "level 3 would be due after 3 hours"
+    );
+    let open = open_for(&c, "p2").await.expect("open");
+    assert_eq!((open.len(), open[0].state.as_str()), (1, "acknowledged"));
+
+    // The outbox: every change, in id order, then nothing once published.
+    let tx = c.transaction().await.expect("tx");
+    let events = lock_unpublished(&tx, 100).await.expect("unpublished");
+    let states: Vec<(&str, &str, i16)> = events
+        .iter()
+        .map(|e| (e.alert_id.as_str(), e.state.as_str(), e.escalation_level))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("a", "raised", 0),
+            ("b", "raised", 0),
+            ("b", "acknowledged", 0),
+            ("a", "escalated", 1),
+            ("a", "escalated", 2)
+        ]
+    );
+    assert_eq!(events[2].actor.as_deref(), Some("nurse-1"));
+    assert_eq!(events[2].note.as_deref(), Some("called the patient"));
+    assert!(events.windows(2).all(|w| w[0].id < w[1].id));
+    let ids: Vec<i64> = events.iter().map(|e| e.id).collect();
+    assert_eq!(mark_published(&tx, &ids).await.expect("mark"), 5);
+    tx.commit().await.expect("commit");
+    let tx = c.transaction().await.expect("tx");
+    assert!(
+        lock_unpublished(&tx, 100)
+            .await
+            .expect("none left")
+            .is_empty()
+    );
+    drop(tx);
+    // A stream resumes after any id, filtered to some patients.
+    let p2 = ["p2".to_owned()];
+    let after: Vec<String> = events_after(&c, ids[0], Some(&p2), 10)
+        .await
+        .expect("after")
+        .into_iter()
+        .map(|e| e.state)
+        .collect();
+    assert_eq!(after, ["raised", "acknowledged"]);
+    assert_eq!(
+        events_after(&c, ids[4], None, 10)
+            .await
+            .expect("none")
+            .len(),
+        0
+    );
+}
+
+#[tokio::test]
+async fn a_patients_history_comes_back_as_readings_with_panels_whole() {
+    use vitalwatch_store::readings::history;
+    let db = ts::database().await;
+    let c = vitalwatch_store::connect(&db.url).await.expect("connect");
+    let layout = storage::layout(&c).await.expect("layout");
+    let now = Utc.timestamp_opt(Utc::now().timestamp() - 3600, 0).unwrap();
+    let reading = |metric, m: i64, measurement| Reading {
+        metric,
+        measurement,
+        measured_at: now + Duration::minutes(m),
+        quality: Quality::default(),
+    };
+    let batch = Batch {
+        device_id: "d".into(),
+        patient_id: "p".into(),
+        seq: None,
+        received_at: Utc::now(),
+        readings: vec![
+            reading(Metric::Spo2, 0, Measurement::Scalar(91.0)),
+            reading(
+                Metric::BloodPressure,
+                1,
+                Measurement::BloodPressure {
+                    systolic: 150.0,
+                    diastolic: 90.0,
+                },
+            ),
+            Reading {
+                quality: Quality::MOTION_ARTIFACT,
+                ..reading(Metric::Spo2, 2, Measurement::Scalar(80.0))
+            },
+            reading(
+                Metric::Consciousness,
+                3,
+                Measurement::Consciousness(vitalwatch_core::catalogue::Acvpu::Voice),
+            ),
+            reading(Metric::HeartRate, 4, Measurement::Scalar(70.0)),
+            reading(Metric::Spo2, -120, Measurement::Scalar(99.0)),
+        ],
+    };
+    let mut rows = Rows::default();
+    rows.push(&batch);
+    let mut c = c;
+    write(&mut c, layout, &rows).await.expect("write");
+    let since = [
+        (Metric::Spo2, now - Duration::minutes(30)),
+        (Metric::BloodPressure, now - Duration::minutes(30)),
+        (Metric::Consciousness, now - Duration::minutes(30)),
+    ];
+    let got = history(&c, "p", &since, 1000).await.expect("history");
+    // Heart rate was not asked for; the SpO2 of two hours before is older than asked.
+    let want: Vec<Reading> = batch.readings[..4].to_vec();
+    assert_eq!(got, want);
+    // The limit keeps the newest.
+    let newest = history(&c, "p", &since, 2).await.expect("limited");
+    assert_eq!(newest, batch.readings[2..4].to_vec());
+    assert!(
+        history(&c, "other", &since, 1000)
+            .await
+            .expect("other")
+            .is_empty()
+    );
+}

@@ -48,6 +48,7 @@ impl Config {
     /// Checks settings that depend on each other.
     pub fn validate(&self) -> anyhow::Result<()> {
         self.database.validate()?;
+        self.alerts.validate().map_err(anyhow::Error::msg)?;
         let window = i64::from(vitalwatch_store::storage::REFRESH_WINDOW_DAYS);
         if self.ingest.max_age_days >= window {
             anyhow::bail!(
@@ -92,7 +93,10 @@ pub async fn run_service(
             vitalwatch_writer::run(&cfg.writer, &cfg.kafka, &cfg.database, readiness, shutdown)
                 .await?
         }
-        Service::Alerts => vitalwatch_alerts::run(&cfg.alerts, &cfg.kafka, shutdown).await?,
+        Service::Alerts => {
+            vitalwatch_alerts::run(&cfg.alerts, &cfg.kafka, &cfg.database, readiness, shutdown)
+                .await?
+        }
         Service::Api => {
             let metrics = vitalwatch_api::telemetry::metrics_handle();
             vitalwatch_api::run(&cfg.api, &cfg.database, metrics, readiness, shutdown).await?;

@@ -2,6 +2,7 @@
 //! `deploy/local/test` starts: Mosquitto, tansu and PostgreSQL.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod alerts;
 mod ingest;
 mod pipeline;
 mod util;

@@ -8,9 +8,14 @@ use chrono::{DateTime, TimeZone, Utc};
 use http_body_util::BodyExt;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::sync::CancellationToken as Token;
 use tower::ServiceExt;
 use vitalwatch::{Config, Service};
+use vitalwatch_bus::rdkafka::consumer::Consumer;
+use vitalwatch_bus::rdkafka::{Offset, TopicPartitionList};
+use vitalwatch_bus::{KafkaConfig, Producer};
 use vitalwatch_core::health::Readiness;
+use vitalwatch_core::reading::Batch;
 use vitalwatch_core::topics::mqtt_readings_topic;
 use vitalwatch_test_support::{self as ts, Device};
 
@@ -29,6 +34,7 @@ pub async fn config() -> Config {
     cfg.writer.group_id = ts::unique("writer");
     cfg.writer.batch_max_wait_ms = 50;
     cfg.alerts.group_id = ts::unique("alerts");
+    cfg.alerts.writer_group_id = cfg.writer.group_id.clone();
     cfg
 }
 
@@ -204,4 +210,67 @@ pub fn metric(text: &str, series: &str) -> f64 {
 pub fn urlenc(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
         .replace('+', "%2B")
+}
+
+/// Produces one batch to the readings topic, keyed by patient.
+pub async fn produce(kafka: &KafkaConfig, producer: &Producer, b: &Batch) {
+    vitalwatch_bus::deliver(
+        producer,
+        &kafka.readings_topic,
+        &b.patient_id,
+        &b.encode(),
+        None,
+        None,
+        &Token::new(),
+    )
+    .await
+    .expect("produce");
+}
+
+/// The group's committed offset of every partition of the readings topic,
+/// and the partitions' high watermarks.
+pub fn committed_and_end(kafka: &KafkaConfig, group: &str) -> (Vec<i64>, Vec<i64>) {
+    let consumer = vitalwatch_bus::consumer(kafka, group).expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..kafka.partitions {
+        tpl.add_partition(&kafka.readings_topic, p);
+    }
+    let committed = consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .expect("committed offsets");
+    let mut got = Vec::new();
+    let mut ends = Vec::new();
+    for e in committed.elements() {
+        got.push(match e.offset() {
+            Offset::Offset(o) => o,
+            _ => 0,
+        });
+        let (_, high) = consumer
+            .fetch_watermarks(
+                &kafka.readings_topic,
+                e.partition(),
+                Duration::from_secs(10),
+            )
+            .expect("watermarks");
+        ends.push(high);
+    }
+    (got, ends)
+}
+
+/// Records on the dead-letter topic (the sum of its high watermarks).
+pub fn deadletters(kafka: &KafkaConfig) -> i64 {
+    records_on(kafka, &kafka.deadletter_topic)
+}
+
+/// Records on `topic` (the sum of its high watermarks).
+pub fn records_on(kafka: &KafkaConfig, topic: &str) -> i64 {
+    let consumer = vitalwatch_bus::consumer(kafka, &ts::unique("probe")).expect("consumer");
+    (0..kafka.partitions)
+        .map(|p| {
+            consumer
+                .fetch_watermarks(topic, p, Duration::from_secs(10))
+                .expect("watermarks")
+                .1
+        })
+        .sum()
 }

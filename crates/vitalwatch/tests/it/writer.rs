@@ -4,11 +4,10 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use tokio_util::sync::CancellationToken;
 use vitalwatch::Service;
+use vitalwatch_bus::Producer;
 use vitalwatch_bus::rdkafka::consumer::{CommitMode, Consumer};
 use vitalwatch_bus::rdkafka::{Offset, TopicPartitionList};
-use vitalwatch_bus::{KafkaConfig, Producer};
 use vitalwatch_core::catalogue::Metric;
 use vitalwatch_core::reading::{Batch, Measurement, Quality, Reading};
 use vitalwatch_store::storage::TimescaleMode;
@@ -34,20 +33,6 @@ fn batch(patient: &str, device: &str, seq: u64, first: DateTime<Utc>, n: i64) ->
     }
 }
 
-async fn produce(kafka: &KafkaConfig, producer: &Producer, b: &Batch) {
-    vitalwatch_bus::deliver(
-        producer,
-        &kafka.readings_topic,
-        &b.patient_id,
-        &b.encode(),
-        None,
-        None,
-        &CancellationToken::new(),
-    )
-    .await
-    .expect("produce");
-}
-
 /// Every column of every row, as one digest: equal digests, equal tables.
 async fn digest(url: &str) -> (i64, String) {
     let c = vitalwatch_store::connect(url).await.expect("db");
@@ -60,49 +45,6 @@ async fn digest(url: &str) -> (i64, String) {
         .await
         .expect("digest");
     (row.get(0), row.get(1))
-}
-
-/// The group's committed offset of every partition of the readings topic,
-/// and the partitions' high watermarks.
-fn committed_and_end(kafka: &KafkaConfig, group: &str) -> (Vec<i64>, Vec<i64>) {
-    let consumer = vitalwatch_bus::consumer(kafka, group).expect("consumer");
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..kafka.partitions {
-        tpl.add_partition(&kafka.readings_topic, p);
-    }
-    let committed = consumer
-        .committed_offsets(tpl, Duration::from_secs(10))
-        .expect("committed offsets");
-    let mut got = Vec::new();
-    let mut ends = Vec::new();
-    for e in committed.elements() {
-        got.push(match e.offset() {
-            Offset::Offset(o) => o,
-            _ => 0,
-        });
-        let (_, high) = consumer
-            .fetch_watermarks(
-                &kafka.readings_topic,
-                e.partition(),
-                Duration::from_secs(10),
-            )
-            .expect("watermarks");
-        ends.push(high);
-    }
-    (got, ends)
-}
-
-/// Records on the dead-letter topic (the sum of its high watermarks).
-fn deadletters(kafka: &KafkaConfig) -> i64 {
-    let consumer = vitalwatch_bus::consumer(kafka, &ts::unique("probe")).expect("consumer");
-    (0..kafka.partitions)
-        .map(|p| {
-            consumer
-                .fetch_watermarks(&kafka.deadletter_topic, p, Duration::from_secs(10))
-                .expect("watermarks")
-                .1
-        })
-        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,582 @@
+//! The alerting service: the rules engine fed from `rpm.readings.v1`, its
+//! changes stored, published and escalated.
+//!
+//! - **Judging** ([`run`]): a consumer group on the readings topic. Records
+//!   are taken in small batches; each patient's state lives with the
+//!   partition that carries the patient. The alert changes of a batch are
+//!   written in one transaction (each change with its `alert_events` row,
+//!   the outbox), and only then are the batch's offsets committed.
+//! - **Rebuilding**: the first time a patient is seen (at start, after a
+//!   rebalance, or after an offset jump), their overrides and open alerts
+//!   are read from the store, and their readings of each rule's window are
+//!   replayed from `readings` before the new ones are judged. The writer is
+//!   a separate group: the rebuild first waits (bounded) until the writer
+//!   has committed at least the offset being judged, so what this group
+//!   consumed before a crash is in the store. Changes a replay finds again
+//!   are no-ops in the store (deterministic ids, idempotent updates), so
+//!   nothing is emitted twice.
+//! - **Publishing** ([`relay`]): unpublished `alert_events` are published
+//!   to `rpm.alerts.v1` in id order (one relay at a time, by an advisory
+//!   lock), then marked published in the same transaction.
+//! - **Escalating** ([`escalation`]): a raised alert nobody acknowledged is
+//!   escalated one level every `escalate_after_minutes`.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use vitalwatch_bus::rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use vitalwatch_bus::rdkafka::{Message, Offset, TopicPartitionList};
+use vitalwatch_bus::{KafkaConfig, Producer};
+use vitalwatch_core::health::Readiness;
+use vitalwatch_core::payload::timestamp_to_proto;
+use vitalwatch_core::proto;
+use vitalwatch_core::reading::Batch;
+use vitalwatch_store::{DatabaseConfig, Pool, StoreError};
+
+use crate::engine::{AlertChange, Engine, OpenAlert, PatientSetup};
+use crate::rules::{Override, Severity, compile, default_rules};
+use crate::{AlertsConfig, AlertsError};
+
+/// Rows read from `readings` at most to rebuild one patient.
+const REBUILD_MAX_ROWS: i64 = 200_000;
+
+/// Runs the engine until `shutdown` fires. Readiness condition
+/// `alerts.database`: not ready while alert changes cannot be stored.
+pub async fn run(
+    cfg: &AlertsConfig,
+    kafka: &KafkaConfig,
+    db: &DatabaseConfig,
+    readiness: Readiness,
+    shutdown: CancellationToken,
+) -> Result<(), AlertsError> {
+    let rules =
+        compile(cfg.rules.as_deref().unwrap_or(&default_rules())).map_err(AlertsError::Config)?;
+    let pool = vitalwatch_store::pool(db)?;
+    let consumer = vitalwatch_bus::consumer(kafka, &cfg.group_id)?;
+    consumer.subscribe(&[kafka.readings_topic.as_str()])?;
+    // Only asked for the writer group's committed offsets; never subscribes.
+    let writer = Arc::new(vitalwatch_bus::consumer(kafka, &cfg.writer_group_id)?);
+    let producer = Producer::new(kafka)?;
+    let wake = Arc::new(Notify::new());
+    readiness.set_ready("alerts.database");
+
+    let relay_task = tokio::spawn(relay(
+        pool.clone(),
+        producer,
+        kafka.alerts_topic.clone(),
+        wake.clone(),
+        shutdown.clone(),
+    ));
+    let escalation_task = tokio::spawn(escalation(
+        pool.clone(),
+        cfg.clone(),
+        wake.clone(),
+        shutdown.clone(),
+    ));
+
+    let mut judge = Judge {
+        engine: Engine::new(
+            rules,
+            chrono::Duration::minutes(i64::from(cfg.late_minutes)),
+        ),
+        pool: pool.clone(),
+        writer,
+        topic: kafka.readings_topic.clone(),
+        rebuild_wait: Duration::from_millis(cfg.rebuild_wait_ms),
+        next_offset: HashMap::new(),
+        patients_of: HashMap::new(),
+        writer_done: HashMap::new(),
+    };
+    tracing::info!(group = %cfg.group_id, rules = judge.engine.rules().len(), "alerts engine started");
+    let max_wait = Duration::from_millis(cfg.batch_max_wait_ms);
+    let mut last_commit: Option<TopicPartitionList> = None;
+
+    'outer: while !shutdown.is_cancelled() {
+        let mut records: Vec<(i32, i64, Batch)> = Vec::new();
+        let mut offsets: HashMap<i32, i64> = HashMap::new();
+        let mut deadline: Option<tokio::time::Instant> = None;
+        while records.len() < cfg.batch_max_records.max(1) {
+            let wait_until =
+                deadline.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+            let msg = tokio::select! {
+                m = consumer.recv() => m,
+                () = tokio::time::sleep_until(wait_until) => break,
+                () = shutdown.cancelled() => break,
+            };
+            let msg = match msg {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(error = %e, "kafka consume error");
+                    continue;
+                }
+            };
+            deadline.get_or_insert_with(|| tokio::time::Instant::now() + max_wait);
+            let (partition, offset) = (msg.partition(), msg.offset());
+            offsets.insert(partition, offset);
+            match Batch::decode(msg.payload().unwrap_or_default()) {
+                Ok(batch) => records.push((partition, offset, batch)),
+                // The writer dead-letters it; nothing here to judge.
+                Err(e) => {
+                    tracing::warn!(partition, offset, error = %e, "record is not a valid batch; skipped")
+                }
+            }
+        }
+        if offsets.is_empty() {
+            continue;
+        }
+        let mut changes = Vec::new();
+        for (partition, offset, batch) in &records {
+            match judge.judge(*partition, *offset, batch, &shutdown).await {
+                Ok(c) => changes.extend(c),
+                Err(_) => break 'outer, // shut down while the database was away: nothing committed
+            }
+        }
+        if store_changes(&pool, &changes, &readiness, &shutdown)
+            .await
+            .is_err()
+        {
+            break;
+        }
+        if !changes.is_empty() {
+            wake.notify_one();
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (partition, offset) in &offsets {
+            tpl.add_partition_offset(
+                &kafka.readings_topic,
+                *partition,
+                Offset::Offset(offset + 1),
+            )?;
+        }
+        if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+            tracing::warn!(error = %e, "offset commit failed"); // replayed: changes nothing
+        }
+        last_commit = Some(tpl);
+    }
+    if let Some(tpl) = last_commit
+        && let Err(e) = consumer.commit(&tpl, CommitMode::Sync)
+    {
+        tracing::warn!(error = %e, "final offset commit failed");
+    }
+    shutdown.cancel();
+    let _ = relay_task.await;
+    let _ = escalation_task.await;
+    tracing::info!("alerts engine stopped");
+    Ok(())
+}
+
+/// The engine and what it needs to rebuild patients.
+struct Judge {
+    engine: Engine,
+    pool: Pool,
+    writer: Arc<StreamConsumer>,
+    topic: String,
+    rebuild_wait: Duration,
+    /// The offset expected next from each partition: another one means the
+    /// partition was elsewhere in between (or was rewound), and the state of
+    /// its patients is rebuilt.
+    next_offset: HashMap<i32, i64>,
+    patients_of: HashMap<i32, HashSet<String>>,
+    /// Per partition, an offset the writer group is known to have committed.
+    writer_done: HashMap<i32, i64>,
+}
+
+impl Judge {
+    async fn judge(
+        &mut self,
+        partition: i32,
+        offset: i64,
+        batch: &Batch,
+        shutdown: &CancellationToken,
+    ) -> Result<Vec<AlertChange>, StoreError> {
+        if self
+            .next_offset
+            .get(&partition)
+            .is_some_and(|next| *next != offset)
+        {
+            for patient in self.patients_of.remove(&partition).unwrap_or_default() {
+                self.engine.forget(&patient);
+            }
+            metrics::counter!("vitalwatch_alerts_partition_resumed_total").increment(1);
+        }
+        self.next_offset.insert(partition, offset + 1);
+        let mut changes = Vec::new();
+        if !self.engine.knows(&batch.patient_id) {
+            changes = self.rebuild(partition, offset, batch, shutdown).await?;
+            self.patients_of
+                .entry(partition)
+                .or_default()
+                .insert(batch.patient_id.clone());
+        }
+        let (found, skipped) = self.engine.observe(batch);
+        if skipped.too_late > 0 {
+            metrics::counter!("vitalwatch_alerts_readings_too_late_total")
+                .increment(skipped.too_late);
+        }
+        metrics::counter!("vitalwatch_alerts_readings_judged_total")
+            .increment(batch.readings.len() as u64);
+        changes.extend(found);
+        Ok(changes)
+    }
+
+    /// Starts a patient from the store: overrides, open alerts, and the
+    /// readings of every rule's window before `batch`.
+    async fn rebuild(
+        &mut self,
+        partition: i32,
+        offset: i64,
+        batch: &Batch,
+        shutdown: &CancellationToken,
+    ) -> Result<Vec<AlertChange>, StoreError> {
+        let started = std::time::Instant::now();
+        self.wait_for_writer(partition, offset).await;
+        let mut backoff = Duration::from_millis(200);
+        let (setup, history) = loop {
+            match self.load(batch).await {
+                Ok(loaded) => break loaded,
+                Err(e) if !shutdown.is_cancelled() => {
+                    tracing::warn!(error = %e, "cannot read a patient's history; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = shutdown.cancelled() => return Err(e),
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        for refused in self.engine.start_patient(&batch.patient_id, &setup) {
+            tracing::warn!(reason = %refused, "patient setup partly refused");
+        }
+        let replayed = history.len();
+        let mut changes = Vec::new();
+        if !history.is_empty() {
+            let past = Batch {
+                readings: history,
+                ..batch.clone()
+            };
+            changes = self.engine.observe(&past).0;
+        }
+        metrics::histogram!("vitalwatch_alerts_rebuild_seconds")
+            .record(started.elapsed().as_secs_f64());
+        metrics::counter!("vitalwatch_alerts_rebuild_readings_total").increment(replayed as u64);
+        Ok(changes)
+    }
+
+    async fn load(
+        &self,
+        batch: &Batch,
+    ) -> Result<(PatientSetup, Vec<vitalwatch_core::reading::Reading>), StoreError> {
+        let client = self.pool.get().await?;
+        let mut setup = PatientSetup::default();
+        for (rule, params) in
+            vitalwatch_store::alerts::overrides_for(&**client, &batch.patient_id).await?
+        {
+            match serde_json::from_value::<Override>(params) {
+                Ok(o) => {
+                    setup.overrides.insert(rule, o);
+                }
+                Err(e) => {
+                    tracing::warn!(rule, error = %e, "an override is not valid; the configured rule applies")
+                }
+            }
+        }
+        for open in vitalwatch_store::alerts::open_for(&**client, &batch.patient_id).await? {
+            let Some(severity) = Severity::parse(&open.severity) else {
+                continue;
+            };
+            setup.open.push(OpenAlert {
+                rule: open.rule,
+                episode_start: open.episode_start,
+                raised_at: open.raised_at,
+                severity,
+            });
+        }
+        let from = batch
+            .readings
+            .iter()
+            .map(|r| r.measured_at)
+            .min()
+            .unwrap_or_else(Utc::now);
+        let since: Vec<_> = self
+            .engine
+            .lookback()
+            .into_iter()
+            .map(|(m, d)| (m, from - d))
+            .collect();
+        let history = vitalwatch_store::readings::history(
+            &**client,
+            &batch.patient_id,
+            &since,
+            REBUILD_MAX_ROWS,
+        )
+        .await?;
+        Ok((setup, history))
+    }
+
+    /// Waits (up to `rebuild_wait`) until the writer group has committed
+    /// `offset` of `partition`: everything this group consumed before it is
+    /// then in `readings`.
+    async fn wait_for_writer(&mut self, partition: i32, offset: i64) {
+        if self
+            .writer_done
+            .get(&partition)
+            .is_some_and(|done| *done >= offset)
+        {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + self.rebuild_wait;
+        loop {
+            let writer = self.writer.clone();
+            let topic = self.topic.clone();
+            let committed = tokio::task::spawn_blocking(move || {
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition(&topic, partition);
+                writer
+                    .committed_offsets(tpl, Duration::from_secs(5))
+                    .ok()
+                    .and_then(|t| {
+                        t.elements().first().and_then(|e| match e.offset() {
+                            Offset::Offset(o) => Some(o),
+                            _ => None,
+                        })
+                    })
+            })
+            .await
+            .ok()
+            .flatten();
+            if let Some(c) = committed {
+                self.writer_done.insert(partition, c);
+                if c >= offset {
+                    return;
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(partition, offset, writer = ?committed, "the writer is behind; rebuilding from what is stored");
+                metrics::counter!("vitalwatch_alerts_rebuild_writer_behind_total").increment(1);
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Writes `changes` in one transaction, retrying while the database is
+/// away. `Err` only when `shutdown` fired first.
+async fn store_changes(
+    pool: &Pool,
+    changes: &[AlertChange],
+    readiness: &Readiness,
+    shutdown: &CancellationToken,
+) -> Result<(), StoreError> {
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match try_store(pool, changes).await {
+            Ok(()) => {
+                readiness.set_ready("alerts.database");
+                return Ok(());
+            }
+            Err(e) => {
+                readiness.set_not_ready("alerts.database", e.to_string());
+                tracing::warn!(error = %e, "cannot store alert changes; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = shutdown.cancelled() => return Err(e),
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+async fn try_store(pool: &Pool, changes: &[AlertChange]) -> Result<(), StoreError> {
+    use vitalwatch_store::alerts::{NewAlert, raise, resolve, update_severity};
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    for c in changes {
+        let applied = match c {
+            AlertChange::Raised {
+                alert_id,
+                patient_id,
+                rule,
+                severity,
+                episode_start,
+                at,
+                value,
+                news2_score,
+            } => {
+                let news2 = news2_score.map(i16::from);
+                let detail = serde_json::json!({ "value": value, "at": at });
+                raise(
+                    &*tx,
+                    &NewAlert {
+                        alert_id,
+                        patient_id,
+                        rule,
+                        severity: severity.as_str(),
+                        episode_start: *episode_start,
+                        raised_at: *at,
+                        news2_score: news2,
+                        detail,
+                    },
+                )
+                .await?
+            }
+            AlertChange::SeverityChanged {
+                alert_id,
+                severity,
+                at,
+                value,
+                ..
+            } => {
+                update_severity(&*tx, alert_id, severity.as_str(), *at, Some(*value as i16)).await?
+            }
+            AlertChange::Cleared { alert_id, at, .. } => resolve(&*tx, alert_id, *at, None).await?,
+        };
+        let kind = match c {
+            AlertChange::Raised { .. } => "raised",
+            AlertChange::SeverityChanged { .. } => "updated",
+            AlertChange::Cleared { .. } => "resolved",
+        };
+        let outcome = if applied { "applied" } else { "already" };
+        metrics::counter!("vitalwatch_alerts_changes_total", "change" => kind, "outcome" => outcome).increment(1);
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Publishes unpublished alert changes to `topic` in id order whenever
+/// woken (and every second, for changes made by other processes, such as
+/// the API's acknowledgements), until `shutdown`.
+pub async fn relay(
+    pool: Pool,
+    producer: Arc<Producer>,
+    topic: String,
+    wake: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match publish_pending(&pool, &producer, &topic, &shutdown).await {
+            Ok(_) => backoff = Duration::from_millis(100),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot publish alert changes; retrying");
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+        tokio::select! {
+            () = wake.notified() => {}
+            () = tokio::time::sleep(Duration::from_secs(1).max(backoff)) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Publishes every unpublished change; returns how many.
+pub async fn publish_pending(
+    pool: &Pool,
+    producer: &Producer,
+    topic: &str,
+    shutdown: &CancellationToken,
+) -> Result<usize, StoreError> {
+    let mut total = 0;
+    loop {
+        let mut client = pool.get().await?;
+        let tx = client.transaction().await?;
+        let events = vitalwatch_store::alerts::lock_unpublished(&*tx, 500).await?;
+        if events.is_empty() {
+            tx.commit().await?;
+            return Ok(total);
+        }
+        let encoded: Vec<(String, Vec<u8>)> = events
+            .iter()
+            .map(|e| (e.patient_id.clone(), encode(e)))
+            .collect();
+        let sends = encoded.iter().map(|(key, payload)| {
+            vitalwatch_bus::deliver(producer, topic, key, payload, None, None, shutdown)
+        });
+        for r in futures_util::future::join_all(sends).await {
+            if r.is_err() {
+                return Ok(total); // shutting down: rolled back, published after restart
+            }
+        }
+        let ids: Vec<i64> = events.iter().map(|e| e.id).collect();
+        vitalwatch_store::alerts::mark_published(&*tx, &ids).await?;
+        tx.commit().await?;
+        total += events.len();
+        metrics::counter!("vitalwatch_alerts_published_total").increment(events.len() as u64);
+    }
+}
+
+/// The `rpm.alerts.v1` record of a change.
+pub fn encode(e: &vitalwatch_store::alerts::Event) -> Vec<u8> {
+    use prost::Message as _;
+    use proto::{AlertState, Severity as S};
+    let severity = match e.severity.as_str() {
+        "low" => S::Low,
+        "low_medium" => S::LowMedium,
+        "medium" => S::Medium,
+        "high" => S::High,
+        _ => S::Unspecified,
+    };
+    let state = match e.state.as_str() {
+        "raised" => AlertState::Raised,
+        "updated" => AlertState::Updated,
+        "escalated" => AlertState::Escalated,
+        "acknowledged" => AlertState::Acknowledged,
+        "resolved" => AlertState::Resolved,
+        _ => AlertState::Unspecified,
+    };
+    proto::AlertEvent {
+        alert_id: e.alert_id.clone(),
+        patient_id: e.patient_id.clone(),
+        rule: e.rule.clone(),
+        severity: severity as i32,
+        state: state as i32,
+        readings: Vec::new(),
+        news2_score: e.news2_score.and_then(|s| u32::try_from(s).ok()),
+        episode_start: Some(timestamp_to_proto(e.episode_start)),
+        event_time: Some(timestamp_to_proto(e.at)),
+        actor: e.actor.clone().unwrap_or_default(),
+        event_id: u64::try_from(e.id).unwrap_or_default(),
+        escalation_level: u32::try_from(e.escalation_level).unwrap_or_default(),
+    }
+    .encode_to_vec()
+}
+
+/// Escalates unacknowledged alerts on wall-clock time until `shutdown`.
+pub async fn escalation(
+    pool: Pool,
+    cfg: AlertsConfig,
+    wake: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
+    let after = Duration::from_secs(u64::from(cfg.escalate_after_minutes) * 60);
+    let every = (after / 4).clamp(Duration::from_secs(1), Duration::from_secs(30));
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = shutdown.cancelled() => return,
+        }
+        let result = async {
+            let client = pool.get().await?;
+            vitalwatch_store::alerts::escalate(&**client, after, cfg.max_escalation_level).await
+        }
+        .await;
+        match result {
+            Ok(0) => {}
+            Ok(n) => {
+                metrics::counter!("vitalwatch_alerts_escalated_total").increment(n);
+                wake.notify_one();
+            }
+            Err(e) => tracing::warn!(error = %e, "escalation check failed; retrying"),
+        }
+    }
+}
