@@ -41,6 +41,9 @@ use crate::engine::{AlertChange, Engine, OpenAlert, PatientSetup};
 use crate::rules::{Override, Severity, compile, default_rules};
 use crate::{AlertsConfig, AlertsError};
 
+/// Notified on every insert into `alert_events` (migration 5).
+pub const ALERT_EVENTS_CHANNEL: &str = "vitalwatch_alert_events";
+
 /// Rows read from `readings` at most to rebuild one patient.
 const REBUILD_MAX_ROWS: i64 = 200_000;
 
@@ -64,6 +67,17 @@ pub async fn run(
     let wake = Arc::new(Notify::new());
     readiness.set_ready("alerts.database");
 
+    // Every insert into alert_events (the engine's, escalations, a nurse's
+    // acknowledgement through the API) wakes the relay.
+    let listener = {
+        let wake = wake.clone();
+        tokio::spawn(vitalwatch_store::listen(
+            db.url.clone(),
+            ALERT_EVENTS_CHANNEL,
+            move || wake.notify_one(),
+            shutdown.clone(),
+        ))
+    };
     let relay_task = tokio::spawn(relay(
         pool.clone(),
         producer,
@@ -165,6 +179,7 @@ pub async fn run(
     shutdown.cancel();
     let _ = relay_task.await;
     let _ = escalation_task.await;
+    let _ = listener.await;
     tracing::info!("alerts engine stopped");
     Ok(())
 }
@@ -438,7 +453,9 @@ async fn try_store(pool: &Pool, changes: &[AlertChange]) -> Result<(), StoreErro
             } => {
                 update_severity(&*tx, alert_id, severity.as_str(), *at, Some(*value as i16)).await?
             }
-            AlertChange::Cleared { alert_id, at, .. } => resolve(&*tx, alert_id, *at, None).await?,
+            AlertChange::Cleared { alert_id, at, .. } => {
+                resolve(&*tx, alert_id, *at, None, None).await?
+            }
         };
         let kind = match c {
             AlertChange::Raised { .. } => "raised",
@@ -453,8 +470,8 @@ async fn try_store(pool: &Pool, changes: &[AlertChange]) -> Result<(), StoreErro
 }
 
 /// Publishes unpublished alert changes to `topic` in id order whenever
-/// woken (and every second, for changes made by other processes, such as
-/// the API's acknowledgements), until `shutdown`.
+/// woken (by this process, or by a notification of any insert), and every
+/// few seconds in case a notification was missed, until `shutdown`.
 pub async fn relay(
     pool: Pool,
     producer: Arc<Producer>,
@@ -473,7 +490,7 @@ pub async fn relay(
         }
         tokio::select! {
             () = wake.notified() => {}
-            () = tokio::time::sleep(Duration::from_secs(1).max(backoff)) => {}
+            () = tokio::time::sleep(Duration::from_secs(5).max(backoff)) => {}
             () = shutdown.cancelled() => return,
         }
     }

@@ -11,6 +11,17 @@ use serde::Serialize;
 pub enum ApiError {
     #[error("{0}")]
     BadRequest(String),
+    /// No valid bearer token; the message says why.
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    NotFound(String),
+    /// The request does not fit the resource's state (acknowledging an
+    /// alert already acknowledged).
+    #[error("{0}")]
+    Conflict(String),
     #[error("internal error")]
     Internal(String),
     #[error("the database is unavailable")]
@@ -35,10 +46,20 @@ impl From<vitalwatch_store::StoreError> for ApiError {
     }
 }
 
+impl From<vitalwatch_store::PoolError> for ApiError {
+    fn from(e: vitalwatch_store::PoolError) -> Self {
+        vitalwatch_store::StoreError::from(e).into()
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, title) = match &self {
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "Bad request"),
+            ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "Unauthorized"),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "Forbidden"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "Not found"),
+            ApiError::Conflict(_) => (StatusCode::CONFLICT, "Conflict"),
             ApiError::Internal(detail) => {
                 tracing::error!(detail, "request failed");
                 (StatusCode::INTERNAL_SERVER_ERROR, "Internal error")
@@ -59,6 +80,12 @@ impl IntoResponse for ApiError {
             axum::http::header::CONTENT_TYPE,
             axum::http::HeaderValue::from_static("application/problem+json"),
         );
+        if status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+        }
         resp
     }
 }

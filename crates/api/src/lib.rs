@@ -2,6 +2,11 @@
 //!
 //! - `GET /v1/patients/{patient_id}/vitals?metric=&from=&to=&bucket=`:
 //!   bucketed min/avg/max/count of one metric ([`vitals`]).
+//! - Alerts ([`alerts`]), for the nurses and clinicians of the patient's
+//!   care team, authenticated by bearer token ([`auth`]) and audited
+//!   ([`audit`]): `GET /v1/alerts/stream` (server-sent events),
+//!   `GET /v1/alerts/{alert_id}`, `POST /v1/alerts/{alert_id}/acknowledge`
+//!   and `POST /v1/alerts/{alert_id}/resolve`.
 //! - `GET /healthz`: the process is alive.
 //! - `GET /readyz`: every readiness condition of the process holds and the
 //!   database answers with the schema this build expects; 503 otherwise, with
@@ -12,11 +17,15 @@
 //! `oneshot`. [`error::ApiError`] is the one error type: a problem-details
 //! body for the client, details only in the log.
 //!
-//! **Not yet here** (a later issue): authentication, care-team scoping and
-//! the audit log. Until then the API listens on 127.0.0.1 only by default and
-//! must not be exposed beyond the machine.
+//! **Not yet here** (a later issue): authentication, scoping and auditing of
+//! the vitals route (the alert routes have them), key sets from a JWKS URL,
+//! TLS. Until then the API listens on 127.0.0.1 only by default and must not
+//! be exposed beyond the machine.
 #![forbid(unsafe_code)]
 
+pub mod alerts;
+pub mod audit;
+pub mod auth;
 pub mod error;
 pub mod telemetry;
 pub mod vitals;
@@ -28,7 +37,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::http::header;
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Deserialize;
@@ -45,6 +54,8 @@ pub struct ApiConfig {
     pub listen: SocketAddr,
     /// Most buckets one trend request may ask for. Default 10,000.
     pub max_buckets: i64,
+    /// `[api.auth]`: how bearer tokens are checked.
+    pub auth: auth::AuthConfig,
 }
 
 impl Default for ApiConfig {
@@ -52,6 +63,7 @@ impl Default for ApiConfig {
         ApiConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_buckets: 10_000,
+            auth: auth::AuthConfig::default(),
         }
     }
 }
@@ -69,6 +81,15 @@ pub struct AppState {
     pub readiness: Readiness,
     /// How `readings` is stored, read from the database at first use.
     pub layout: Arc<tokio::sync::OnceCell<Layout>>,
+    /// Checks bearer tokens.
+    pub auth: Arc<auth::Authenticator>,
+    /// Where to LISTEN for new alert changes (the database URL); without
+    /// it, alert streams poll.
+    pub listen_url: Option<String>,
+    /// Bumped on every notified alert change, once a stream needs it.
+    alert_feed: Arc<std::sync::OnceLock<tokio::sync::watch::Receiver<u64>>>,
+    /// Fires when the server shuts down: long-lived streams end.
+    pub shutdown: CancellationToken,
 }
 
 impl AppState {
@@ -84,7 +105,46 @@ impl AppState {
             max_buckets,
             readiness,
             layout: Arc::default(),
+            auth: Arc::new(auth::Authenticator::unconfigured()),
+            listen_url: None,
+            alert_feed: Arc::default(),
+            shutdown: CancellationToken::new(),
         }
+    }
+
+    /// With bearer tokens checked by `auth`.
+    pub fn with_auth(mut self, auth: auth::Authenticator) -> Self {
+        self.auth = Arc::new(auth);
+        self
+    }
+
+    /// With alert streams woken by notifications from the database at `url`.
+    pub fn with_listen_url(mut self, url: impl Into<String>) -> Self {
+        self.listen_url = Some(url.into());
+        self
+    }
+
+    /// With long-lived streams ending when `shutdown` fires.
+    pub fn with_shutdown(mut self, shutdown: CancellationToken) -> Self {
+        self.shutdown = shutdown;
+        self
+    }
+
+    /// A receiver that changes on every new alert change, when the state
+    /// has a listen URL (one listener for the process, started on first use).
+    pub fn alert_feed(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        let url = self.listen_url.clone()?;
+        let rx = self.alert_feed.get_or_init(|| {
+            let (tx, rx) = tokio::sync::watch::channel(0_u64);
+            tokio::spawn(vitalwatch_store::listen(
+                url,
+                "vitalwatch_alert_events",
+                move || tx.send_modify(|n| *n = n.wrapping_add(1)),
+                self.shutdown.clone(),
+            ));
+            rx
+        });
+        Some(rx.clone())
     }
 
     /// The storage layout (TimescaleDB or native).
@@ -106,6 +166,13 @@ pub fn app(state: AppState) -> Router {
         .route("/metrics", get(render_metrics))
         .route("/readyz", get(readyz))
         .route("/v1/patients/{patient_id}/vitals", get(vitals::get_vitals))
+        .route("/v1/alerts/stream", get(alerts::stream))
+        .route("/v1/alerts/{alert_id}", get(alerts::get_alert))
+        .route(
+            "/v1/alerts/{alert_id}/acknowledge",
+            post(alerts::acknowledge),
+        )
+        .route("/v1/alerts/{alert_id}/resolve", post(alerts::resolve))
         .with_state(state)
 }
 
@@ -164,6 +231,8 @@ pub enum ServeError {
     Serve(#[from] std::io::Error),
     #[error(transparent)]
     Store(#[from] vitalwatch_store::StoreError),
+    #[error("{0}")]
+    Config(String),
 }
 
 /// Serves the API until `shutdown` fires, then finishes in-flight requests.
@@ -174,12 +243,16 @@ pub async fn run(
     readiness: Readiness,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
+    let auth = auth::Authenticator::new(&cfg.auth).map_err(ServeError::Config)?;
     let state = AppState::new(
         vitalwatch_store::pool(db)?,
         metrics,
         cfg.max_buckets,
         readiness,
-    );
+    )
+    .with_auth(auth)
+    .with_listen_url(db.url.clone())
+    .with_shutdown(shutdown.clone());
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|source| ServeError::Bind {
@@ -187,9 +260,12 @@ pub async fn run(
             source,
         })?;
     tracing::info!(addr = %cfg.listen, "api listening");
-    axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await?;
+    axum::serve(
+        listener,
+        app(state).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown.cancelled_owned())
+    .await?;
     tracing::info!("api stopped");
     Ok(())
 }

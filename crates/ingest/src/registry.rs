@@ -12,11 +12,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
 use tokio::sync::{Mutex, RwLock, mpsc};
 use tokio_util::sync::CancellationToken;
 use vitalwatch_store::registry::{CHANGE_CHANNEL, DeviceRecord, load_devices};
-use vitalwatch_store::tokio_postgres::{self, AsyncMessage};
+
 use vitalwatch_store::{Pool, StoreError};
 
 #[derive(Debug)]
@@ -85,7 +84,15 @@ impl RegistryCache {
         shutdown: CancellationToken,
     ) {
         let (tx, mut changed) = mpsc::channel::<()>(1);
-        let listener = tokio::spawn(listen(url, tx, shutdown.clone()));
+        let listener = tokio::spawn(vitalwatch_store::listen(
+            url,
+            CHANGE_CHANNEL,
+            move || {
+                // One pending signal is enough to cause a reload.
+                let _ = tx.try_send(());
+            },
+            shutdown.clone(),
+        ));
         loop {
             tokio::select! {
                 () = tokio::time::sleep(every) => {}
@@ -101,53 +108,5 @@ impl RegistryCache {
             }
         }
         listener.abort();
-    }
-}
-
-/// LISTENs for registry changes and signals `tx` (never blocking: one
-/// pending signal is enough to cause a reload).
-async fn listen(url: String, tx: mpsc::Sender<()>, shutdown: CancellationToken) {
-    let mut backoff = Duration::from_millis(200);
-    while !shutdown.is_cancelled() {
-        match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
-            Ok((client, mut conn)) => {
-                let (up_tx, up_rx) = tokio::sync::oneshot::channel::<()>();
-                let notify = tx.clone();
-                let driver = tokio::spawn(async move {
-                    let mut messages =
-                        std::pin::pin!(futures_util::stream::poll_fn(
-                            move |cx| conn.poll_message(cx)
-                        ));
-                    while let Some(Ok(m)) = messages.next().await {
-                        if let AsyncMessage::Notification(_) = m {
-                            let _ = notify.try_send(());
-                        }
-                    }
-                    drop(up_tx);
-                });
-                match client
-                    .batch_execute(&format!("LISTEN {CHANGE_CHANNEL}"))
-                    .await
-                {
-                    Ok(()) => {
-                        backoff = Duration::from_millis(200);
-                        // A reload now covers changes made while we were not listening.
-                        let _ = tx.try_send(());
-                        tokio::select! {
-                            _ = up_rx => tracing::warn!("registry listener connection lost; reconnecting"),
-                            () = shutdown.cancelled() => {}
-                        }
-                    }
-                    Err(e) => tracing::warn!(error = %e, "cannot LISTEN for registry changes"),
-                }
-                driver.abort();
-            }
-            Err(e) => tracing::warn!(error = %e, "registry listener cannot connect; retrying"),
-        }
-        tokio::select! {
-            () = tokio::time::sleep(backoff) => {}
-            () = shutdown.cancelled() => {}
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(10));
     }
 }

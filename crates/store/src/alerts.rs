@@ -68,22 +68,25 @@ pub async fn update_severity(
 }
 
 /// Resolves an open alert: by the engine when its condition cleared
-/// (`actor` `None`), or by a nurse. `false` when it was not open.
+/// (`actor` `None`), or by a nurse (with an optional note). `false` when it
+/// was not open.
 pub async fn resolve(
     client: &impl GenericClient,
     alert_id: &str,
     at: DateTime<Utc>,
     actor: Option<&str>,
+    note: Option<&str>,
 ) -> Result<bool, StoreError> {
     let n = client
         .execute(
             "WITH changed AS (
                  UPDATE alerts SET state = 'resolved', resolved_at = $2, resolved_by = $3, updated_at = now()
                   WHERE alert_id = $1 AND state <> 'resolved'
-                 RETURNING alert_id
+                 RETURNING alert_id, escalation_level
              )
-             INSERT INTO alert_events (alert_id, at, state, actor) SELECT alert_id, $2, 'resolved', $3 FROM changed",
-            &[&alert_id, &at, &actor],
+             INSERT INTO alert_events (alert_id, at, state, escalation_level, actor, note)
+             SELECT alert_id, $2, 'resolved', escalation_level, $3, $4 FROM changed",
+            &[&alert_id, &at, &actor, &note],
         )
         .await?;
     Ok(n == 1)

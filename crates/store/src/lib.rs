@@ -162,3 +162,57 @@ pub async fn connect(url: &str) -> Result<tokio_postgres::Client, StoreError> {
     });
     Ok(client)
 }
+
+/// LISTENs on `channel` until `shutdown`, calling `on_notify` for every
+/// notification and once after every (re)connection, so that changes made
+/// while nobody listened are picked up too. Reconnects with backoff; never
+/// fails.
+pub async fn listen(
+    url: String,
+    channel: &'static str,
+    on_notify: impl Fn() + Send + Sync + 'static,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    use futures_util::StreamExt;
+    use std::time::Duration;
+    let on_notify = std::sync::Arc::new(on_notify);
+    let mut backoff = Duration::from_millis(200);
+    while !shutdown.is_cancelled() {
+        match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
+            Ok((client, mut conn)) => {
+                let (up_tx, up_rx) = tokio::sync::oneshot::channel::<()>();
+                let notify = on_notify.clone();
+                let driver = tokio::spawn(async move {
+                    let mut messages =
+                        std::pin::pin!(futures_util::stream::poll_fn(
+                            move |cx| conn.poll_message(cx)
+                        ));
+                    while let Some(Ok(m)) = messages.next().await {
+                        if let tokio_postgres::AsyncMessage::Notification(_) = m {
+                            notify();
+                        }
+                    }
+                    drop(up_tx);
+                });
+                match client.batch_execute(&format!("LISTEN {channel}")).await {
+                    Ok(()) => {
+                        backoff = Duration::from_millis(200);
+                        on_notify();
+                        tokio::select! {
+                            _ = up_rx => tracing::warn!(channel, "listener connection lost; reconnecting"),
+                            () = shutdown.cancelled() => {}
+                        }
+                    }
+                    Err(e) => tracing::warn!(channel, error = %e, "cannot LISTEN"),
+                }
+                driver.abort();
+            }
+            Err(e) => tracing::warn!(channel, error = %e, "listener cannot connect; retrying"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = shutdown.cancelled() => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}

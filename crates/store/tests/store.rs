@@ -186,7 +186,8 @@ async fn upgrading_a_version_2_database_keeps_its_readings_and_their_trends() {
         }
         assert_eq!(
             migrate::migrate(&mut c, &cfg).await.expect("upgrade"),
-            vec![3, 4]
+            (3..=migrate::latest_version()).collect::<Vec<_>>(),
+            "every migration after 2, once"
         );
         assert_eq!(storage::layout(&c).await.expect("layout"), layout);
         assert_eq!(
@@ -896,8 +897,12 @@ async fn the_alert_lifecycle_is_idempotent_with_one_open_alert_per_patient_and_r
             .await
             .expect("down again")
     );
-    assert!(resolve(&c, "a1", t(900), None).await.expect("clear"));
-    assert!(!resolve(&c, "a1", t(900), None).await.expect("clear again"));
+    assert!(resolve(&c, "a1", t(900), None, None).await.expect("clear"));
+    assert!(
+        !resolve(&c, "a1", t(900), None, None)
+            .await
+            .expect("clear again")
+    );
     assert!(
         !update_severity(&c, "a1", "high", t(950), None)
             .await

@@ -49,6 +49,7 @@ impl Config {
     pub fn validate(&self) -> anyhow::Result<()> {
         self.database.validate()?;
         self.alerts.validate().map_err(anyhow::Error::msg)?;
+        vitalwatch_api::auth::Authenticator::new(&self.api.auth).map_err(anyhow::Error::msg)?;
         let window = i64::from(vitalwatch_store::storage::REFRESH_WINDOW_DAYS);
         if self.ingest.max_age_days >= window {
             anyhow::bail!(

@@ -27,7 +27,7 @@ enum Command {
     Ingest,
     /// rpm.readings.v1 -> the readings table.
     Writer,
-    /// The alerting service (a placeholder for now: consumes and counts).
+    /// The rules engine: rpm.readings.v1 -> alerts, rpm.alerts.v1.
     Alerts,
     /// The care-team HTTP API.
     Api,
@@ -40,6 +40,19 @@ enum Command {
     /// Device registry.
     #[command(subcommand)]
     Devices(Devices),
+    /// Print a bearer token signed with `api.auth.hs256_secret`, for trying
+    /// the API locally (refused when no shared secret is configured).
+    Token {
+        /// The `sub` claim: who the caller is (matched against care-team members).
+        #[arg(long)]
+        subject: String,
+        /// A role (`nurse`, `clinician`, `admin`, `device-admin`); repeatable.
+        #[arg(long = "role", required = true)]
+        roles: Vec<String>,
+        /// Minutes until it expires.
+        #[arg(long, default_value_t = 60)]
+        minutes: u32,
+    },
 }
 
 #[derive(Subcommand)]
@@ -117,6 +130,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Devices(Devices::Import { file }) => {
             let n = vitalwatch::devices::import(&cfg.database, &file).await?;
             println!("{n} devices registered");
+            return Ok(());
+        }
+        Command::Token {
+            subject,
+            roles,
+            minutes,
+        } => {
+            let ttl = chrono::Duration::minutes(i64::from(minutes));
+            let token = vitalwatch_api::auth::mint_local(&cfg.api.auth, &subject, &roles, ttl)
+                .map_err(anyhow::Error::msg)?;
+            println!("{token}");
             return Ok(());
         }
         Command::Ingest => &[Service::Ingest],

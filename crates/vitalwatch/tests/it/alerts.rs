@@ -372,3 +372,297 @@ async fn kill(running: Running) {
     running.token.cancel();
     tokio::time::sleep(Duration::from_millis(500)).await;
 }
+
+const SECRET: &str = "the-integration-tests-shared-secret-32+";
+
+fn token(subject: &str, roles: &[&str]) -> String {
+    let claims = serde_json::json!({
+        "sub": subject, "iss": "vitalwatch-local", "aud": "vitalwatch",
+        "exp": Utc::now().timestamp() + 600, "roles": roles,
+    });
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("token")
+}
+
+fn api(cfg: &Config) -> axum::Router {
+    let auth = vitalwatch_api::auth::Authenticator::new(&vitalwatch_api::auth::AuthConfig {
+        hs256_secret: Some(SECRET.into()),
+        ..Default::default()
+    })
+    .expect("auth");
+    let state = vitalwatch_api::AppState::new(
+        vitalwatch_store::pool(&cfg.database).expect("pool"),
+        vitalwatch_api::telemetry::metrics_handle(),
+        10_000,
+        vitalwatch_core::health::Readiness::new(),
+    )
+    .with_auth(auth)
+    .with_listen_url(cfg.database.url.clone());
+    vitalwatch_api::app(state)
+}
+
+async fn call(
+    app: &axum::Router,
+    method: &str,
+    uri: &str,
+    bearer: Option<&str>,
+    body: &str,
+) -> (axum::http::StatusCode, serde_json::Value) {
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let mut req = axum::http::Request::builder().method(method).uri(uri);
+    if let Some(t) = bearer {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let resp = app
+        .clone()
+        .oneshot(
+            req.body(axum::body::Body::from(body.to_owned()))
+                .expect("request"),
+        )
+        .await
+        .expect("response");
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// An open server-sent event stream, read frame by frame.
+struct EventStream {
+    body: axum::body::Body,
+    buf: String,
+}
+
+impl EventStream {
+    async fn open(app: &axum::Router, bearer: &str) -> EventStream {
+        use tower::ServiceExt;
+        let req = axum::http::Request::get("/v1/alerts/stream")
+            .header("authorization", format!("Bearer {bearer}"))
+            .body(axum::body::Body::empty())
+            .expect("request");
+        let resp = app.clone().oneshot(req).await.expect("response");
+        assert_eq!(resp.status(), axum::http::StatusCode::OK);
+        assert_eq!(resp.headers()["content-type"], "text/event-stream");
+        EventStream {
+            body: resp.into_body(),
+            buf: String::new(),
+        }
+    }
+
+    /// The next `alert` event within `timeout`, if any.
+    async fn next(&mut self, timeout: Duration) -> Option<vitalwatch_api::alerts::AlertEventBody> {
+        use http_body_util::BodyExt;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            while let Some(end) = self.buf.find("\n\n") {
+                let frame: String = self.buf.drain(..end + 2).collect();
+                let mut is_alert = false;
+                let mut data = String::new();
+                let mut id = None;
+                for line in frame.lines() {
+                    if line == "event: alert" {
+                        is_alert = true;
+                    } else if let Some(d) = line.strip_prefix("data: ") {
+                        data.push_str(d);
+                    } else if let Some(i) = line.strip_prefix("id: ") {
+                        id = i.parse::<i64>().ok();
+                    }
+                }
+                if is_alert {
+                    let e: vitalwatch_api::alerts::AlertEventBody =
+                        serde_json::from_str(&data).expect("alert event JSON");
+                    assert_eq!(id, Some(e.event_id), "the SSE id is the change's id");
+                    return Some(e);
+                }
+            }
+            let frame = tokio::time::timeout_at(deadline, self.body.frame())
+                .await
+                .ok()??
+                .ok()?;
+            if let Ok(bytes) = frame.into_data() {
+                self.buf.push_str(&String::from_utf8_lossy(&bytes));
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nurse_sees_a_low_spo2_alert_live_acknowledges_it_and_sees_the_acknowledgement() {
+    use vitalwatch_core::topics::mqtt_readings_topic;
+    let cfg = config().await;
+    let device_id = "test-dev-1";
+    let (patient, running) = start_with_device(
+        &cfg,
+        device_id,
+        &[Service::Ingest, Service::Writer, Service::Alerts],
+    )
+    .await;
+    let c = vitalwatch_store::connect(&cfg.database.url)
+        .await
+        .expect("db");
+    c.batch_execute(&format!(
+        "INSERT INTO care_teams VALUES ('ward-3', 'Ward 3 home monitoring'), ('ward-9', 'Another team');
+         INSERT INTO care_team_patients (team_id, patient_id) VALUES ('ward-3', '{patient}');
+         INSERT INTO care_team_members (team_id, subject) VALUES ('ward-3', 'nurse-ana'), ('ward-9', 'nurse-bob');"
+    ))
+    .await
+    .expect("care teams");
+    let app = api(&cfg);
+    let (ana, bob) = (
+        token("nurse-ana", &["nurse"]),
+        token("nurse-bob", &["nurse"]),
+    );
+    let mut ana_stream = EventStream::open(&app, &ana).await;
+    let mut bob_stream = EventStream::open(&app, &bob).await;
+
+    // The oximeter sends SpO2 88 % each minute for six minutes (the rule: below 90 for five).
+    let mut device = ts::Device::connect(device_id).await;
+    let topic = mqtt_readings_topic(&cfg.mqtt.topic_root, device_id);
+    let first = (Utc::now() - chrono::Duration::minutes(10))
+        .duration_trunc(chrono::Duration::seconds(1))
+        .expect("truncates");
+    for m in 0..=6_i64 {
+        let reading = serde_json::json!({"metric": "spo2", "value": 88, "unit": "%",
+            "measured_at": (first + chrono::Duration::minutes(m)).to_rfc3339()});
+        device
+            .publish(&topic, json_batch(device_id, m as u64 + 1, &[reading]))
+            .await;
+    }
+    device.wait_acked(WAIT).await;
+
+    let raised = ana_stream
+        .next(WAIT)
+        .await
+        .expect("the alert reaches the nurse's stream");
+    assert_eq!(
+        (
+            raised.state.as_str(),
+            raised.rule.as_str(),
+            raised.patient_id.as_str()
+        ),
+        ("raised", "spo2_low", patient.as_str())
+    );
+    assert_eq!(
+        (raised.severity.as_str(), raised.episode_start),
+        ("medium", first)
+    );
+
+    // Another team's nurse can neither act on it nor see it.
+    let (status, _) = call(
+        &app,
+        "POST",
+        &format!("/v1/alerts/{}/acknowledge", raised.alert_id),
+        Some(&bob),
+        "",
+    )
+    .await;
+    assert_eq!(status, axum::http::StatusCode::NOT_FOUND);
+    let (status, _) = call(
+        &app,
+        "POST",
+        &format!("/v1/alerts/{}/acknowledge", raised.alert_id),
+        None,
+        "",
+    )
+    .await;
+    assert_eq!(status, axum::http::StatusCode::UNAUTHORIZED);
+
+    let (status, body) = call(
+        &app,
+        "POST",
+        &format!("/v1/alerts/{}/acknowledge", raised.alert_id),
+        Some(&ana),
+        r#"{"note": "calling the patient"}"#,
+    )
+    .await;
+    assert_eq!(status, axum::http::StatusCode::OK, "{body}");
+    assert_eq!(
+        (body["state"].as_str(), body["acknowledged_by"].as_str()),
+        (Some("acknowledged"), Some("nurse-ana"))
+    );
+    let ack = ana_stream
+        .next(WAIT)
+        .await
+        .expect("the acknowledgement reaches the stream");
+    assert_eq!(
+        (ack.alert_id.as_str(), ack.state.as_str()),
+        (raised.alert_id.as_str(), "acknowledged")
+    );
+    assert_eq!(
+        (ack.actor.as_deref(), ack.note.as_deref()),
+        (Some("nurse-ana"), Some("calling the patient"))
+    );
+    assert!(ack.event_id > raised.event_id);
+    // Acknowledging twice is a conflict, not a second event.
+    let (status, _) = call(
+        &app,
+        "POST",
+        &format!("/v1/alerts/{}/acknowledge", raised.alert_id),
+        Some(&ana),
+        "",
+    )
+    .await;
+    assert_eq!(status, axum::http::StatusCode::CONFLICT);
+    assert!(
+        bob_stream.next(Duration::from_secs(2)).await.is_none(),
+        "nothing of ward 3 reaches ward 9"
+    );
+
+    // The alert's history, and the audit log of every attempt.
+    let (status, body) = call(
+        &app,
+        "GET",
+        &format!("/v1/alerts/{}", raised.alert_id),
+        Some(&ana),
+        "",
+    )
+    .await;
+    assert_eq!(status, axum::http::StatusCode::OK);
+    let states: Vec<&str> = body["history"]
+        .as_array()
+        .expect("history")
+        .iter()
+        .filter_map(|h| h["state"].as_str())
+        .collect();
+    assert_eq!(states, ["raised", "acknowledged"]);
+    let audit: Vec<(String, String, String)> = c
+        .query(
+            "SELECT actor, action, outcome FROM audit_log WHERE action LIKE 'alert.%' ORDER BY id",
+            &[],
+        )
+        .await
+        .expect("audit")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let want = [
+        ("nurse-bob", "alert.acknowledge", "denied"),
+        ("anonymous", "alert.acknowledge", "denied"),
+        ("nurse-ana", "alert.acknowledge", "allowed"),
+        ("nurse-ana", "alert.acknowledge", "failed"),
+        ("nurse-ana", "alert.read", "allowed"),
+    ];
+    assert_eq!(
+        audit,
+        want.map(|(a, b, c)| (a.to_owned(), b.to_owned(), c.to_owned()))
+    );
+    // …and on the alerts topic, in order.
+    let events = published(&cfg, 2).await;
+    assert_eq!(
+        events.iter().map(|e| e.state).collect::<Vec<_>>(),
+        [
+            proto::AlertState::Raised as i32,
+            proto::AlertState::Acknowledged as i32
+        ]
+    );
+    assert_eq!(events[1].actor, "nurse-ana");
+    device.disconnect().await;
+    running.stop().await;
+}

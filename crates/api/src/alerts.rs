@@ -1,0 +1,510 @@
+//! Alerts for nurses: the live stream, one alert with its history, and the
+//! lifecycle actions a person takes.
+//!
+//! - `GET /v1/alerts/stream`: server-sent events, one `alert` event per
+//!   lifecycle change of an alert of the caller's patients, in order; the
+//!   SSE id is the change's id, so a client reconnecting with
+//!   `Last-Event-ID` (or `?after=`) misses nothing.
+//! - `GET /v1/alerts/{alert_id}`: the alert and its lifecycle history.
+//! - `POST /v1/alerts/{alert_id}/acknowledge` and `.../resolve`, with an
+//!   optional JSON body `{"note": "..."}`.
+//!
+//! All of them are for nurses and clinicians, for patients of their care
+//! teams; an alert of another team's patient is answered as not found.
+//! Every attempt is audited, refusals too.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use chrono::{DateTime, Utc};
+use futures_util::Stream;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use vitalwatch_store::alerts::Event;
+
+use crate::AppState;
+use crate::audit::{self, Outcome};
+use crate::auth::{Access, Caller};
+use crate::error::ApiError;
+
+/// Changes read per query while streaming.
+const PAGE: i64 = 200;
+/// A caller's care-team panel is read again this often while streaming.
+const SCOPE_REFRESH: Duration = Duration::from_secs(30);
+
+/// A lifecycle change, as streamed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AlertEventBody {
+    pub event_id: i64,
+    pub alert_id: String,
+    pub patient_id: String,
+    pub rule: String,
+    /// `raised`, `updated`, `escalated`, `acknowledged` or `resolved`.
+    pub state: String,
+    pub severity: String,
+    pub escalation_level: i16,
+    pub episode_start: DateTime<Utc>,
+    pub at: DateTime<Utc>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub news2_score: Option<i16>,
+}
+
+impl From<Event> for AlertEventBody {
+    fn from(e: Event) -> Self {
+        AlertEventBody {
+            event_id: e.id,
+            alert_id: e.alert_id,
+            patient_id: e.patient_id,
+            rule: e.rule,
+            state: e.state,
+            severity: e.severity,
+            escalation_level: e.escalation_level,
+            episode_start: e.episode_start,
+            at: e.at,
+            actor: e.actor,
+            note: e.note,
+            news2_score: e.news2_score,
+        }
+    }
+}
+
+/// An alert and its history.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AlertBody {
+    pub alert_id: String,
+    pub patient_id: String,
+    pub rule: String,
+    pub severity: String,
+    pub state: String,
+    pub escalation_level: i16,
+    pub episode_start: DateTime<Utc>,
+    pub raised_at: DateTime<Utc>,
+    pub opened_at: DateTime<Utc>,
+    pub acknowledged_at: Option<DateTime<Utc>>,
+    pub acknowledged_by: Option<String>,
+    pub resolved_at: Option<DateTime<Utc>>,
+    pub resolved_by: Option<String>,
+    pub news2_score: Option<i16>,
+    pub detail: serde_json::Value,
+    pub history: Vec<AlertEventBody>,
+}
+
+/// The caller, if they may see patient data at all; a refusal is audited.
+async fn carer(state: &AppState, access: &Access, action: &str) -> Result<Caller, ApiError> {
+    let refusal = match &access.caller {
+        Ok(c) if c.is_carer() => return Ok(c.clone()),
+        Ok(_) => ApiError::Forbidden(
+            "alerts are for the nurses and clinicians of the patient's care team".into(),
+        ),
+        Err(why) => ApiError::Unauthorized(format!("a valid bearer token is required: {why}")),
+    };
+    let client = state.pool.get().await?;
+    audit::record(
+        &**client,
+        access,
+        action,
+        None,
+        Outcome::Denied,
+        Some(&refusal.to_string()),
+    )
+    .await?;
+    Err(refusal)
+}
+
+/// `GET /v1/alerts/stream`.
+pub async fn stream(
+    State(state): State<AppState>,
+    access: Access,
+    headers: HeaderMap,
+    Query(q): Query<StreamQuery>,
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+    let caller = carer(&state, &access, "alerts.stream").await?;
+    let resume = match headers
+        .get("last-event-id")
+        .map(|v| v.to_str().map(str::parse::<i64>))
+    {
+        Some(Ok(Ok(id))) if id >= 0 => Some(id),
+        Some(_) => {
+            return Err(ApiError::BadRequest(
+                "Last-Event-ID must be an event id (a non-negative integer)".into(),
+            ));
+        }
+        None => q.after,
+    };
+    let client = state.pool.get().await?;
+    let patients = caller.patients(&**client).await?;
+    let start = match resume {
+        Some(id) => id,
+        None => vitalwatch_store::alerts::last_event_id(&**client).await?,
+    };
+    let detail = format!("{} patients, after event {start}", patients.len());
+    audit::record(
+        &**client,
+        &access,
+        "alerts.stream",
+        None,
+        Outcome::Allowed,
+        Some(&detail),
+    )
+    .await?;
+    drop(client);
+    let (tx, mut rx) = mpsc::channel::<Result<SseEvent, Infallible>>(64);
+    tokio::spawn(feed(state, caller, patients, start, tx));
+    let events = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamQuery {
+    /// Resume after this change id (as `Last-Event-ID` does).
+    pub after: Option<i64>,
+}
+
+/// Sends the changes after `last` of `patients` to `tx` until the client
+/// goes away or the server shuts down.
+async fn feed(
+    state: AppState,
+    caller: Caller,
+    mut patients: Vec<String>,
+    mut last: i64,
+    tx: mpsc::Sender<Result<SseEvent, Infallible>>,
+) {
+    let mut wake = state.alert_feed();
+    let idle = if wake.is_some() {
+        Duration::from_secs(5)
+    } else {
+        Duration::from_secs(1)
+    };
+    let mut scoped_at = tokio::time::Instant::now();
+    loop {
+        if scoped_at.elapsed() >= SCOPE_REFRESH {
+            if let Ok(client) = state.pool.get().await
+                && let Ok(p) = caller.patients(&**client).await
+            {
+                patients = p;
+            }
+            scoped_at = tokio::time::Instant::now();
+        }
+        let page = match state.pool.get().await {
+            Ok(client) => {
+                vitalwatch_store::alerts::events_after(&**client, last, Some(&patients), PAGE).await
+            }
+            Err(e) => Err(e.into()),
+        };
+        let full = match page {
+            Ok(events) => {
+                let full = events.len() as i64 == PAGE;
+                for e in events {
+                    last = e.id;
+                    let body = AlertEventBody::from(e);
+                    let event = match SseEvent::default()
+                        .id(body.event_id.to_string())
+                        .event("alert")
+                        .json_data(&body)
+                    {
+                        Ok(ev) => ev,
+                        Err(err) => {
+                            tracing::error!(error = %err, "cannot encode an alert event");
+                            continue;
+                        }
+                    };
+                    if tx.send(Ok(event)).await.is_err() {
+                        return; // the client went away
+                    }
+                }
+                full
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "alert stream query failed; retrying");
+                false
+            }
+        };
+        if full {
+            continue;
+        }
+        tokio::select! {
+            () = async {
+                match wake.as_mut() {
+                    Some(w) => { let _ = w.changed().await; }
+                    None => std::future::pending().await,
+                }
+            } => {}
+            () = tokio::time::sleep(idle) => {}
+            () = tx.closed() => return,
+            () = state.shutdown.cancelled() => return,
+        }
+    }
+}
+
+async fn load_alert(
+    client: &impl vitalwatch_store::tokio_postgres::GenericClient,
+    alert_id: &str,
+) -> Result<Option<AlertBody>, ApiError> {
+    let row = client
+        .query_opt(
+            "SELECT alert_id, patient_id, rule, severity, state, escalation_level, episode_start, raised_at, opened_at,
+                    acknowledged_at, acknowledged_by, resolved_at, resolved_by, news2_score, detail
+               FROM alerts WHERE alert_id = $1",
+            &[&alert_id],
+        )
+        .await
+        .map_err(vitalwatch_store::StoreError::from)?;
+    let Some(r) = row else { return Ok(None) };
+    let history = client
+        .query(
+            "SELECT e.id, e.alert_id, a.patient_id, a.rule, e.state, coalesce(e.severity, a.severity), e.escalation_level,
+                    a.episode_start, e.at, e.actor, e.note, a.news2_score
+               FROM alert_events e JOIN alerts a USING (alert_id) WHERE e.alert_id = $1 ORDER BY e.id",
+            &[&alert_id],
+        )
+        .await
+        .map_err(vitalwatch_store::StoreError::from)?
+        .iter()
+        .map(|h| AlertEventBody {
+            event_id: h.get(0),
+            alert_id: h.get(1),
+            patient_id: h.get(2),
+            rule: h.get(3),
+            state: h.get(4),
+            severity: h.get(5),
+            escalation_level: h.get(6),
+            episode_start: h.get(7),
+            at: h.get(8),
+            actor: h.get(9),
+            note: h.get(10),
+            news2_score: h.get(11),
+        })
+        .collect();
+    Ok(Some(AlertBody {
+        alert_id: r.get(0),
+        patient_id: r.get(1),
+        rule: r.get(2),
+        severity: r.get(3),
+        state: r.get(4),
+        escalation_level: r.get(5),
+        episode_start: r.get(6),
+        raised_at: r.get(7),
+        opened_at: r.get(8),
+        acknowledged_at: r.get(9),
+        acknowledged_by: r.get(10),
+        resolved_at: r.get(11),
+        resolved_by: r.get(12),
+        news2_score: r.get(13),
+        detail: r.get(14),
+        history,
+    }))
+}
+
+fn check_id(alert_id: &str) -> Result<(), ApiError> {
+    if alert_id.is_empty()
+        || alert_id.len() > 64
+        || !alert_id.chars().all(|c| c.is_ascii_hexdigit())
+    {
+        return Err(ApiError::BadRequest(
+            "an alert id is 1 to 64 hexadecimal digits".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// `GET /v1/alerts/{alert_id}`.
+pub async fn get_alert(
+    State(state): State<AppState>,
+    access: Access,
+    Path(alert_id): Path<String>,
+) -> Result<Json<AlertBody>, ApiError> {
+    let caller = carer(&state, &access, "alert.read").await?;
+    check_id(&alert_id)?;
+    let client = state.pool.get().await?;
+    let alert = visible(&**client, &access, &caller, &alert_id, "alert.read").await?;
+    audit::record(
+        &**client,
+        &access,
+        "alert.read",
+        Some(&alert.patient_id),
+        Outcome::Allowed,
+        None,
+    )
+    .await?;
+    Ok(Json(alert))
+}
+
+/// The alert, when it exists and its patient is on the caller's panel;
+/// not found otherwise (another team's alert is not disclosed), audited.
+async fn visible(
+    client: &impl vitalwatch_store::tokio_postgres::GenericClient,
+    access: &Access,
+    caller: &Caller,
+    alert_id: &str,
+    action: &str,
+) -> Result<AlertBody, ApiError> {
+    let not_found = || ApiError::NotFound(format!("no alert {alert_id} among your patients'"));
+    match load_alert(client, alert_id).await? {
+        None => {
+            audit::record(
+                client,
+                access,
+                action,
+                None,
+                Outcome::Failed,
+                Some("no such alert"),
+            )
+            .await?;
+            Err(not_found())
+        }
+        Some(a) if !caller.can_see(client, &a.patient_id).await? => {
+            audit::record(
+                client,
+                access,
+                action,
+                Some(&a.patient_id),
+                Outcome::Denied,
+                Some("not on the caller's care teams"),
+            )
+            .await?;
+            Err(not_found())
+        }
+        Some(a) => Ok(a),
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ActionBody {
+    note: Option<String>,
+}
+
+fn parse_action(body: &Bytes) -> Result<ActionBody, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(ActionBody::default());
+    }
+    let parsed: ActionBody = serde_json::from_slice(body).map_err(|e| {
+        ApiError::BadRequest(format!(
+            "the body must be {{\"note\": \"...\"}} or empty: {e}"
+        ))
+    })?;
+    if parsed
+        .note
+        .as_ref()
+        .is_some_and(|n| n.chars().count() > 1000)
+    {
+        return Err(ApiError::BadRequest(
+            "a note is at most 1000 characters".into(),
+        ));
+    }
+    Ok(parsed)
+}
+
+/// `POST /v1/alerts/{alert_id}/acknowledge`.
+pub async fn acknowledge(
+    State(state): State<AppState>,
+    access: Access,
+    Path(alert_id): Path<String>,
+    body: Bytes,
+) -> Result<Json<AlertBody>, ApiError> {
+    act(state, access, alert_id, body, Action::Acknowledge).await
+}
+
+/// `POST /v1/alerts/{alert_id}/resolve`.
+pub async fn resolve(
+    State(state): State<AppState>,
+    access: Access,
+    Path(alert_id): Path<String>,
+    body: Bytes,
+) -> Result<Json<AlertBody>, ApiError> {
+    act(state, access, alert_id, body, Action::Resolve).await
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Action {
+    Acknowledge,
+    Resolve,
+}
+
+async fn act(
+    state: AppState,
+    access: Access,
+    alert_id: String,
+    body: Bytes,
+    action: Action,
+) -> Result<Json<AlertBody>, ApiError> {
+    let name = match action {
+        Action::Acknowledge => "alert.acknowledge",
+        Action::Resolve => "alert.resolve",
+    };
+    let caller = carer(&state, &access, name).await?;
+    check_id(&alert_id)?;
+    let body = parse_action(&body)?;
+    let mut client = state.pool.get().await?;
+    let tx = client
+        .transaction()
+        .await
+        .map_err(vitalwatch_store::StoreError::from)?;
+    let alert = match visible(&*tx, &access, &caller, &alert_id, name).await {
+        Ok(a) => a,
+        Err(e) => {
+            tx.commit()
+                .await
+                .map_err(vitalwatch_store::StoreError::from)?; // keep the audit row
+            return Err(e);
+        }
+    };
+    let note = body.note.as_deref();
+    let changed = match action {
+        Action::Acknowledge => {
+            vitalwatch_store::alerts::acknowledge(&*tx, &alert_id, &caller.subject, note).await?
+        }
+        Action::Resolve => {
+            vitalwatch_store::alerts::resolve(
+                &*tx,
+                &alert_id,
+                Utc::now(),
+                Some(&caller.subject),
+                note,
+            )
+            .await?
+        }
+    };
+    if !changed {
+        let why = format!("the alert is {}", alert.state);
+        audit::record(
+            &*tx,
+            &access,
+            name,
+            Some(&alert.patient_id),
+            Outcome::Failed,
+            Some(&why),
+        )
+        .await?;
+        tx.commit()
+            .await
+            .map_err(vitalwatch_store::StoreError::from)?;
+        return Err(ApiError::Conflict(why));
+    }
+    audit::record(
+        &*tx,
+        &access,
+        name,
+        Some(&alert.patient_id),
+        Outcome::Allowed,
+        note.map(|_| "with a note"),
+    )
+    .await?;
+    let updated = load_alert(&*tx, &alert_id)
+        .await?
+        .ok_or_else(|| ApiError::Internal("alert vanished".into()))?;
+    tx.commit()
+        .await
+        .map_err(vitalwatch_store::StoreError::from)?;
+    Ok(Json(updated))
+}

@@ -1,0 +1,458 @@
+//! Who is calling: OIDC bearer tokens (JWT) checked for signature, issuer,
+//! audience and expiry, and the caller's roles; where they may look (the
+//! patients of their care teams); and the request's identity for the audit
+//! log.
+//!
+//! Keys come from configuration: the identity provider's public key (PEM,
+//! RS256 or ES256), or for local runs and tests an HS256 shared secret.
+//! With neither, every authenticated route answers 401.
+
+use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::http::request::Parts;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+use vitalwatch_store::tokio_postgres::GenericClient;
+
+use crate::AppState;
+use crate::error::ApiError;
+
+/// `[api.auth]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Expected `iss` claim. Default `vitalwatch-local`.
+    pub issuer: String,
+    /// Expected `aud` claim. Default `vitalwatch`.
+    pub audience: String,
+    /// HS256 shared secret, for local runs and tests only (32 bytes or more).
+    pub hs256_secret: Option<String>,
+    /// The identity provider's public key, PEM (RSA for RS256, EC P-256 for ES256).
+    pub public_key_pem: Option<String>,
+    /// The claim listing the caller's roles. Default `roles`.
+    pub roles_claim: String,
+    /// Clock skew tolerated on `exp` and `nbf`, in seconds. Default 30.
+    pub leeway_seconds: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            issuer: "vitalwatch-local".into(),
+            audience: "vitalwatch".into(),
+            hs256_secret: None,
+            public_key_pem: None,
+            roles_claim: "roles".into(),
+            leeway_seconds: 30,
+        }
+    }
+}
+
+/// A role, from the token's roles claim (unknown roles are ignored).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Nurse,
+    Clinician,
+    Admin,
+    DeviceAdmin,
+}
+
+impl Role {
+    fn parse(s: &str) -> Option<Role> {
+        Some(match s {
+            "nurse" => Role::Nurse,
+            "clinician" => Role::Clinician,
+            "admin" => Role::Admin,
+            "device-admin" => Role::DeviceAdmin,
+            _ => return None,
+        })
+    }
+}
+
+/// An authenticated caller.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Caller {
+    /// The token's `sub`: the identity written to the audit log and matched
+    /// against care-team membership.
+    pub subject: String,
+    pub roles: Vec<Role>,
+}
+
+impl Caller {
+    /// Whether the caller may see patient data at all (a nurse or a
+    /// clinician; admins manage the registry and teams, not care).
+    pub fn is_carer(&self) -> bool {
+        self.roles
+            .iter()
+            .any(|r| matches!(r, Role::Nurse | Role::Clinician))
+    }
+
+    /// Whether `patient_id` is on one of the caller's care teams' panels.
+    pub async fn can_see(
+        &self,
+        client: &impl GenericClient,
+        patient_id: &str,
+    ) -> Result<bool, ApiError> {
+        if !self.is_carer() {
+            return Ok(false);
+        }
+        let row = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM care_team_members m JOIN care_team_patients p USING (team_id)
+                                 WHERE m.subject = $1 AND p.patient_id = $2)",
+                &[&self.subject, &patient_id],
+            )
+            .await
+            .map_err(vitalwatch_store::StoreError::from)?;
+        Ok(row.get(0))
+    }
+
+    /// Every patient on the caller's care teams' panels.
+    pub async fn patients(&self, client: &impl GenericClient) -> Result<Vec<String>, ApiError> {
+        if !self.is_carer() {
+            return Ok(Vec::new());
+        }
+        let rows = client
+            .query(
+                "SELECT DISTINCT p.patient_id FROM care_team_members m JOIN care_team_patients p USING (team_id)
+                  WHERE m.subject = $1 ORDER BY 1",
+                &[&self.subject],
+            )
+            .await
+            .map_err(vitalwatch_store::StoreError::from)?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+}
+
+/// Checks tokens against the configured issuer, audience and key.
+#[derive(Clone)]
+pub struct Authenticator {
+    key: Option<(DecodingKey, Validation)>,
+    roles_claim: String,
+}
+
+impl std::fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authenticator")
+            .field("configured", &self.key.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Authenticator {
+    /// From `[api.auth]`; `Err` says what is wrong with it.
+    pub fn new(cfg: &AuthConfig) -> Result<Authenticator, String> {
+        let (key, algorithms) = match (&cfg.hs256_secret, &cfg.public_key_pem) {
+            (Some(_), Some(_)) => {
+                return Err("api.auth: give hs256_secret or public_key_pem, not both".into());
+            }
+            (Some(secret), None) => {
+                if secret.len() < 32 {
+                    return Err("api.auth.hs256_secret must be at least 32 bytes".into());
+                }
+                (
+                    Some(DecodingKey::from_secret(secret.as_bytes())),
+                    vec![Algorithm::HS256],
+                )
+            }
+            (None, Some(pem)) => match DecodingKey::from_rsa_pem(pem.as_bytes()) {
+                Ok(k) => (Some(k), vec![Algorithm::RS256]),
+                Err(_) => match DecodingKey::from_ec_pem(pem.as_bytes()) {
+                    Ok(k) => (Some(k), vec![Algorithm::ES256]),
+                    Err(e) => {
+                        return Err(format!(
+                            "api.auth.public_key_pem is not an RSA or EC public key: {e}"
+                        ));
+                    }
+                },
+            },
+            (None, None) => (None, Vec::new()),
+        };
+        let key = key.map(|k| {
+            let mut v = Validation::new(algorithms[0]);
+            v.algorithms = algorithms;
+            v.set_issuer(&[cfg.issuer.as_str()]);
+            v.set_audience(&[cfg.audience.as_str()]);
+            v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+            v.leeway = cfg.leeway_seconds;
+            v.validate_nbf = true;
+            (k, v)
+        });
+        Ok(Authenticator {
+            key,
+            roles_claim: cfg.roles_claim.clone(),
+        })
+    }
+
+    /// An authenticator that refuses every token.
+    pub fn unconfigured() -> Authenticator {
+        Authenticator {
+            key: None,
+            roles_claim: "roles".into(),
+        }
+    }
+
+    /// The caller a bearer token identifies; `Err` says why not (for the
+    /// log and the audit row; clients get a plain 401).
+    pub fn verify(&self, token: &str) -> Result<Caller, String> {
+        let Some((key, validation)) = &self.key else {
+            return Err("authentication is not configured".into());
+        };
+        let data = jsonwebtoken::decode::<serde_json::Value>(token, key, validation)
+            .map_err(|e| format!("token refused: {e}"))?;
+        let claims = data.claims;
+        let subject = claims
+            .get("sub")
+            .and_then(|s| s.as_str())
+            .filter(|s| !s.is_empty() && s.len() <= 256);
+        let Some(subject) = subject else {
+            return Err("token has no usable sub".into());
+        };
+        let roles = claims
+            .get(&self.roles_claim)
+            .and_then(|r| r.as_array())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|r| r.as_str().and_then(Role::parse))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(Caller {
+            subject: subject.to_owned(),
+            roles,
+        })
+    }
+}
+
+/// A token signed with the configured HS256 secret, for local runs
+/// (`vitalwatch token`); `Err` when no shared secret is configured.
+pub fn mint_local(
+    cfg: &AuthConfig,
+    subject: &str,
+    roles: &[String],
+    ttl: chrono::Duration,
+) -> Result<String, String> {
+    let Some(secret) = &cfg.hs256_secret else {
+        return Err(
+            "api.auth.hs256_secret is not set: tokens come from the identity provider".into(),
+        );
+    };
+    let claims = serde_json::json!({
+        "sub": subject,
+        "iss": cfg.issuer,
+        "aud": cfg.audience,
+        "iat": chrono::Utc::now().timestamp(),
+        "exp": (chrono::Utc::now() + ttl).timestamp(),
+        cfg.roles_claim.clone(): roles,
+    });
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .map_err(|e| e.to_string())
+}
+
+/// Where a request came from, for the audit log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequestMeta {
+    /// The caller's `x-request-id` (sanitized), or a new one.
+    pub request_id: String,
+    /// The client's address, when the server knows it.
+    pub source: Option<String>,
+}
+
+/// The outcome of authentication, always extracted: handlers audit a
+/// refusal before answering it.
+#[derive(Debug, Clone)]
+pub struct Access {
+    pub caller: Result<Caller, String>,
+    pub meta: RequestMeta,
+}
+
+impl Access {
+    /// The actor's name for the audit log.
+    pub fn actor(&self) -> &str {
+        self.caller
+            .as_ref()
+            .map_or("anonymous", |c| c.subject.as_str())
+    }
+}
+
+impl FromRequestParts<AppState> for Access {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let request_id = parts
+            .headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| {
+                !v.is_empty()
+                    && v.len() <= 64
+                    && v.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+            })
+            .map_or_else(new_request_id, str::to_owned);
+        let source = parts
+            .extensions
+            .get::<ConnectInfo<std::net::SocketAddr>>()
+            .map(|c| c.0.ip().to_string());
+        let caller = match parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .map(|v| v.to_str())
+        {
+            None => Err("no bearer token".to_owned()),
+            Some(Err(_)) => Err("authorization header is not text".to_owned()),
+            Some(Ok(v)) => match v
+                .strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+            {
+                Some(token) => state.auth.verify(token.trim()),
+                None => Err("authorization is not a bearer token".to_owned()),
+            },
+        };
+        Ok(Access {
+            caller,
+            meta: RequestMeta { request_id, source },
+        })
+    }
+}
+
+fn new_request_id() -> String {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 12];
+    if ring::rand::SystemRandom::new().fill(&mut bytes).is_err() {
+        return format!(
+            "t{}",
+            chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default()
+        );
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{EncodingKey, Header};
+
+    const SECRET: &str = "a-test-secret-of-at-least-32-bytes!!";
+
+    fn token(claims: serde_json::Value, secret: &str) -> String {
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .expect("encode")
+    }
+
+    fn auth() -> Authenticator {
+        Authenticator::new(&AuthConfig {
+            hs256_secret: Some(SECRET.into()),
+            ..AuthConfig::default()
+        })
+        .expect("config")
+    }
+
+    fn claims(exp_offset: i64) -> serde_json::Value {
+        serde_json::json!({
+            "sub": "nurse-1", "iss": "vitalwatch-local", "aud": "vitalwatch",
+            "exp": chrono::Utc::now().timestamp() + exp_offset, "roles": ["nurse", "pilot"]
+        })
+    }
+
+    #[test]
+    fn a_good_token_gives_the_caller_and_known_roles() {
+        let c = auth().verify(&token(claims(600), SECRET)).expect("valid");
+        assert_eq!(
+            c,
+            Caller {
+                subject: "nurse-1".into(),
+                roles: vec![Role::Nurse]
+            }
+        );
+        assert!(c.is_carer());
+    }
+
+    #[test]
+    fn bad_tokens_are_refused() {
+        let a = auth();
+        assert!(
+            a.verify(&token(claims(-600), SECRET))
+                .expect_err("expired")
+                .contains("Expired")
+        );
+        assert!(
+            a.verify(&token(claims(600), "another-secret-of-at-least-32-bytes!"))
+                .is_err(),
+            "wrong key"
+        );
+        let mut wrong_aud = claims(600);
+        wrong_aud["aud"] = "someone-else".into();
+        assert!(a.verify(&token(wrong_aud, SECRET)).is_err());
+        let mut wrong_iss = claims(600);
+        wrong_iss["iss"] = "evil".into();
+        assert!(a.verify(&token(wrong_iss, SECRET)).is_err());
+        let mut no_sub = claims(600);
+        no_sub.as_object_mut().expect("object").remove("sub");
+        assert!(a.verify(&token(no_sub, SECRET)).is_err());
+        assert!(a.verify("not.a.token").is_err());
+        assert!(
+            Authenticator::unconfigured()
+                .verify(&token(claims(600), SECRET))
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn a_locally_minted_token_verifies() {
+        let cfg = AuthConfig {
+            hs256_secret: Some(SECRET.into()),
+            ..AuthConfig::default()
+        };
+        let t = mint_local(
+            &cfg,
+            "nurse-local",
+            &["nurse".into()],
+            chrono::Duration::minutes(5),
+        )
+        .expect("mint");
+        assert_eq!(auth().verify(&t).expect("verifies").subject, "nurse-local");
+        assert!(
+            mint_local(
+                &AuthConfig::default(),
+                "x",
+                &[],
+                chrono::Duration::minutes(5)
+            )
+            .is_err(),
+            "no secret, no token"
+        );
+    }
+
+    #[test]
+    fn configuration_is_checked() {
+        assert!(
+            Authenticator::new(&AuthConfig {
+                hs256_secret: Some("short".into()),
+                ..AuthConfig::default()
+            })
+            .is_err()
+        );
+        assert!(
+            Authenticator::new(&AuthConfig {
+                public_key_pem: Some("nonsense".into()),
+                ..AuthConfig::default()
+            })
+            .is_err()
+        );
+        assert!(
+            Authenticator::new(&AuthConfig::default()).is_ok(),
+            "unconfigured is allowed: every call is then 401"
+        );
+    }
+}
