@@ -35,15 +35,24 @@ const SECRET: &str = "alert-latency-bench-secret-32-bytes+";
 const UPLOAD_SECONDS: i64 = 5;
 
 fn env(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)
+            .and_then(|v| v.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+    })
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(run())
 }
 
@@ -61,10 +70,16 @@ impl Stream {
                 let frame: String = self.buf.drain(..end + 2).collect();
                 if let Some(data) = frame.lines().find_map(|l| l.strip_prefix("data: ")) {
                     let v: serde_json::Value = serde_json::from_str(data).ok()?;
-                    return Some((v["patient_id"].as_str()?.to_owned(), v["state"].as_str()?.to_owned()));
+                    return Some((
+                        v["patient_id"].as_str()?.to_owned(),
+                        v["state"].as_str()?.to_owned(),
+                    ));
                 }
             }
-            let frame = tokio::time::timeout_at(deadline, self.body.frame()).await.ok()??.ok()?;
+            let frame = tokio::time::timeout_at(deadline, self.body.frame())
+                .await
+                .ok()??
+                .ok()?;
             if let Ok(bytes) = frame.into_data() {
                 self.buf.push_str(&String::from_utf8_lossy(&bytes));
             }
@@ -81,13 +96,25 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let metrics = recorder.handle();
     metrics::set_global_recorder(recorder)?;
 
-    let mut cfg = Config { database: ts::database().await, kafka: ts::kafka().await, mqtt: ts::mqtt(), ..Config::default() };
+    let mut cfg = Config {
+        database: ts::database().await,
+        kafka: ts::kafka().await,
+        mqtt: ts::mqtt(),
+        ..Config::default()
+    };
     cfg.writer.group_id = ts::unique("writer");
     cfg.alerts.group_id = ts::unique("alerts");
     cfg.alerts.writer_group_id = cfg.writer.group_id.clone();
     cfg.api.auth.hs256_secret = Some(SECRET.into());
     let mut client = vitalwatch_store::connect(&cfg.database.url).await?;
-    vitalwatch_store::registry::register_device(&mut client, "test-dev-1", "thermometer", Some("bench-probe"), Some(Utc::now() - chrono::Duration::days(2))).await?;
+    vitalwatch_store::registry::register_device(
+        &mut client,
+        "test-dev-1",
+        "thermometer",
+        Some("bench-probe"),
+        Some(Utc::now() - chrono::Duration::days(2)),
+    )
+    .await?;
     // The background cohort, in three statements.
     client
         .execute(
@@ -111,7 +138,13 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let services = {
         let (cfg, token, readiness) = (cfg.clone(), token.clone(), readiness.clone());
         tokio::spawn(async move {
-            vitalwatch::run_services(&[Service::Ingest, Service::Writer, Service::Alerts], &cfg, readiness, token).await
+            vitalwatch::run_services(
+                &[Service::Ingest, Service::Writer, Service::Alerts],
+                &cfg,
+                readiness,
+                token,
+            )
+            .await
         })
     };
     while readiness.is_ready("ingest.mqtt") != Some(true) {
@@ -121,17 +154,32 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     eprintln!("  services up");
 
     let auth = vitalwatch_api::auth::Authenticator::new(&cfg.api.auth)?;
-    let state = vitalwatch_api::AppState::new(vitalwatch_store::pool(&cfg.database)?, metrics.clone(), 10_000, readiness.clone())
-        .with_auth(auth)
-        .with_listen_url(cfg.database.url.clone())
-        .with_shutdown(token.clone());
-    let bearer = vitalwatch_api::auth::mint_local(&cfg.api.auth, "nurse-bench", &["nurse".into()], chrono::Duration::hours(1))?;
-    let request = axum::http::Request::get("/v1/alerts/stream").header("authorization", format!("Bearer {bearer}")).body(Body::empty())?;
+    let state = vitalwatch_api::AppState::new(
+        vitalwatch_store::pool(&cfg.database)?,
+        metrics.clone(),
+        10_000,
+        readiness.clone(),
+    )
+    .with_auth(auth)
+    .with_listen_url(cfg.database.url.clone())
+    .with_shutdown(token.clone());
+    let bearer = vitalwatch_api::auth::mint_local(
+        &cfg.api.auth,
+        "nurse-bench",
+        &["nurse".into()],
+        chrono::Duration::hours(1),
+    )?;
+    let request = axum::http::Request::get("/v1/alerts/stream")
+        .header("authorization", format!("Bearer {bearer}"))
+        .body(Body::empty())?;
     let response = vitalwatch_api::app(state).oneshot(request).await?;
     if !response.status().is_success() {
         return Err(format!("the alert stream answered {}", response.status()).into());
     }
-    let mut stream = Stream { body: response.into_body(), buf: String::new() };
+    let mut stream = Stream {
+        body: response.into_body(),
+        buf: String::new(),
+    };
     eprintln!("  alert stream open");
 
     // Background load: every patient's monitor uploads its last 5 seconds
@@ -156,8 +204,12 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
                     readings.push(serde_json::json!({"metric": "heart_rate", "value": 64 + (n + s as u64) % 20, "measured_at": t}));
                     readings.push(serde_json::json!({"metric": "spo2", "value": 95 + (n + s as u64) % 4, "measured_at": t}));
                 }
-                let payload = serde_json::json!({"device_id": device_id, "seq": n, "readings": readings}).to_string();
-                gateway.publish(&mqtt_readings_topic(&root, &device_id), payload).await;
+                let payload =
+                    serde_json::json!({"device_id": device_id, "seq": n, "readings": readings})
+                        .to_string();
+                gateway
+                    .publish(&mqtt_readings_topic(&root, &device_id), payload)
+                    .await;
                 n += 1;
             }
             gateway.wait_acked(Duration::from_secs(120)).await;
@@ -171,11 +223,19 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let probe_id = "test-dev-1".to_owned();
     let probe_topic = mqtt_readings_topic(&cfg.mqtt.topic_root, &probe_id);
     let mut probe = Device::connect(&probe_id).await;
-    let accepted_before = metric(&metrics.render(), "vitalwatch_ingest_accepted_readings_total").unwrap_or(0.0);
+    let accepted_before = metric(
+        &metrics.render(),
+        "vitalwatch_ingest_accepted_readings_total",
+    )
+    .unwrap_or(0.0);
     let load_started = Instant::now();
     let mut latencies = Vec::with_capacity(probes);
     for i in 0..probes {
-        let (value, want) = if i % 2 == 0 { (39.0, "raised") } else { (36.8, "resolved") };
+        let (value, want) = if i % 2 == 0 {
+            (39.0, "raised")
+        } else {
+            (36.8, "resolved")
+        };
         let payload = serde_json::json!({"device_id": probe_id, "seq": i,
             "readings": [{"metric": "body_temperature", "value": value, "unit": "Cel", "measured_at": Utc::now().to_rfc3339()}]})
         .to_string();
@@ -188,14 +248,22 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
                 None => return Err(format!("probe {i}: no {want} event within 60 s").into()),
             }
         }
-        eprintln!("  probe {i}: {want} after {:.1} ms", sent.elapsed().as_secs_f64() * 1e3);
+        eprintln!(
+            "  probe {i}: {want} after {:.1} ms",
+            sent.elapsed().as_secs_f64() * 1e3
+        );
         if i >= 4 {
             latencies.push(sent.elapsed());
         }
         tokio::time::sleep_until((sent + interval).into()).await;
     }
     let measured = load_started.elapsed();
-    let accepted = metric(&metrics.render(), "vitalwatch_ingest_accepted_readings_total").unwrap_or(0.0) - accepted_before;
+    let accepted = metric(
+        &metrics.render(),
+        "vitalwatch_ingest_accepted_readings_total",
+    )
+    .unwrap_or(0.0)
+        - accepted_before;
     load.cancel();
     let sent_batches = loader.await?;
     probe.disconnect().await;
@@ -203,7 +271,9 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let _ = services.await;
 
     latencies.sort();
-    let q = |p: f64| latencies[((latencies.len() as f64 - 1.0) * p).round() as usize].as_secs_f64() * 1e3;
+    let q = |p: f64| {
+        latencies[((latencies.len() as f64 - 1.0) * p).round() as usize].as_secs_f64() * 1e3
+    };
     println!(
         "publish-to-alert latency (device MQTT publish -> nurse's SSE event), ingest + writer + alerts + API in one process, {patients} background patients"
     );

@@ -1,8 +1,11 @@
-//! criterion: judging one reading by a rule, through the event-time
-//! `Series` that handles late readings, for a wearable streaming SpO2 every
-//! 5 seconds. The series keeps its horizon of readings and replays them on
-//! every reading, so the cost grows with the horizon: measured at 10
-//! minutes (120 readings kept) and 1 hour (720).
+//! criterion: judging readings by the rules engine, with no I/O.
+//! - one rule through the event-time `Series`, for a wearable streaming
+//!   SpO2 every 5 seconds: in order (stepped from the series' tip), and with
+//!   one reading in ten arriving 30 s late (a full replay of the horizon,
+//!   10 minutes or 1 hour);
+//! - the whole engine with the default rule set (10 rules), 1,000 patients
+//!   each uploading 5 s of heart rate and SpO2 at a time, per reading;
+//! - one NEWS2 score.
 //!
 //! `cargo bench -p vitalwatch-benches --bench rules`
 
@@ -10,9 +13,13 @@ use std::hint::black_box;
 
 use chrono::{DateTime, Duration, Utc};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use vitalwatch_alerts::engine::Engine;
 use vitalwatch_alerts::news2::{self, Acvpu, Observations, Spo2Scale};
+use vitalwatch_alerts::rules::{compile, default_rules};
 use vitalwatch_alerts::series::{Point, Series};
 use vitalwatch_alerts::threshold::{Direction, Persistence, Threshold};
+use vitalwatch_core::catalogue::Metric;
+use vitalwatch_core::reading::{Batch, Measurement, Quality, Reading};
 
 fn at(i: i64) -> DateTime<Utc> {
     DateTime::from_timestamp(1_800_000_000 + i * 5, 0).unwrap_or_default()
@@ -66,6 +73,98 @@ fn series(c: &mut Criterion) {
             },
         );
     }
+    for horizon_min in [10_i64, 60] {
+        let mut s = Series::new(rule, Duration::minutes(horizon_min));
+        let mut i = 0_i64;
+        while i < horizon_min * 12 + 10 {
+            let _ = s.observe(Point {
+                at: at(i),
+                value: spo2(i),
+                artifact: false,
+            });
+            i += 1;
+        }
+        group.bench_with_input(
+            BenchmarkId::new("one in ten 30 s late, horizon minutes", horizon_min),
+            &horizon_min,
+            |b, _| {
+                b.iter(|| {
+                    i += 1;
+                    // Every tenth reading was measured about 30 s ago (between
+                    // two kept ones) and arrives only now.
+                    let t = if i % 10 == 0 {
+                        at(i - 6) + Duration::seconds(2)
+                    } else {
+                        at(i)
+                    };
+                    black_box(s.observe(Point {
+                        at: t,
+                        value: spo2(i),
+                        artifact: false,
+                    }))
+                })
+            },
+        );
+    }
+    group.finish();
+}
+
+fn engine(c: &mut Criterion) {
+    let mut e = Engine::new(
+        compile(&default_rules()).unwrap_or_default(),
+        Duration::minutes(60),
+    );
+    let patients: Vec<String> = (0..1000).map(|p| format!("patient-{p:04}")).collect();
+    let upload = |p: usize, n: i64| Batch {
+        device_id: format!("dev-{p}"),
+        patient_id: patients[p].clone(),
+        seq: None,
+        received_at: at(n * 5),
+        readings: (0..5)
+            .flat_map(|s| {
+                let t = DateTime::from_timestamp(1_800_000_000 + n * 5 + s, 0).unwrap_or_default();
+                [
+                    Reading {
+                        metric: Metric::HeartRate,
+                        measurement: Measurement::Scalar(64.0 + ((n + s) % 20) as f64),
+                        measured_at: t,
+                        quality: Quality::default(),
+                    },
+                    Reading {
+                        metric: Metric::Spo2,
+                        measurement: Measurement::Scalar(spo2(n * 5 + s)),
+                        measured_at: t,
+                        quality: Quality::default(),
+                    },
+                ]
+            })
+            .collect(),
+    };
+    // Ten minutes of uploads for every patient first.
+    let mut n = 0_i64;
+    for _ in 0..120 {
+        for p in 0..patients.len() {
+            let _ = e.observe(&upload(p, n));
+        }
+        n += 1;
+    }
+    let mut group = c.benchmark_group("engine, default rules, 1,000 patients");
+    group.throughput(Throughput::Elements(10));
+    let mut p = 0_usize;
+    group.bench_function("upload of 10 readings (heart rate and SpO2)", |b| {
+        b.iter_batched(
+            || {
+                p += 1;
+                if p == patients.len() {
+                    p = 0;
+                    n += 1;
+                }
+                upload(p, n)
+            },
+            |batch| black_box(e.observe(&batch)),
+            criterion::BatchSize::SmallInput,
+        )
+    });
     group.finish();
 }
 
@@ -85,5 +184,5 @@ fn news2_score(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, series, news2_score);
+criterion_group!(benches, series, engine, news2_score);
 criterion_main!(benches);

@@ -18,7 +18,8 @@
 //! The service ([`service`]): consumes the readings topic, rebuilds a
 //! patient's windows from the store before judging them, writes alert
 //! changes with their outbox rows, commits offsets after, publishes the
-//! outbox to `rpm.alerts.v1`, and escalates unacknowledged alerts.
+//! outbox to `rpm.alerts.v1`, escalates unacknowledged alerts, and sends
+//! every change to signed webhooks ([`webhooks`]).
 #![forbid(unsafe_code)]
 
 pub mod engine;
@@ -29,6 +30,7 @@ pub mod rules;
 pub mod series;
 pub mod service;
 pub mod threshold;
+pub mod webhooks;
 
 use serde::Deserialize;
 use vitalwatch_bus::BusError;
@@ -61,6 +63,8 @@ pub struct AlertsConfig {
     pub batch_max_wait_ms: u64,
     /// The rules (`[[alerts.rules]]`); [`rules::default_rules`] when absent.
     pub rules: Option<Vec<rules::RuleConfig>>,
+    /// Signed webhooks (`[[alerts.webhooks]]`), each sent every alert change.
+    pub webhooks: Vec<webhooks::WebhookConfig>,
 }
 
 impl Default for AlertsConfig {
@@ -75,6 +79,7 @@ impl Default for AlertsConfig {
             batch_max_records: 500,
             batch_max_wait_ms: 20,
             rules: None,
+            webhooks: Vec::new(),
         }
     }
 }
@@ -87,6 +92,12 @@ impl AlertsConfig {
         }
         if self.max_escalation_level < 0 {
             return Err("alerts.max_escalation_level must not be negative".into());
+        }
+        for (i, w) in self.webhooks.iter().enumerate() {
+            w.validate()?;
+            if self.webhooks[..i].iter().any(|o| o.name == w.name) {
+                return Err(format!("alerts webhook {:?} is defined twice", w.name));
+            }
         }
         rules::compile(self.rules.as_deref().unwrap_or(&rules::default_rules())).map(|_| ())
     }

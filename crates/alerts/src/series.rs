@@ -229,7 +229,11 @@ impl<R: Rule> Series<R> {
         }
         let newest = self.newest().is_none_or(|n| p.at > n);
         self.points.insert(p.at, p);
-        Ok(if newest { self.judge_next(p) } else { self.judge() })
+        Ok(if newest {
+            self.judge_next(p)
+        } else {
+            self.judge()
+        })
     }
 
     /// Like [`Series::observe`], but a reading at an instant already held
@@ -242,7 +246,11 @@ impl<R: Rule> Series<R> {
         }
         let newest = self.newest().is_none_or(|n| p.at > n);
         self.points.insert(p.at, p);
-        Ok(if newest { self.judge_next(p) } else { self.judge() })
+        Ok(if newest {
+            self.judge_next(p)
+        } else {
+            self.judge()
+        })
     }
 
     /// `Err` when `at` is older than what this series keeps.
@@ -309,10 +317,9 @@ impl<R: Rule> Series<R> {
                 // new alert.
                 Some(last)
                     if last.end.is_some()
-                        && self
-                            .told
-                            .iter()
-                            .any(|t| t.start == last.start && t.end.is_none_or(|end| end >= at)) =>
+                        && self.told.iter().any(|t| {
+                            t.start == last.start && t.end.is_none_or(|end| end >= at)
+                        }) =>
                 {
                     self.rule.force_open(state, last.start);
                     last.end = None;
@@ -377,17 +384,31 @@ impl<R: Rule> Series<R> {
                     if t.end.is_none()
                         && let Some(end) = ep.end
                     {
-                        out.push(Transition::Clear { start: t.start, at: end });
+                        out.push(Transition::Clear {
+                            start: t.start,
+                            at: end,
+                        });
                         t.end = Some(end);
                     }
                 }
                 None => {
                     let (at, value) = ep.raised.unwrap_or((ep.start, f64::NAN));
-                    out.push(Transition::Raise { start: ep.start, at, value });
+                    out.push(Transition::Raise {
+                        start: ep.start,
+                        at,
+                        value,
+                    });
                     if let Some(end) = ep.end {
-                        out.push(Transition::Clear { start: ep.start, at: end });
+                        out.push(Transition::Clear {
+                            start: ep.start,
+                            at: end,
+                        });
                     }
-                    self.told.push(Told { start: ep.start, raised_at: at, end: ep.end });
+                    self.told.push(Told {
+                        start: ep.start,
+                        raised_at: at,
+                        end: ep.end,
+                    });
                 }
             }
         }

@@ -20,6 +20,8 @@
 //!   lock), then marked published in the same transaction.
 //! - **Escalating** ([`escalation`]): a raised alert nobody acknowledged is
 //!   escalated one level every `escalate_after_minutes`.
+//! - **Webhooks** ([`crate::webhooks`]): every change to each configured
+//!   endpoint, signed, in order, retried.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -59,7 +61,7 @@ pub async fn run(
     let rules =
         compile(cfg.rules.as_deref().unwrap_or(&default_rules())).map_err(AlertsError::Config)?;
     let pool = vitalwatch_store::pool(db)?;
-    let consumer = vitalwatch_bus::consumer(kafka, &cfg.group_id)?;
+    let consumer = vitalwatch_bus::low_latency_consumer(kafka, &cfg.group_id)?;
     consumer.subscribe(&[kafka.readings_topic.as_str()])?;
     // Only asked for the writer group's committed offsets; never subscribes.
     let writer = Arc::new(vitalwatch_bus::consumer(kafka, &cfg.writer_group_id)?);
@@ -69,15 +71,32 @@ pub async fn run(
 
     // Every insert into alert_events (the engine's, escalations, a nurse's
     // acknowledgement through the API) wakes the relay.
+    let hooks: Vec<(crate::webhooks::WebhookConfig, Arc<Notify>)> = cfg
+        .webhooks
+        .iter()
+        .map(|w| (w.clone(), Arc::new(Notify::new())))
+        .collect();
     let listener = {
-        let wake = wake.clone();
+        let mut woken: Vec<Arc<Notify>> = hooks.iter().map(|(_, n)| n.clone()).collect();
+        woken.push(wake.clone());
         tokio::spawn(vitalwatch_store::listen(
             db.url.clone(),
             ALERT_EVENTS_CHANNEL,
-            move || wake.notify_one(),
+            move || woken.iter().for_each(|n| n.notify_one()),
             shutdown.clone(),
         ))
     };
+    let webhook_tasks: Vec<_> = hooks
+        .into_iter()
+        .map(|(hook, woken)| {
+            tokio::spawn(crate::webhooks::deliver(
+                hook,
+                db.clone(),
+                woken,
+                shutdown.clone(),
+            ))
+        })
+        .collect();
     let relay_task = tokio::spawn(relay(
         pool.clone(),
         producer,
@@ -180,6 +199,9 @@ pub async fn run(
     let _ = relay_task.await;
     let _ = escalation_task.await;
     let _ = listener.await;
+    for t in webhook_tasks {
+        let _ = t.await;
+    }
     tracing::info!("alerts engine stopped");
     Ok(())
 }

@@ -745,9 +745,17 @@ mod tests {
         let mut minute = 0_i64;
         for _ in 0..600 {
             minute += 1;
-            let at = if rand() % 7 == 0 { minute - (rand() % 20) as i64 } else { minute };
+            let at = if rand() % 7 == 0 {
+                minute - (rand() % 20) as i64
+            } else {
+                minute
+            };
             let value = 84.0 + (rand() % 120) as f64 / 10.0;
-            points.push(Point { at: t(at) + Duration::seconds((rand() % 50) as i64), value, artifact: rand() % 23 == 0 });
+            points.push(Point {
+                at: t(at) + Duration::seconds((rand() % 50) as i64),
+                value,
+                artifact: rand() % 23 == 0,
+            });
         }
         // k-of-n rules are left out: a full replay after a fold can give a
         // k-of-n episode another start (its first abnormal reading among the
@@ -757,7 +765,12 @@ mod tests {
             let mut fast = Series::new(rule, Duration::minutes(30));
             let mut full = Series::new(rule, Duration::minutes(30)).replaying_always();
             for p in &points {
-                assert_eq!(fast.observe(*p), full.observe(*p), "{persistence:?} at {}", p.at);
+                assert_eq!(
+                    fast.observe(*p),
+                    full.observe(*p),
+                    "{persistence:?} at {}",
+                    p.at
+                );
             }
             assert_eq!(fast.is_open(), full.is_open());
         }

@@ -37,45 +37,12 @@ const PAGE: i64 = 200;
 /// A caller's care-team panel is read again this often while streaming.
 const SCOPE_REFRESH: Duration = Duration::from_secs(30);
 
-/// A lifecycle change, as streamed.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct AlertEventBody {
-    pub event_id: i64,
-    pub alert_id: String,
-    pub patient_id: String,
-    pub rule: String,
-    /// `raised`, `updated`, `escalated`, `acknowledged` or `resolved`.
-    pub state: String,
-    pub severity: String,
-    pub escalation_level: i16,
-    pub episode_start: DateTime<Utc>,
-    pub at: DateTime<Utc>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub actor: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub note: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub news2_score: Option<i16>,
-}
-
-impl From<Event> for AlertEventBody {
-    fn from(e: Event) -> Self {
-        AlertEventBody {
-            event_id: e.id,
-            alert_id: e.alert_id,
-            patient_id: e.patient_id,
-            rule: e.rule,
-            state: e.state,
-            severity: e.severity,
-            escalation_level: e.escalation_level,
-            episode_start: e.episode_start,
-            at: e.at,
-            actor: e.actor,
-            note: e.note,
-            news2_score: e.news2_score,
-        }
-    }
-}
+/// A lifecycle change, as streamed (the same JSON webhooks send):
+/// `event_id`, `alert_id`, `patient_id`, `rule`, `state` (`raised`,
+/// `updated`, `escalated`, `acknowledged` or `resolved`), `severity`,
+/// `escalation_level`, `episode_start`, `at`, and when present `actor`,
+/// `note`, `news2_score`.
+pub type AlertEventBody = Event;
 
 /// An alert and its history.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -204,11 +171,10 @@ async fn feed(
         let full = match page {
             Ok(events) => {
                 let full = events.len() as i64 == PAGE;
-                for e in events {
-                    last = e.id;
-                    let body = AlertEventBody::from(e);
+                for body in events {
+                    last = body.id;
                     let event = match SseEvent::default()
-                        .id(body.event_id.to_string())
+                        .id(body.id.to_string())
                         .event("alert")
                         .json_data(&body)
                     {
@@ -271,7 +237,7 @@ async fn load_alert(
         .map_err(vitalwatch_store::StoreError::from)?
         .iter()
         .map(|h| AlertEventBody {
-            event_id: h.get(0),
+            id: h.get(0),
             alert_id: h.get(1),
             patient_id: h.get(2),
             rule: h.get(3),

@@ -145,10 +145,12 @@ pub async fn overrides_for(
         .collect()
 }
 
-/// A lifecycle change, joined with its alert, as published and streamed.
-#[derive(Debug, Clone, PartialEq)]
+/// A lifecycle change, joined with its alert, as published and streamed
+/// (its JSON is what the API's stream and webhooks send).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Event {
     /// The change's place in the order of all changes.
+    #[serde(rename = "event_id")]
     pub id: i64,
     pub alert_id: String,
     pub patient_id: String,
@@ -161,8 +163,11 @@ pub struct Event {
     pub episode_start: DateTime<Utc>,
     /// Event time for the engine's changes, wall clock for people's and escalations.
     pub at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub actor: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub news2_score: Option<i16>,
 }
 

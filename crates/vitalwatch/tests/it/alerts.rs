@@ -478,7 +478,7 @@ impl EventStream {
                 if is_alert {
                     let e: vitalwatch_api::alerts::AlertEventBody =
                         serde_json::from_str(&data).expect("alert event JSON");
-                    assert_eq!(id, Some(e.event_id), "the SSE id is the change's id");
+                    assert_eq!(id, Some(e.id), "the SSE id is the change's id");
                     return Some(e);
                 }
             }
@@ -599,7 +599,7 @@ async fn a_nurse_sees_a_low_spo2_alert_live_acknowledges_it_and_sees_the_acknowl
         (ack.actor.as_deref(), ack.note.as_deref()),
         (Some("nurse-ana"), Some("calling the patient"))
     );
-    assert!(ack.event_id > raised.event_id);
+    assert!(ack.id > raised.id);
     // Acknowledging twice is a conflict, not a second event.
     let (status, _) = call(
         &app,
@@ -665,4 +665,109 @@ async fn a_nurse_sees_a_low_spo2_alert_live_acknowledges_it_and_sees_the_acknowl
     assert_eq!(events[1].actor, "nurse-ana");
     device.disconnect().await;
     running.stop().await;
+}
+
+type Received = std::sync::Arc<std::sync::Mutex<Vec<(axum::http::HeaderMap, Vec<u8>, u16)>>>;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_receive_every_change_signed_in_order_after_retries() {
+    const HOOK_SECRET: &str = "the-pager-systems-shared-secret-32+";
+    // A receiver that answers 503 twice, then takes everything.
+    let received: Received = Default::default();
+    let receiver = axum::Router::new()
+        .route(
+            "/hook",
+            axum::routing::post(
+                |axum::extract::State(r): axum::extract::State<Received>,
+                 headers: axum::http::HeaderMap,
+                 body: axum::body::Bytes| async move {
+                    let mut r = r.lock().expect("lock");
+                    let status = if r.len() < 2 { 503 } else { 200 };
+                    r.push((headers, body.to_vec(), status));
+                    axum::http::StatusCode::from_u16(status).expect("status")
+                },
+            ),
+        )
+        .with_state(received.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move { axum::serve(listener, receiver).await });
+
+    let mut cfg = config().await;
+    cfg.alerts.webhooks = vec![vitalwatch_alerts::webhooks::WebhookConfig {
+        name: "pager".into(),
+        url: format!("http://127.0.0.1:{port}/hook"),
+        secret: HOOK_SECRET.into(),
+        care_team: None,
+        timeout_ms: 2000,
+    }];
+    let producer = Producer::new(&cfg.kafka).expect("producer");
+    let base = base();
+    let patient = ts::unique("pat");
+    let running = start(&pipeline(), &cfg);
+    // Let the webhook worker set its cursor before the first change.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    send(&cfg, &producer, &patient, base, 0..=6, 88.0).await;
+    send(&cfg, &producer, &patient, base, 7..=7, 96.0).await;
+    let got = ts::eventually(WAIT, "both changes delivered", || async {
+        let r = received.lock().expect("lock").clone();
+        (r.iter().filter(|x| x.2 == 200).count() == 2).then_some(r)
+    })
+    .await;
+    running.stop().await;
+
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, HOOK_SECRET.as_bytes());
+    let mut delivered = Vec::new();
+    for (headers, body, status) in &got {
+        let h = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let signature = h("x-vitalwatch-signature");
+        let hex = signature.strip_prefix("v1=").expect("v1 signature");
+        let tag: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
+            .collect();
+        let signed = [h("x-vitalwatch-timestamp").as_bytes(), b".", body].concat();
+        assert!(
+            ring::hmac::verify(&key, &signed, &tag).is_ok(),
+            "the signature checks out"
+        );
+        let event: vitalwatch_store::alerts::Event =
+            serde_json::from_slice(body).expect("an alert change as JSON");
+        assert_eq!(h("x-vitalwatch-event-id"), event.id.to_string());
+        assert_eq!(event.patient_id, patient);
+        if *status == 200 {
+            delivered.push(event.state);
+        }
+    }
+    assert_eq!(
+        delivered,
+        ["raised", "resolved"],
+        "in order, once each once taken"
+    );
+    assert_eq!(got.len(), 4, "two refused attempts, then the two changes");
+    let c = vitalwatch_store::connect(&cfg.database.url)
+        .await
+        .expect("db");
+    let log: Vec<(i32, String, Option<i32>)> = c
+        .query("SELECT attempt, outcome, http_status FROM webhook_deliveries WHERE endpoint = 'pager' ORDER BY id", &[])
+        .await
+        .expect("deliveries")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let want = [
+        (1, "failed", Some(503)),
+        (2, "failed", Some(503)),
+        (3, "delivered", Some(200)),
+        (1, "delivered", Some(200)),
+    ];
+    assert_eq!(log, want.map(|(a, o, s)| (a, o.to_owned(), s)));
 }
