@@ -57,6 +57,8 @@ pub struct AlertsConfig {
     pub escalate_after_minutes: u32,
     /// Highest escalation level. Default 2.
     pub max_escalation_level: i16,
+    /// How often missing-data rules are checked, in seconds. Default 60.
+    pub missing_check_seconds: u64,
     /// Records judged together (one transaction of alert changes). Default 500.
     pub batch_max_records: usize,
     /// …or when the first record is this old, in milliseconds. Default 20.
@@ -76,6 +78,7 @@ impl Default for AlertsConfig {
             late_minutes: 60,
             escalate_after_minutes: 15,
             max_escalation_level: 2,
+            missing_check_seconds: 60,
             batch_max_records: 500,
             batch_max_wait_ms: 20,
             rules: None,

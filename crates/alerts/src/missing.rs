@@ -7,8 +7,88 @@
 //! from the last reading received (ingest's `received_at`, not the device
 //! time: a backlog flushed after an outage is data arriving), so a restart
 //! finds the same episode. A reading received afterwards clears it.
+//!
+//! [`check`] applies every missing-data rule against the store (run on a
+//! timer by the service): it raises the overdue, resolves those whose data
+//! came back or who are no longer monitored. Every instance may run it:
+//! deterministic ids and idempotent changes make concurrent checks agree.
 
 use chrono::{DateTime, Duration, Utc};
+use vitalwatch_store::StoreError;
+use vitalwatch_store::tokio_postgres::GenericClient;
+
+use crate::rules::{Compiled, Rule, alert_id};
+
+/// Applies the missing-data rules among `rules` at `now`; returns how many
+/// alerts it raised or resolved.
+pub async fn check(
+    client: &impl GenericClient,
+    rules: &[Rule],
+    now: DateTime<Utc>,
+) -> Result<u64, StoreError> {
+    let mut changed = 0;
+    for rule in rules {
+        let Compiled::Missing {
+            metric,
+            within,
+            device_kinds,
+        } = &rule.compiled
+        else {
+            continue;
+        };
+        // Readings measured long before the interval cannot be the newest.
+        let recent = now - *within - *within - Duration::days(1);
+        let monitored =
+            vitalwatch_store::alerts::monitored(client, metric.name(), device_kinds, recent)
+                .await?;
+        let open = vitalwatch_store::alerts::open_of_rule(client, &rule.name).await?;
+        let severity = rule.severity.unwrap_or(crate::rules::Severity::Low);
+        for m in &monitored {
+            let is_open = open.iter().find(|(_, p)| *p == m.patient_id);
+            match (
+                overdue_since(m.last_received, m.since, *within, now),
+                is_open,
+            ) {
+                (Some(due), None) => {
+                    let id = alert_id(&m.patient_id, &rule.name, due);
+                    let a = vitalwatch_store::alerts::NewAlert {
+                        alert_id: &id,
+                        patient_id: &m.patient_id,
+                        rule: &rule.name,
+                        severity: severity.as_str(),
+                        episode_start: due,
+                        raised_at: due,
+                        news2_score: None,
+                        detail: serde_json::json!({ "metric": metric.name(), "last_received": m.last_received }),
+                    };
+                    changed += u64::from(vitalwatch_store::alerts::raise(client, &a).await?);
+                }
+                (None, Some((id, _))) => {
+                    changed += u64::from(
+                        vitalwatch_store::alerts::resolve(client, id, now, None, None).await?,
+                    );
+                }
+                _ => {}
+            }
+        }
+        // No longer monitored (the device was returned or deactivated).
+        for (id, patient) in &open {
+            if !monitored.iter().any(|m| m.patient_id == *patient) {
+                changed += u64::from(
+                    vitalwatch_store::alerts::resolve(
+                        client,
+                        id,
+                        now,
+                        None,
+                        Some("monitoring ended"),
+                    )
+                    .await?,
+                );
+            }
+        }
+    }
+    Ok(changed)
+}
 
 /// When `metric` data became overdue, if it is at `now`: `within` after the
 /// last reading was received, or after monitoring began (`expected_since`,

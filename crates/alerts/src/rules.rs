@@ -127,13 +127,15 @@ pub enum RuleConfig {
         clear: Option<f64>,
         window_hours: u32,
     },
-    /// Nothing of `metric` received for `within_hours`, for patients with a
-    /// device that sends it.
+    /// Nothing of `metric` received for `within_hours` (wall clock), from a
+    /// patient with an active device of `device_kinds` (any kind when
+    /// absent): the device may be offline, or the patient unwell.
     Missing {
         name: String,
         severity: Severity,
         metric: String,
         within_hours: u32,
+        device_kinds: Option<Vec<String>>,
     },
     /// The NEWS2 aggregate from the latest fresh readings; severity follows
     /// the risk.
@@ -165,6 +167,9 @@ pub enum Compiled {
     Missing {
         metric: Metric,
         within: Duration,
+        /// Expected from patients with an active device of these kinds;
+        /// every patient with an active device when empty.
+        device_kinds: Vec<String>,
     },
     News2 {
         assembly: Assembly,
@@ -316,6 +321,7 @@ impl RuleConfig {
                 severity,
                 metric,
                 within_hours,
+                device_kinds,
                 ..
             } => {
                 let metric: Metric = metric
@@ -329,6 +335,7 @@ impl RuleConfig {
                     Compiled::Missing {
                         metric,
                         within: Duration::hours(i64::from(*within_hours)),
+                        device_kinds: device_kinds.clone().unwrap_or_default(),
                     },
                 )
             }
@@ -566,6 +573,21 @@ pub fn default_rules() -> Vec<RuleConfig> {
             clear: Some(0.5),
             window_hours: 24,
         },
+        // Missing data: a heart-failure patient's daily weighing, a wearable gone quiet.
+        RuleConfig::Missing {
+            name: "weight_missing".into(),
+            severity: Low,
+            metric: "body_weight".into(),
+            within_hours: 26,
+            device_kinds: Some(vec!["scale".into()]),
+        },
+        RuleConfig::Missing {
+            name: "wearable_offline".into(),
+            severity: Low,
+            metric: "heart_rate".into(),
+            within_hours: 6,
+            device_kinds: Some(vec!["wearable".into()]),
+        },
         RuleConfig::News2 {
             name: "news2".into(),
             freshness_minutes: Some(60),
@@ -692,7 +714,8 @@ mod tests {
             compiled[3].compiled,
             Compiled::Missing {
                 metric: Metric::BodyWeight,
-                within: Duration::hours(26)
+                within: Duration::hours(26),
+                device_kinds: Vec::new(),
             }
         );
         assert!(matches!(

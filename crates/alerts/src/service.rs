@@ -20,6 +20,7 @@
 //!   lock), then marked published in the same transaction.
 //! - **Escalating** ([`escalation`]): a raised alert nobody acknowledged is
 //!   escalated one level every `escalate_after_minutes`.
+//! - **Missing data** ([`crate::missing::check`]): on a timer, wall clock.
 //! - **Webhooks** ([`crate::webhooks`]): every change to each configured
 //!   endpoint, signed, in order, retried.
 
@@ -60,6 +61,7 @@ pub async fn run(
 ) -> Result<(), AlertsError> {
     let rules =
         compile(cfg.rules.as_deref().unwrap_or(&default_rules())).map_err(AlertsError::Config)?;
+    let rules_for_missing = rules.clone();
     let pool = vitalwatch_store::pool(db)?;
     let consumer = vitalwatch_bus::low_latency_consumer(kafka, &cfg.group_id)?;
     consumer.subscribe(&[kafka.readings_topic.as_str()])?;
@@ -104,6 +106,15 @@ pub async fn run(
         wake.clone(),
         shutdown.clone(),
     ));
+    let missing_task = tokio::spawn(missing_data(
+        pool.clone(),
+        rules_for_missing,
+        writer.clone(),
+        kafka.readings_topic.clone(),
+        Duration::from_secs(cfg.missing_check_seconds.max(1)),
+        wake.clone(),
+        shutdown.clone(),
+    ));
     let escalation_task = tokio::spawn(escalation(
         pool.clone(),
         cfg.clone(),
@@ -123,6 +134,9 @@ pub async fn run(
         next_offset: HashMap::new(),
         patients_of: HashMap::new(),
         writer_done: HashMap::new(),
+        last_seen: HashMap::new(),
+        idle_after: Duration::from_secs(u64::from(cfg.late_minutes.max(30)) * 120),
+        swept_at: std::time::Instant::now(),
     };
     tracing::info!(group = %cfg.group_id, rules = judge.engine.rules().len(), "alerts engine started");
     let max_wait = Duration::from_millis(cfg.batch_max_wait_ms);
@@ -198,6 +212,7 @@ pub async fn run(
     shutdown.cancel();
     let _ = relay_task.await;
     let _ = escalation_task.await;
+    let _ = missing_task.await;
     let _ = listener.await;
     for t in webhook_tasks {
         let _ = t.await;
@@ -220,6 +235,12 @@ struct Judge {
     patients_of: HashMap<i32, HashSet<String>>,
     /// Per partition, an offset the writer group is known to have committed.
     writer_done: HashMap<i32, i64>,
+    /// When each patient's last record arrived (wall clock): patients idle
+    /// for `idle_after` are forgotten, and rebuilt from the store when they
+    /// send again, so memory follows the active patients.
+    last_seen: HashMap<String, std::time::Instant>,
+    idle_after: Duration,
+    swept_at: std::time::Instant,
 }
 
 impl Judge {
@@ -237,10 +258,14 @@ impl Judge {
         {
             for patient in self.patients_of.remove(&partition).unwrap_or_default() {
                 self.engine.forget(&patient);
+                self.last_seen.remove(&patient);
             }
             metrics::counter!("vitalwatch_alerts_partition_resumed_total").increment(1);
         }
         self.next_offset.insert(partition, offset + 1);
+        self.sweep_idle();
+        self.last_seen
+            .insert(batch.patient_id.clone(), std::time::Instant::now());
         let mut changes = Vec::new();
         if !self.engine.knows(&batch.patient_id) {
             changes = self.rebuild(partition, offset, batch, shutdown).await?;
@@ -258,6 +283,33 @@ impl Judge {
             .increment(batch.readings.len() as u64);
         changes.extend(found);
         Ok(changes)
+    }
+
+    /// Forgets patients idle for `idle_after` (checked once a minute).
+    fn sweep_idle(&mut self) {
+        if self.swept_at.elapsed() < Duration::from_secs(60) {
+            return;
+        }
+        self.swept_at = std::time::Instant::now();
+        let idle_after = self.idle_after;
+        let idle: Vec<String> = self
+            .last_seen
+            .iter()
+            .filter(|(_, t)| t.elapsed() >= idle_after)
+            .map(|(p, _)| p.clone())
+            .collect();
+        for p in &idle {
+            self.last_seen.remove(p);
+            self.engine.forget(p);
+            for patients in self.patients_of.values_mut() {
+                patients.remove(p);
+            }
+        }
+        if !idle.is_empty() {
+            metrics::counter!("vitalwatch_alerts_patients_evicted_total")
+                .increment(idle.len() as u64);
+        }
+        metrics::gauge!("vitalwatch_alerts_patients").set(self.engine.patients() as f64);
     }
 
     /// Starts a patient from the store: overrides, open alerts, and the
@@ -588,6 +640,97 @@ pub fn encode(e: &vitalwatch_store::alerts::Event) -> Vec<u8> {
         escalation_level: u32::try_from(e.escalation_level).unwrap_or_default(),
     }
     .encode_to_vec()
+}
+
+/// Runs the missing-data rules every `every` until `shutdown`, but only
+/// while the writer keeps up: a round runs when the writer group has
+/// committed everything that was on the readings topic at the round before,
+/// so a reading is never missed because it was still on its way to the
+/// store (a writer that lags after an outage would otherwise cause false
+/// alarms).
+async fn missing_data(
+    pool: Pool,
+    rules: Vec<crate::rules::Rule>,
+    writer: Arc<StreamConsumer>,
+    topic: String,
+    every: Duration,
+    wake: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
+    if !rules
+        .iter()
+        .any(|r| matches!(r.compiled, crate::rules::Compiled::Missing { .. }))
+    {
+        return;
+    }
+    let mut previous: Option<Vec<i64>> = None;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = shutdown.cancelled() => return,
+        }
+        let (w, t) = (writer.clone(), topic.clone());
+        let progress = tokio::task::spawn_blocking(move || writer_progress(&w, &t))
+            .await
+            .ok()
+            .flatten();
+        let Some((ends, committed)) = progress else {
+            tracing::warn!("cannot read the writer's progress; missing-data check skipped");
+            continue;
+        };
+        let caught_up = previous.as_ref().is_some_and(|p| {
+            p.len() == committed.len() && p.iter().zip(&committed).all(|(end, c)| c >= end)
+        });
+        previous = Some(ends);
+        if !caught_up {
+            metrics::counter!("vitalwatch_alerts_missing_checks_skipped_total").increment(1);
+            continue;
+        }
+        let result = async {
+            let client = pool.get().await?;
+            crate::missing::check(&**client, &rules, Utc::now()).await
+        }
+        .await;
+        match result {
+            Ok(0) => {}
+            Ok(n) => {
+                metrics::counter!("vitalwatch_alerts_missing_changes_total").increment(n);
+                wake.notify_one();
+            }
+            Err(e) => tracing::warn!(error = %e, "missing-data check failed; retrying"),
+        }
+    }
+}
+
+/// Per partition of `topic`: its end offset, and the writer group's committed offset.
+fn writer_progress(writer: &StreamConsumer, topic: &str) -> Option<(Vec<i64>, Vec<i64>)> {
+    let timeout = Duration::from_secs(5);
+    let metadata = writer.fetch_metadata(Some(topic), timeout).ok()?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .first()?
+        .partitions()
+        .iter()
+        .map(|p| p.id())
+        .collect();
+    let mut tpl = TopicPartitionList::new();
+    for p in &partitions {
+        tpl.add_partition(topic, *p);
+    }
+    let committed = writer.committed_offsets(tpl, timeout).ok()?;
+    let mut ends = Vec::with_capacity(partitions.len());
+    let mut done = Vec::with_capacity(partitions.len());
+    for p in &partitions {
+        ends.push(writer.fetch_watermarks(topic, *p, timeout).ok()?.1);
+        let c = committed
+            .find_partition(topic, *p)
+            .map_or(0, |e| match e.offset() {
+                Offset::Offset(o) => o,
+                _ => 0,
+            });
+        done.push(c);
+    }
+    Some((ends, done))
 }
 
 /// Escalates unacknowledged alerts on wall-clock time until `shutdown`.

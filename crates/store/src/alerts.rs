@@ -303,3 +303,62 @@ pub async fn acknowledge(
         .await?;
     Ok(n == 1)
 }
+
+/// A monitored patient, for missing-data rules.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Monitored {
+    pub patient_id: String,
+    /// When monitoring began: the earliest of the patient's open device
+    /// assignments.
+    pub since: DateTime<Utc>,
+    /// When the newest reading of the metric (by event time, measured on or
+    /// after `recent`) was received.
+    pub last_received: Option<DateTime<Utc>>,
+}
+
+/// Patients with an active device (of `kinds`, any kind when empty), with
+/// when their newest reading of `metric` measured since `recent` arrived.
+pub async fn monitored(
+    client: &impl GenericClient,
+    metric: &str,
+    kinds: &[String],
+    recent: DateTime<Utc>,
+) -> Result<Vec<Monitored>, StoreError> {
+    let rows = client
+        .query(
+            "SELECT a.patient_id, min(a.assigned_at),
+                    (SELECT r.received_at FROM readings r
+                      WHERE r.patient_id = a.patient_id AND r.metric = $1 AND r.time >= $3
+                      ORDER BY r.time DESC LIMIT 1)
+               FROM device_assignments a JOIN devices d USING (device_id)
+              WHERE a.unassigned_at IS NULL AND d.active AND (cardinality($2::text[]) = 0 OR d.kind = ANY($2))
+              GROUP BY a.patient_id",
+            &[&metric, &kinds, &recent],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(Monitored {
+                patient_id: r.try_get(0)?,
+                since: r.try_get(1)?,
+                last_received: r.try_get(2)?,
+            })
+        })
+        .collect()
+}
+
+/// Open alerts of `rule`: (alert id, patient id).
+pub async fn open_of_rule(
+    client: &impl GenericClient,
+    rule: &str,
+) -> Result<Vec<(String, String)>, StoreError> {
+    let rows = client
+        .query(
+            "SELECT alert_id, patient_id FROM alerts WHERE rule = $1 AND state <> 'resolved'",
+            &[&rule],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        .collect()
+}

@@ -771,3 +771,94 @@ async fn webhooks_receive_every_change_signed_in_order_after_retries() {
     ];
     assert_eq!(log, want.map(|(a, o, s)| (a, o.to_owned(), s)));
 }
+
+fn weight(patient: &str, at: DateTime<Utc>, kg: f64) -> Batch {
+    Batch {
+        device_id: format!("scale-{patient}"),
+        patient_id: patient.into(),
+        seq: None,
+        received_at: Utc::now(),
+        readings: vec![Reading {
+            metric: Metric::BodyWeight,
+            measurement: Measurement::Scalar(kg),
+            measured_at: at,
+            quality: Quality::default(),
+        }],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scale_gone_quiet_raises_a_missing_data_alert_that_the_next_weighing_resolves() {
+    let mut cfg = config().await;
+    cfg.alerts.missing_check_seconds = 1;
+    let producer = Producer::new(&cfg.kafka).expect("producer");
+    let now = Utc::now()
+        .duration_trunc(chrono::Duration::seconds(1))
+        .expect("truncates");
+    let (quiet, weighed) = (ts::unique("pat"), ts::unique("pat"));
+    let mut c = vitalwatch_store::connect(&cfg.database.url)
+        .await
+        .expect("db");
+    let since = now - chrono::Duration::hours(30);
+    for p in [&quiet, &weighed] {
+        vitalwatch_store::registry::register_device(
+            &mut c,
+            &format!("scale-{p}"),
+            "scale",
+            Some(p),
+            Some(since),
+        )
+        .await
+        .expect("register");
+    }
+    // One patient weighed an hour ago; the other's scale has sent nothing in 30 hours.
+    produce(
+        &cfg.kafka,
+        &producer,
+        &weight(&weighed, now - chrono::Duration::hours(1), 81.0),
+    )
+    .await;
+    let running = start(&pipeline(), &cfg);
+    let alerts = ts::eventually(WAIT, "the missing-data alert", || async {
+        let a = alerts_of(&cfg, &quiet).await;
+        (!a.is_empty()).then_some(a)
+    })
+    .await;
+    // Overdue 26 hours after monitoring began.
+    assert_eq!(
+        (alerts.len(), alerts[0].1.as_str(), alerts[0].2),
+        (1, "raised", since + chrono::Duration::hours(26))
+    );
+    let rule: String = c
+        .query_one(
+            "SELECT rule FROM alerts WHERE alert_id = $1",
+            &[&alerts[0].0],
+        )
+        .await
+        .expect("rule")
+        .get(0);
+    assert_eq!(rule, "weight_missing");
+    tokio::time::sleep(Duration::from_secs(2)).await; // more checks: still one alert
+    assert_eq!(alerts_of(&cfg, &quiet).await.len(), 1);
+    assert!(
+        alerts_of(&cfg, &weighed).await.is_empty(),
+        "the patient who weighed in is not overdue"
+    );
+    // The scale sends again: resolved.
+    produce(&cfg.kafka, &producer, &weight(&quiet, Utc::now(), 80.0)).await;
+    ts::eventually(WAIT, "the alert resolved", || async {
+        (alerts_of(&cfg, &quiet)
+            .await
+            .iter()
+            .all(|a| a.1 == "resolved"))
+        .then_some(())
+    })
+    .await;
+    running.stop().await;
+    let states: Vec<String> = events_of(&cfg, &quiet)
+        .await
+        .into_iter()
+        .map(|e| e.2)
+        .collect();
+    assert_eq!(states, ["raised", "resolved"]);
+}
