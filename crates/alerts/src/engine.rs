@@ -382,15 +382,17 @@ impl Engine {
         let mut news2_instants = BTreeSet::new();
         for reading in readings {
             let is_artifact = artifact(reading.quality);
+            // Microseconds, as PostgreSQL stores them: a reading replayed
+            // from the store after a restart is the same instant as the one
+            // from Kafka, not a second reading.
+            let at = to_micros(reading.measured_at);
             for (component, value) in reading.values() {
                 if !is_artifact && let Some(slot) = News2History::slot(reading.metric, component) {
-                    patient.news2.params[slot]
-                        .entry(reading.measured_at)
-                        .or_insert(value);
-                    news2_instants.insert(reading.measured_at);
+                    patient.news2.params[slot].entry(at).or_insert(value);
+                    news2_instants.insert(at);
                 }
                 let point = Point {
-                    at: reading.measured_at,
+                    at,
                     value,
                     artifact: is_artifact,
                 };
@@ -517,6 +519,11 @@ impl Engine {
         }
         (changes, skipped)
     }
+}
+
+/// `t` truncated to whole microseconds.
+fn to_micros(t: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(t.timestamp_micros()).unwrap_or(t)
 }
 
 fn change(patient_id: &str, rule: &Rule, severity: Severity, t: Transition) -> AlertChange {

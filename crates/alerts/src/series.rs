@@ -368,10 +368,21 @@ impl<R: Rule> Series<R> {
             }
             self.step(&mut state, p, &mut found);
         }
+        // A told fact after the newest reading (an adopted alert raised
+        // later than the history replayed so far) must not be applied
+        // before readings that come between: no tip then.
+        let newest = self.newest();
+        let ahead = facts[next..]
+            .iter()
+            .any(|(k, _)| newest.is_some_and(|n| k.0 > n));
         for (_, fact) in &facts[next..] {
             self.apply(&mut state, *fact, &mut found);
         }
-        self.settle(state, found)
+        let out = self.settle(state, found);
+        if ahead {
+            self.tip = None;
+        }
+        out
     }
 
     /// Compares the episodes found with those told, tells what changed,

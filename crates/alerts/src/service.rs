@@ -134,6 +134,7 @@ pub async fn run(
         next_offset: HashMap::new(),
         patients_of: HashMap::new(),
         writer_done: HashMap::new(),
+        writer_given_up: HashMap::new(),
         last_seen: HashMap::new(),
         idle_after: Duration::from_secs(u64::from(cfg.late_minutes.max(30)) * 120),
         swept_at: std::time::Instant::now(),
@@ -143,7 +144,7 @@ pub async fn run(
     let mut last_commit: Option<TopicPartitionList> = None;
 
     'outer: while !shutdown.is_cancelled() {
-        let mut records: Vec<(i32, i64, Batch)> = Vec::new();
+        let mut records: Vec<(i32, i64, Option<Batch>)> = Vec::new();
         let mut offsets: HashMap<i32, i64> = HashMap::new();
         let mut deadline: Option<tokio::time::Instant> = None;
         while records.len() < cfg.batch_max_records.max(1) {
@@ -165,10 +166,11 @@ pub async fn run(
             let (partition, offset) = (msg.partition(), msg.offset());
             offsets.insert(partition, offset);
             match Batch::decode(msg.payload().unwrap_or_default()) {
-                Ok(batch) => records.push((partition, offset, batch)),
+                Ok(batch) => records.push((partition, offset, Some(batch))),
                 // The writer dead-letters it; nothing here to judge.
                 Err(e) => {
-                    tracing::warn!(partition, offset, error = %e, "record is not a valid batch; skipped")
+                    tracing::warn!(partition, offset, error = %e, "record is not a valid batch; skipped");
+                    records.push((partition, offset, None));
                 }
             }
         }
@@ -177,6 +179,10 @@ pub async fn run(
         }
         let mut changes = Vec::new();
         for (partition, offset, batch) in &records {
+            let Some(batch) = batch else {
+                judge.resume_check(*partition, *offset);
+                continue;
+            };
             match judge.judge(*partition, *offset, batch, &shutdown).await {
                 Ok(c) => changes.extend(c),
                 Err(_) => break 'outer, // shut down while the database was away: nothing committed
@@ -235,6 +241,8 @@ struct Judge {
     patients_of: HashMap<i32, HashSet<String>>,
     /// Per partition, an offset the writer group is known to have committed.
     writer_done: HashMap<i32, i64>,
+    /// When a rebuild last stopped waiting for a lagging writer, per partition.
+    writer_given_up: HashMap<i32, std::time::Instant>,
     /// When each patient's last record arrived (wall clock): patients idle
     /// for `idle_after` are forgotten, and rebuilt from the store when they
     /// send again, so memory follows the active patients.
@@ -244,13 +252,10 @@ struct Judge {
 }
 
 impl Judge {
-    async fn judge(
-        &mut self,
-        partition: i32,
-        offset: i64,
-        batch: &Batch,
-        shutdown: &CancellationToken,
-    ) -> Result<Vec<AlertChange>, StoreError> {
+    /// Forgets the patients of `partition` when `offset` is not the one
+    /// expected next (the partition was elsewhere in between, or rewound).
+    /// Called for every record, judged or not (an undecodable one).
+    fn resume_check(&mut self, partition: i32, offset: i64) {
         if self
             .next_offset
             .get(&partition)
@@ -263,6 +268,16 @@ impl Judge {
             metrics::counter!("vitalwatch_alerts_partition_resumed_total").increment(1);
         }
         self.next_offset.insert(partition, offset + 1);
+    }
+
+    async fn judge(
+        &mut self,
+        partition: i32,
+        offset: i64,
+        batch: &Batch,
+        shutdown: &CancellationToken,
+    ) -> Result<Vec<AlertChange>, StoreError> {
+        self.resume_check(partition, offset);
         self.sweep_idle();
         self.last_seen
             .insert(batch.patient_id.clone(), std::time::Instant::now());
@@ -415,6 +430,10 @@ impl Judge {
             .writer_done
             .get(&partition)
             .is_some_and(|done| *done >= offset)
+            || self
+                .writer_given_up
+                .get(&partition)
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(60))
         {
             return;
         }
@@ -447,6 +466,9 @@ impl Judge {
             if tokio::time::Instant::now() >= deadline {
                 tracing::warn!(partition, offset, writer = ?committed, "the writer is behind; rebuilding from what is stored");
                 metrics::counter!("vitalwatch_alerts_rebuild_writer_behind_total").increment(1);
+                // Not again for every patient of the partition: a minute's grace.
+                self.writer_given_up
+                    .insert(partition, std::time::Instant::now());
                 return;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -531,6 +553,22 @@ async fn try_store(pool: &Pool, changes: &[AlertChange]) -> Result<(), StoreErro
                 resolve(&*tx, alert_id, *at, None, None).await?
             }
         };
+        if !applied && let AlertChange::Raised { alert_id, rule, .. } = c {
+            let exists = tx
+                .query_opt("SELECT 1 FROM alerts WHERE alert_id = $1", &[alert_id])
+                .await?
+                .is_some();
+            if !exists {
+                // Another alert of this rule is open for the patient: the
+                // nurse is already on it; this episode is not raised apart.
+                tracing::warn!(
+                    rule,
+                    alert_id,
+                    "an alert of this rule is already open for the patient; episode folded into it"
+                );
+                metrics::counter!("vitalwatch_alerts_raise_conflicts_total").increment(1);
+            }
+        }
         let kind = match c {
             AlertChange::Raised { .. } => "raised",
             AlertChange::SeverityChanged { .. } => "updated",
@@ -543,7 +581,7 @@ async fn try_store(pool: &Pool, changes: &[AlertChange]) -> Result<(), StoreErro
     Ok(())
 }
 
-/// Publishes unpublished alert changes to `topic` in id order whenever
+/// Publishes unpublished alert changes to `topic` in commit (`seq`) order whenever
 /// woken (by this process, or by a notification of any insert), and every
 /// few seconds in case a notification was missed, until `shutdown`.
 pub async fn relay(
@@ -580,6 +618,7 @@ pub async fn publish_pending(
     let mut total = 0;
     loop {
         let mut client = pool.get().await?;
+        vitalwatch_store::alerts::sequence(&mut client).await?;
         let tx = client.transaction().await?;
         let events = vitalwatch_store::alerts::lock_unpublished(&*tx, 500).await?;
         if events.is_empty() {
@@ -590,11 +629,13 @@ pub async fn publish_pending(
             .iter()
             .map(|e| (e.patient_id.clone(), encode(e)))
             .collect();
-        let sends = encoded.iter().map(|(key, payload)| {
-            vitalwatch_bus::deliver(producer, topic, key, payload, None, None, shutdown)
-        });
-        for r in futures_util::future::join_all(sends).await {
-            if r.is_err() {
+        // One after the other: a retried record must not land behind a
+        // later change of the same patient. Alert changes are few.
+        for (key, payload) in &encoded {
+            if vitalwatch_bus::deliver(producer, topic, key, payload, None, None, shutdown)
+                .await
+                .is_err()
+            {
                 return Ok(total); // shutting down: rolled back, published after restart
             }
         }

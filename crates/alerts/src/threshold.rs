@@ -775,4 +775,21 @@ mod tests {
             assert_eq!(fast.is_open(), full.is_open());
         }
     }
+
+    #[test]
+    fn normal_readings_replayed_before_an_adopted_alert_do_not_resolve_it() {
+        // Open in the store since minute 20, raised at minute 25; the rebuild
+        // replays the hour before, normal until minute 20.
+        let mut s = Series::new(spo2(sustained(5)), Duration::hours(1));
+        assert!(s.adopt(t(20), t(25)));
+        let history: Vec<Point> = (0..30)
+            .map(|m| p(m, if m < 20 { 96.0 } else { 88.0 }))
+            .collect();
+        assert!(
+            run(&mut s, &history).is_empty(),
+            "nothing resolved, nothing raised again"
+        );
+        assert!(s.is_open());
+        assert_eq!(run(&mut s, &[p(31, 95.0)]), vec![clear(20, 31)]);
+    }
 }

@@ -95,6 +95,9 @@ pub async fn deliver(
 ) {
     let http = match reqwest::Client::builder()
         .timeout(Duration::from_millis(hook.timeout_ms))
+        // A redirect is an answer to fix, not to follow (a 302 to a page
+        // that answers 200 is not a delivery).
+        .redirect(reqwest::redirect::Policy::none())
         .build()
     {
         Ok(c) => c,
@@ -144,18 +147,21 @@ async fn run_as_leader(
     if !held {
         return Ok(()); // another instance delivers to this endpoint
     }
+    // The client is not a pool's: sequence with a transaction of its own.
+    let mut client = client;
     client
         .execute(
-            "INSERT INTO webhook_cursors (endpoint, last_event_id)
-             SELECT $1, coalesce(max(id), 0) FROM alert_events ON CONFLICT DO NOTHING",
+            "INSERT INTO webhook_cursors (endpoint, last_seq)
+             SELECT $1, coalesce(max(seq), 0) FROM alert_events ON CONFLICT DO NOTHING",
             &[&hook.name],
         )
         .await?;
     tracing::info!(webhook = %hook.name, "delivering alert changes");
     loop {
+        vitalwatch_store::alerts::sequence(&mut client).await?;
         let cursor: i64 = client
             .query_one(
-                "SELECT last_event_id FROM webhook_cursors WHERE endpoint = $1",
+                "SELECT last_seq FROM webhook_cursors WHERE endpoint = $1",
                 &[&hook.name],
             )
             .await?
@@ -174,45 +180,55 @@ async fn run_as_leader(
             ),
             None => None,
         };
-        let events =
-            vitalwatch_store::alerts::events_after(&client, cursor, patients.as_deref(), 100)
-                .await?;
-        let last_id = vitalwatch_store::alerts::last_event_id(&client).await?;
-        if events.is_empty() {
-            // Nothing of ours up to the newest change: move past others' changes.
-            if last_id > cursor {
-                advance(&client, &hook.name, last_id).await?;
-            }
-            tokio::select! {
-                () = wake.notified() => {}
-                () = tokio::time::sleep(Duration::from_secs(5)) => {}
-                () = shutdown.cancelled() => return Ok(()),
-            }
-            continue;
-        }
+        // Everything up to `upto` is committed and sequenced: a page short
+        // of the limit means nothing else of ours is before it.
+        let upto = vitalwatch_store::alerts::last_seq(&client).await?;
+        let events = vitalwatch_store::alerts::events_between(
+            &client,
+            cursor,
+            upto,
+            patients.as_deref(),
+            PAGE,
+        )
+        .await?;
+        let full = events.len() as i64 == PAGE;
         for e in events {
             let body =
                 serde_json::to_vec(&e).map_err(|err| StoreError::Invalid(err.to_string()))?;
             if !send(hook, http, &client, e.id, &body, shutdown).await? {
                 return Ok(()); // shutting down: the cursor stays before this change
             }
-            advance(&client, &hook.name, e.id).await?;
+            advance(&client, &hook.name, e.seq).await?;
+        }
+        if full {
+            continue;
+        }
+        if upto > cursor {
+            advance(&client, &hook.name, upto).await?;
+        }
+        tokio::select! {
+            () = wake.notified() => {}
+            () = tokio::time::sleep(Duration::from_secs(5)) => {}
+            () = shutdown.cancelled() => return Ok(()),
         }
     }
 }
 
-async fn advance(client: &Client, endpoint: &str, id: i64) -> Result<(), StoreError> {
+/// Changes read per query.
+const PAGE: i64 = 100;
+
+async fn advance(client: &Client, endpoint: &str, seq: i64) -> Result<(), StoreError> {
     client
         .execute(
-            "UPDATE webhook_cursors SET last_event_id = greatest(last_event_id, $2) WHERE endpoint = $1",
-            &[&endpoint, &id],
+            "UPDATE webhook_cursors SET last_seq = greatest(last_seq, $2) WHERE endpoint = $1",
+            &[&endpoint, &seq],
         )
         .await?;
     Ok(())
 }
 
-/// Sends one change until the endpoint answers 2xx (`true`) or `shutdown`
-/// fires (`false`), logging every attempt.
+/// Sends one change until the endpoint answers 2xx or refuses it for good
+/// (`true`: move on), or `shutdown` fires (`false`), logging every attempt.
 async fn send(
     hook: &WebhookConfig,
     http: &reqwest::Client,
@@ -239,13 +255,22 @@ async fn send(
             r = request => r,
             () = shutdown.cancelled() => return Ok(false),
         };
-        let (outcome, status, error) = match &result {
+        let (mut outcome, status, error) = match &result {
             Ok(r) if r.status().is_success() => {
                 ("delivered", Some(i32::from(r.status().as_u16())), None)
             }
             Ok(r) => ("failed", Some(i32::from(r.status().as_u16())), None),
             Err(e) => ("failed", None, Some(e.to_string())),
         };
+        // Refused for good (a client error other than timeout or rate
+        // limit, three times over): skip this change rather than hold back
+        // every later one; the log says so.
+        if outcome == "failed"
+            && attempt >= 3
+            && status.is_some_and(|s| (400..500).contains(&s) && s != 408 && s != 429)
+        {
+            outcome = "abandoned";
+        }
         client
             .execute(
                 "INSERT INTO webhook_deliveries (endpoint, event_id, attempt, outcome, http_status, error)
@@ -255,6 +280,10 @@ async fn send(
             .await?;
         metrics::counter!("vitalwatch_alerts_webhook_attempts_total", "webhook" => hook.name.clone(), "outcome" => outcome).increment(1);
         if outcome == "delivered" {
+            return Ok(true);
+        }
+        if outcome == "abandoned" {
+            tracing::error!(webhook = %hook.name, event_id, status = ?status, "the endpoint refuses this change; skipped, see webhook_deliveries");
             return Ok(true);
         }
         tracing::warn!(webhook = %hook.name, event_id, attempt, status = ?status, error = ?error, retry_in_s = backoff.as_secs(), "webhook delivery failed; retrying");

@@ -2,9 +2,10 @@
 //! lifecycle actions a person takes.
 //!
 //! - `GET /v1/alerts/stream`: server-sent events, one `alert` event per
-//!   lifecycle change of an alert of the caller's patients, in order; the
-//!   SSE id is the change's id, so a client reconnecting with
-//!   `Last-Event-ID` (or `?after=`) misses nothing.
+//!   lifecycle change of an alert of the caller's patients, in commit order;
+//!   the SSE id is the change's `seq`, so a client reconnecting with
+//!   `Last-Event-ID` (or `?after=`) misses nothing. The stream ends when the
+//!   caller's token expires (reconnect with a fresh one).
 //! - `GET /v1/alerts/{alert_id}`: the alert and its lifecycle history.
 //! - `POST /v1/alerts/{alert_id}/acknowledge` and `.../resolve`, with an
 //!   optional JSON body `{"note": "..."}`.
@@ -111,7 +112,7 @@ pub async fn stream(
     let patients = caller.patients(&**client).await?;
     let start = match resume {
         Some(id) => id,
-        None => vitalwatch_store::alerts::last_event_id(&**client).await?,
+        None => vitalwatch_store::alerts::last_seq(&**client).await?,
     };
     let detail = format!("{} patients, after event {start}", patients.len());
     audit::record(
@@ -152,29 +153,48 @@ async fn feed(
     } else {
         Duration::from_secs(1)
     };
+    // The stream ends when the caller's token expires: the client
+    // reconnects with a fresh one (and `Last-Event-ID`), and is checked again.
+    let expires = caller
+        .expires_at
+        .map(|t| (t - Utc::now()).to_std().unwrap_or_default());
+    let deadline = tokio::time::Instant::now() + expires.unwrap_or(Duration::from_secs(86_400));
     let mut scoped_at = tokio::time::Instant::now();
     loop {
         if scoped_at.elapsed() >= SCOPE_REFRESH {
-            if let Ok(client) = state.pool.get().await
-                && let Ok(p) = caller.patients(&**client).await
-            {
-                patients = p;
-            }
+            // A panel that cannot be read again ends the stream rather than
+            // keep serving one that may be out of date.
+            let Ok(client) = state.pool.get().await else {
+                return;
+            };
+            let Ok(p) = caller.patients(&**client).await else {
+                return;
+            };
+            patients = p;
             scoped_at = tokio::time::Instant::now();
         }
-        let page = match state.pool.get().await {
-            Ok(client) => {
-                vitalwatch_store::alerts::events_after(&**client, last, Some(&patients), PAGE).await
-            }
-            Err(e) => Err(e.into()),
-        };
+        let page = async {
+            let mut client = state.pool.get().await?;
+            vitalwatch_store::alerts::sequence(&mut client).await?;
+            let upto = vitalwatch_store::alerts::last_seq(&**client).await?;
+            let events = vitalwatch_store::alerts::events_between(
+                &**client,
+                last,
+                upto,
+                Some(&patients),
+                PAGE,
+            )
+            .await?;
+            Ok::<_, ApiError>((upto, events))
+        }
+        .await;
         let full = match page {
-            Ok(events) => {
+            Ok((upto, events)) => {
                 let full = events.len() as i64 == PAGE;
                 for body in events {
-                    last = body.id;
+                    last = body.seq;
                     let event = match SseEvent::default()
-                        .id(body.id.to_string())
+                        .id(body.seq.to_string())
                         .event("alert")
                         .json_data(&body)
                     {
@@ -187,6 +207,9 @@ async fn feed(
                     if tx.send(Ok(event)).await.is_err() {
                         return; // the client went away
                     }
+                }
+                if !full {
+                    last = last.max(upto); // nothing else of ours up to there
                 }
                 full
             }
@@ -206,6 +229,7 @@ async fn feed(
                 }
             } => {}
             () = tokio::time::sleep(idle) => {}
+            () = tokio::time::sleep_until(deadline) => return,
             () = tx.closed() => return,
             () = state.shutdown.cancelled() => return,
         }
@@ -229,7 +253,7 @@ async fn load_alert(
     let history = client
         .query(
             "SELECT e.id, e.alert_id, a.patient_id, a.rule, e.state, coalesce(e.severity, a.severity), e.escalation_level,
-                    a.episode_start, e.at, e.actor, e.note, a.news2_score
+                    a.episode_start, e.at, e.actor, e.note, a.news2_score, e.seq
                FROM alert_events e JOIN alerts a USING (alert_id) WHERE e.alert_id = $1 ORDER BY e.id",
             &[&alert_id],
         )
@@ -238,6 +262,7 @@ async fn load_alert(
         .iter()
         .map(|h| AlertEventBody {
             id: h.get(0),
+            seq: h.get::<_, Option<i64>>(12).unwrap_or_default(),
             alert_id: h.get(1),
             patient_id: h.get(2),
             rule: h.get(3),
@@ -271,6 +296,27 @@ async fn load_alert(
     }))
 }
 
+/// A malformed request from a carer, audited as failed before answering.
+async fn refused(state: &AppState, access: &Access, action: &str, e: ApiError) -> ApiError {
+    let logged = async {
+        let client = state.pool.get().await?;
+        audit::record(
+            &**client,
+            access,
+            action,
+            None,
+            Outcome::Failed,
+            Some(&e.to_string()),
+        )
+        .await
+    }
+    .await;
+    match logged {
+        Ok(()) => e,
+        Err(audit_error) => audit_error, // no answer without its audit row
+    }
+}
+
 fn check_id(alert_id: &str) -> Result<(), ApiError> {
     if alert_id.is_empty()
         || alert_id.len() > 64
@@ -290,7 +336,9 @@ pub async fn get_alert(
     Path(alert_id): Path<String>,
 ) -> Result<Json<AlertBody>, ApiError> {
     let caller = carer(&state, &access, "alert.read").await?;
-    check_id(&alert_id)?;
+    if let Err(e) = check_id(&alert_id) {
+        return Err(refused(&state, &access, "alert.read", e).await);
+    }
     let client = state.pool.get().await?;
     let alert = visible(&**client, &access, &caller, &alert_id, "alert.read").await?;
     audit::record(
@@ -409,8 +457,10 @@ async fn act(
         Action::Resolve => "alert.resolve",
     };
     let caller = carer(&state, &access, name).await?;
-    check_id(&alert_id)?;
-    let body = parse_action(&body)?;
+    let body = match check_id(&alert_id).and_then(|()| parse_action(&body)) {
+        Ok(b) => b,
+        Err(e) => return Err(refused(&state, &access, name, e).await),
+    };
     let mut client = state.pool.get().await?;
     let tx = client
         .transaction()

@@ -75,6 +75,8 @@ pub struct Caller {
     /// against care-team membership.
     pub subject: String,
     pub roles: Vec<Role>,
+    /// The token's `exp`: long-lived responses (streams) end there.
+    pub expires_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl Caller {
@@ -216,9 +218,14 @@ impl Authenticator {
                     .collect()
             })
             .unwrap_or_default();
+        let expires_at = claims
+            .get("exp")
+            .and_then(serde_json::Value::as_i64)
+            .and_then(|e| chrono::DateTime::from_timestamp(e, 0));
         Ok(Caller {
             subject: subject.to_owned(),
             roles,
+            expires_at,
         })
     }
 }
@@ -369,11 +376,13 @@ mod tests {
     fn a_good_token_gives_the_caller_and_known_roles() {
         let c = auth().verify(&token(claims(600), SECRET)).expect("valid");
         assert_eq!(
-            c,
-            Caller {
-                subject: "nurse-1".into(),
-                roles: vec![Role::Nurse]
-            }
+            (c.subject.as_str(), c.roles.as_slice()),
+            ("nurse-1", [Role::Nurse].as_slice())
+        );
+        let exp = c.expires_at.expect("exp");
+        assert!(
+            exp > chrono::Utc::now() + chrono::Duration::seconds(590),
+            "{exp}"
         );
         assert!(c.is_carer());
     }

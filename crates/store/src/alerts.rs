@@ -152,6 +152,8 @@ pub struct Event {
     /// The change's place in the order of all changes.
     #[serde(rename = "event_id")]
     pub id: i64,
+    /// The change's place in commit order (see migration 5); readers follow it.
+    pub seq: i64,
     pub alert_id: String,
     pub patient_id: String,
     pub rule: String,
@@ -172,23 +174,24 @@ pub struct Event {
 }
 
 const EVENT_COLUMNS: &str =
-    "e.id, e.alert_id, a.patient_id, a.rule, e.state, coalesce(e.severity, a.severity),
+    "e.id, e.seq, e.alert_id, a.patient_id, a.rule, e.state, coalesce(e.severity, a.severity),
     e.escalation_level, a.episode_start, e.at, e.actor, e.note, a.news2_score";
 
 fn event(r: &tokio_postgres::Row) -> Result<Event, StoreError> {
     Ok(Event {
         id: r.try_get(0)?,
-        alert_id: r.try_get(1)?,
-        patient_id: r.try_get(2)?,
-        rule: r.try_get(3)?,
-        state: r.try_get(4)?,
-        severity: r.try_get(5)?,
-        escalation_level: r.try_get(6)?,
-        episode_start: r.try_get(7)?,
-        at: r.try_get(8)?,
-        actor: r.try_get(9)?,
-        note: r.try_get(10)?,
-        news2_score: r.try_get(11)?,
+        seq: r.try_get(1)?,
+        alert_id: r.try_get(2)?,
+        patient_id: r.try_get(3)?,
+        rule: r.try_get(4)?,
+        state: r.try_get(5)?,
+        severity: r.try_get(6)?,
+        escalation_level: r.try_get(7)?,
+        episode_start: r.try_get(8)?,
+        at: r.try_get(9)?,
+        actor: r.try_get(10)?,
+        note: r.try_get(11)?,
+        news2_score: r.try_get(12)?,
     })
 }
 
@@ -209,7 +212,7 @@ pub async fn lock_unpublished(
         .query(
             &format!(
                 "SELECT {EVENT_COLUMNS} FROM alert_events e JOIN alerts a USING (alert_id)
-                  WHERE e.published_at IS NULL ORDER BY e.id LIMIT $1"
+                  WHERE e.published_at IS NULL AND e.seq IS NOT NULL ORDER BY e.seq LIMIT $1"
             ),
             &[&limit],
         )
@@ -227,11 +230,61 @@ pub async fn mark_published(tx: &impl GenericClient, ids: &[i64]) -> Result<u64,
         .await?)
 }
 
-/// Changes after `after_id`, in id order, at most `limit`; only those of
-/// `patients` when given.
-pub async fn events_after(
+/// Key of the transaction-scoped advisory lock of the sequencer.
+const SEQUENCER_LOCK: i64 = 0x7677_7365_7171; // "vwseqq"
+
+/// In the caller's transaction: gives every committed, unsequenced change
+/// its `seq`, in id order, unless another sequencer is at it (then it
+/// returns 0 and that one does it). Commit right after; listeners are
+/// notified at commit.
+pub async fn sequence_pending(tx: &tokio_postgres::Transaction<'_>) -> Result<u64, StoreError> {
+    let locked: bool = tx
+        .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&SEQUENCER_LOCK])
+        .await?
+        .get(0);
+    if !locked {
+        return Ok(0);
+    }
+    let n = tx
+        .execute(
+            "WITH base AS (SELECT coalesce(max(seq), 0) AS b FROM alert_events),
+                  pending AS (SELECT id, row_number() OVER (ORDER BY id) AS n FROM alert_events WHERE seq IS NULL)
+             UPDATE alert_events e SET seq = base.b + pending.n FROM base, pending WHERE e.id = pending.id",
+            &[],
+        )
+        .await?;
+    if n > 0 {
+        tx.execute("SELECT pg_notify('vitalwatch_alert_events', '')", &[])
+            .await?;
+    }
+    Ok(n)
+}
+
+/// Sequences what is pending (see [`sequence_pending`]) in a transaction of
+/// its own.
+pub async fn sequence(client: &mut tokio_postgres::Client) -> Result<u64, StoreError> {
+    let tx = client.transaction().await?;
+    let n = sequence_pending(&tx).await?;
+    tx.commit().await?;
+    Ok(n)
+}
+
+/// The newest `seq` (0 when there is none). Every change up to it is
+/// visible: the sequencer commits its numbers together.
+pub async fn last_seq(client: &impl GenericClient) -> Result<i64, StoreError> {
+    Ok(client
+        .query_one("SELECT coalesce(max(seq), 0) FROM alert_events", &[])
+        .await?
+        .try_get(0)?)
+}
+
+/// Changes with `after < seq <= upto`, in seq order, at most `limit`; only
+/// those of `patients` when given. Take `upto` from [`last_seq`] first: a
+/// reader that saw fewer than `limit` has seen everything up to it.
+pub async fn events_between(
     client: &impl GenericClient,
-    after_id: i64,
+    after: i64,
+    upto: i64,
     patients: Option<&[String]>,
     limit: i64,
 ) -> Result<Vec<Event>, StoreError> {
@@ -239,21 +292,13 @@ pub async fn events_after(
         .query(
             &format!(
                 "SELECT {EVENT_COLUMNS} FROM alert_events e JOIN alerts a USING (alert_id)
-                  WHERE e.id > $1 AND ($2::text[] IS NULL OR a.patient_id = ANY($2))
-                  ORDER BY e.id LIMIT $3"
+                  WHERE e.seq > $1 AND e.seq <= $2 AND ($3::text[] IS NULL OR a.patient_id = ANY($3))
+                  ORDER BY e.seq LIMIT $4"
             ),
-            &[&after_id, &patients, &limit],
+            &[&after, &upto, &patients, &limit],
         )
         .await?;
     rows.iter().map(event).collect()
-}
-
-/// The newest change's id (0 when there is none).
-pub async fn last_event_id(client: &impl GenericClient) -> Result<i64, StoreError> {
-    Ok(client
-        .query_one("SELECT coalesce(max(id), 0) FROM alert_events", &[])
-        .await?
-        .try_get(0)?)
 }
 
 /// Escalates every alert still `raised` (nobody acknowledged it) for

@@ -958,8 +958,8 @@ async fn the_alert_lifecycle_is_idempotent_with_one_open_alert_per_patient_and_r
 #[tokio::test]
 async fn escalation_acknowledgement_and_the_outbox() {
     use vitalwatch_store::alerts::{
-        NewAlert, acknowledge, escalate, events_after, lock_unpublished, mark_published, open_for,
-        raise,
+        NewAlert, acknowledge, escalate, events_between, last_seq, lock_unpublished,
+        mark_published, open_for, raise, sequence,
     };
     let db = ts::database().await;
     let mut c = vitalwatch_store::connect(&db.url).await.expect("connect");
@@ -1028,7 +1028,23 @@ async fn escalation_acknowledgement_and_the_outbox() {
     let open = open_for(&c, "p2").await.expect("open");
     assert_eq!((open.len(), open[0].state.as_str()), (1, "acknowledged"));
 
-    // The outbox: every change, in id order, then nothing once published.
+    // Nothing is read before it is sequenced.
+    let tx = c.transaction().await.expect("tx");
+    assert!(
+        lock_unpublished(&tx, 100)
+            .await
+            .expect("unsequenced")
+            .is_empty()
+    );
+    assert_eq!(last_seq(&tx).await.expect("seq"), 0);
+    drop(tx);
+    assert_eq!(sequence(&mut c).await.expect("sequence"), 5);
+    assert_eq!(
+        sequence(&mut c).await.expect("again"),
+        0,
+        "each change once"
+    );
+    // The outbox: every change, in order, then nothing once published.
     let tx = c.transaction().await.expect("tx");
     let events = lock_unpublished(&tx, 100).await.expect("unpublished");
     let states: Vec<(&str, &str, i16)> = events
@@ -1047,7 +1063,11 @@ async fn escalation_acknowledgement_and_the_outbox() {
     );
     assert_eq!(events[2].actor.as_deref(), Some("nurse-1"));
     assert_eq!(events[2].note.as_deref(), Some("called the patient"));
-    assert!(events.windows(2).all(|w| w[0].id < w[1].id));
+    assert!(
+        events
+            .windows(2)
+            .all(|w| w[0].id < w[1].id && w[0].seq + 1 == w[1].seq)
+    );
     let ids: Vec<i64> = events.iter().map(|e| e.id).collect();
     assert_eq!(mark_published(&tx, &ids).await.expect("mark"), 5);
     tx.commit().await.expect("commit");
@@ -1059,22 +1079,66 @@ async fn escalation_acknowledgement_and_the_outbox() {
             .is_empty()
     );
     drop(tx);
-    // A stream resumes after any id, filtered to some patients.
+    // A stream resumes after any seq, filtered to some patients.
+    let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
+    let upto = last_seq(&c).await.expect("last");
+    assert_eq!(upto, seqs[4]);
     let p2 = ["p2".to_owned()];
-    let after: Vec<String> = events_after(&c, ids[0], Some(&p2), 10)
+    let after: Vec<String> = events_between(&c, seqs[0], upto, Some(&p2), 10)
         .await
         .expect("after")
         .into_iter()
         .map(|e| e.state)
         .collect();
     assert_eq!(after, ["raised", "acknowledged"]);
-    assert_eq!(
-        events_after(&c, ids[4], None, 10)
+    assert!(
+        events_between(&c, seqs[4], upto, None, 10)
             .await
             .expect("none")
-            .len(),
-        0
+            .is_empty()
     );
+}
+
+#[tokio::test]
+async fn a_change_committed_late_is_sequenced_after_those_already_read() {
+    use vitalwatch_store::alerts::{NewAlert, events_between, last_seq, raise, sequence};
+    let db = ts::database().await;
+    let mut c = vitalwatch_store::connect(&db.url).await.expect("connect");
+    let mut slow = vitalwatch_store::connect(&db.url).await.expect("connect");
+    let new = |id: &'static str| NewAlert {
+        alert_id: id,
+        patient_id: "p",
+        rule: id,
+        severity: "medium",
+        episode_start: t(0),
+        raised_at: t(0),
+        news2_score: None,
+        detail: serde_json::json!({}),
+    };
+    // A slow transaction inserts a change (the lower id) and has not committed...
+    let late = slow.transaction().await.expect("tx");
+    assert!(raise(&late, &new("first")).await.expect("raise"));
+    // ...while a later change commits, is sequenced and read.
+    assert!(raise(&c, &new("second")).await.expect("raise"));
+    sequence(&mut c).await.expect("sequence");
+    let upto = last_seq(&c).await.expect("last");
+    let read: Vec<String> = events_between(&c, 0, upto, None, 10)
+        .await
+        .expect("read")
+        .into_iter()
+        .map(|e| e.alert_id)
+        .collect();
+    assert_eq!(read, ["second"]);
+    // The slow one commits: it comes after what was read, not lost before it.
+    late.commit().await.expect("commit");
+    sequence(&mut c).await.expect("sequence");
+    let more: Vec<String> = events_between(&c, upto, last_seq(&c).await.expect("last"), None, 10)
+        .await
+        .expect("more")
+        .into_iter()
+        .map(|e| e.alert_id)
+        .collect();
+    assert_eq!(more, ["first"]);
 }
 
 #[tokio::test]

@@ -478,7 +478,7 @@ impl EventStream {
                 if is_alert {
                     let e: vitalwatch_api::alerts::AlertEventBody =
                         serde_json::from_str(&data).expect("alert event JSON");
-                    assert_eq!(id, Some(e.id), "the SSE id is the change's id");
+                    assert_eq!(id, Some(e.seq), "the SSE id is the change's seq");
                     return Some(e);
                 }
             }
@@ -599,7 +599,7 @@ async fn a_nurse_sees_a_low_spo2_alert_live_acknowledges_it_and_sees_the_acknowl
         (ack.actor.as_deref(), ack.note.as_deref()),
         (Some("nurse-ana"), Some("calling the patient"))
     );
-    assert!(ack.id > raised.id);
+    assert!(ack.id > raised.id && ack.seq > raised.seq);
     // Acknowledging twice is a conflict, not a second event.
     let (status, _) = call(
         &app,
@@ -653,6 +653,21 @@ async fn a_nurse_sees_a_low_spo2_alert_live_acknowledges_it_and_sees_the_acknowl
         audit,
         want.map(|(a, b, c)| (a.to_owned(), b.to_owned(), c.to_owned()))
     );
+    // A malformed id is refused with a clear message, and audited too.
+    let (status, body) = call(&app, "GET", "/v1/alerts/not-an-id", Some(&ana), "").await;
+    assert_eq!(status, axum::http::StatusCode::BAD_REQUEST);
+    assert!(
+        body["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("hexadecimal")),
+        "{body}"
+    );
+    let refused: i64 = c
+        .query_one("SELECT count(*) FROM audit_log WHERE action = 'alert.read' AND outcome = 'failed' AND actor = 'nurse-ana'", &[])
+        .await
+        .expect("audit")
+        .get(0);
+    assert_eq!(refused, 1);
     // …and on the alerts topic, in order.
     let events = published(&cfg, 2).await;
     assert_eq!(
