@@ -17,7 +17,9 @@
 //!   through both, so there is no resolve and new alert for one stretch.
 //!
 //! So an episode is raised once and cleared once however its readings
-//! arrive, and nothing told is retracted. A reading newer than every kept
+//! arrive, and nothing told is retracted. A reading older than the horizon
+//! is refused ([`TooLate`]): the caller counts it; the store still has it.
+//! A reading newer than every kept
 //! one (the common case) is stepped from the state after the last one (the
 //! tip) instead of replaying the horizon; a test checks that this tells
 //! exactly what full replays tell.
@@ -27,8 +29,9 @@
 //! the episode under another start (its first abnormal reading among the
 //! last n) and tell it as a new one. Single and sustained rules are checked
 //! free of this by the test above; k-of-n needs the episode's identity kept
-//! in the folded state. A reading older than the horizon
-//! is refused ([`TooLate`]): the caller counts it; the store still has it.
+//! in the folded state. The store closes the consequence: it refuses an
+//! episode that overlaps one already alerted for the same patient and rule
+//! (`store::alerts::raise`), so no nurse is alerted twice for one stretch.
 
 use std::collections::BTreeMap;
 

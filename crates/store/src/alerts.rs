@@ -26,14 +26,21 @@ pub struct NewAlert<'a> {
 }
 
 /// Inserts the alert and its `raised` event. `false` when it was already
-/// there, or when the patient already has an open alert for the rule (that
-/// one stands: a persisting condition never opens a second).
+/// there, when the patient already has an open alert for the rule (that
+/// one stands: a persisting condition never opens a second), or when an
+/// alert of the rule already covered part of this episode's stretch (from
+/// its start to its resolution): a stretch a nurse was alerted to is never
+/// alerted again, whatever identity a replay gives it.
 pub async fn raise(client: &impl GenericClient, a: &NewAlert<'_>) -> Result<bool, StoreError> {
     let n = client
         .execute(
             "WITH new AS (
                  INSERT INTO alerts (alert_id, patient_id, rule, severity, state, episode_start, raised_at, updated_at, news2_score, detail)
-                 VALUES ($1, $2, $3, $4, 'raised', $5, $6, now(), $7, $8)
+                 SELECT $1, $2, $3, $4, 'raised', $5, $6, now(), $7, $8
+                  WHERE NOT EXISTS (
+                        SELECT 1 FROM alerts o
+                         WHERE o.patient_id = $2 AND o.rule = $3 AND o.alert_id <> $1
+                           AND o.episode_start <= $6 AND coalesce(o.resolved_at, 'infinity') > $5)
                  ON CONFLICT DO NOTHING
                  RETURNING alert_id, raised_at, severity
              )

@@ -908,6 +908,21 @@ async fn the_alert_lifecycle_is_idempotent_with_one_open_alert_per_patient_and_r
             .await
             .expect("resolved alerts stay")
     );
+    // An episode overlapping the resolved one's stretch (t(0) to t(900))
+    // under another identity is the same stretch: not raised again.
+    assert!(
+        !raise(
+            &c,
+            &NewAlert {
+                alert_id: "a1-again",
+                episode_start: t(600),
+                raised_at: t(700),
+                ..a.clone()
+            }
+        )
+        .await
+        .expect("overlapping")
+    );
     // Once resolved, a new episode opens a new alert.
     assert!(
         raise(
