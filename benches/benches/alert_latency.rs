@@ -267,6 +267,12 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         tokio::time::sleep_until((sent + interval).into()).await;
     }
     let measured = load_started.elapsed();
+    let accepted = metric(
+        &metrics.render(),
+        "vitalwatch_ingest_accepted_readings_total",
+    )
+    .unwrap_or(0.0)
+        - accepted_before;
 
     // Restart the engine under load: every patient is rebuilt from the
     // store (overrides, open alerts, the readings of each rule's window)
@@ -300,12 +306,6 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let replayed_readings = replayed(&after) - replayed(&before);
     alerts_token.cancel();
     let _ = alerts.await;
-    let accepted = metric(
-        &metrics.render(),
-        "vitalwatch_ingest_accepted_readings_total",
-    )
-    .unwrap_or(0.0)
-        - accepted_before;
     load.cancel();
     let sent_batches = loader.await?;
     probe.disconnect().await;
