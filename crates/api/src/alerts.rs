@@ -30,7 +30,7 @@ use vitalwatch_store::alerts::Event;
 
 use crate::AppState;
 use crate::audit::{self, Outcome};
-use crate::auth::{Access, Caller};
+use crate::auth::{Access, Caller, carer, refused};
 use crate::error::ApiError;
 
 /// Changes read per query while streaming.
@@ -64,28 +64,6 @@ pub struct AlertBody {
     pub news2_score: Option<i16>,
     pub detail: serde_json::Value,
     pub history: Vec<AlertEventBody>,
-}
-
-/// The caller, if they may see patient data at all; a refusal is audited.
-async fn carer(state: &AppState, access: &Access, action: &str) -> Result<Caller, ApiError> {
-    let refusal = match &access.caller {
-        Ok(c) if c.is_carer() => return Ok(c.clone()),
-        Ok(_) => ApiError::Forbidden(
-            "alerts are for the nurses and clinicians of the patient's care team".into(),
-        ),
-        Err(why) => ApiError::Unauthorized(format!("a valid bearer token is required: {why}")),
-    };
-    let client = state.pool.get().await?;
-    audit::record(
-        &**client,
-        access,
-        action,
-        None,
-        Outcome::Denied,
-        Some(&refusal.to_string()),
-    )
-    .await?;
-    Err(refusal)
 }
 
 /// `GET /v1/alerts/stream`.
@@ -294,27 +272,6 @@ async fn load_alert(
         detail: r.get(14),
         history,
     }))
-}
-
-/// A malformed request from a carer, audited as failed before answering.
-async fn refused(state: &AppState, access: &Access, action: &str, e: ApiError) -> ApiError {
-    let logged = async {
-        let client = state.pool.get().await?;
-        audit::record(
-            &**client,
-            access,
-            action,
-            None,
-            Outcome::Failed,
-            Some(&e.to_string()),
-        )
-        .await
-    }
-    .await;
-    match logged {
-        Ok(()) => e,
-        Err(audit_error) => audit_error, // no answer without its audit row
-    }
 }
 
 fn check_id(alert_id: &str) -> Result<(), ApiError> {

@@ -14,6 +14,7 @@ use serde::Deserialize;
 use vitalwatch_store::tokio_postgres::GenericClient;
 
 use crate::AppState;
+use crate::audit::{self, Outcome};
 use crate::error::ApiError;
 
 /// `[api.auth]`.
@@ -227,6 +228,49 @@ impl Authenticator {
             roles,
             expires_at,
         })
+    }
+}
+
+/// The caller, if they may see patient data at all; a refusal is audited.
+pub async fn carer(state: &AppState, access: &Access, action: &str) -> Result<Caller, ApiError> {
+    let refusal = match &access.caller {
+        Ok(c) if c.is_carer() => return Ok(c.clone()),
+        Ok(_) => ApiError::Forbidden(
+            "patient data is for the nurses and clinicians of the patient's care team".into(),
+        ),
+        Err(why) => ApiError::Unauthorized(format!("a valid bearer token is required: {why}")),
+    };
+    let client = state.pool.get().await?;
+    audit::record(
+        &**client,
+        access,
+        action,
+        None,
+        Outcome::Denied,
+        Some(&refusal.to_string()),
+    )
+    .await?;
+    Err(refusal)
+}
+
+/// A malformed request from a carer, audited as failed before answering.
+pub async fn refused(state: &AppState, access: &Access, action: &str, e: ApiError) -> ApiError {
+    let logged = async {
+        let client = state.pool.get().await?;
+        audit::record(
+            &**client,
+            access,
+            action,
+            None,
+            Outcome::Failed,
+            Some(&e.to_string()),
+        )
+        .await
+    }
+    .await;
+    match logged {
+        Ok(()) => e,
+        Err(audit_error) => audit_error, // no answer without its audit row
     }
 }
 

@@ -1,7 +1,8 @@
 //! api: what care teams' dashboards read.
 //!
 //! - `GET /v1/patients/{patient_id}/vitals?metric=&from=&to=&bucket=`:
-//!   bucketed min/avg/max/count of one metric ([`vitals`]).
+//!   bucketed min/avg/max/count of one metric ([`vitals`]), for the
+//!   patient's care team.
 //! - Alerts ([`alerts`]), for the nurses and clinicians of the patient's
 //!   care team, authenticated by bearer token ([`auth`]) and audited
 //!   ([`audit`]): `GET /v1/alerts/stream` (server-sent events),
@@ -17,10 +18,13 @@
 //! `oneshot`. [`error::ApiError`] is the one error type: a problem-details
 //! body for the client, details only in the log.
 //!
-//! **Not yet here** (a later issue): authentication, scoping and auditing of
-//! the vitals route (the alert routes have them), key sets from a JWKS URL,
-//! TLS. Until then the API listens on 127.0.0.1 only by default and must not
-//! be exposed beyond the machine.
+//! Every route with patient data authenticates the caller by bearer token,
+//! allows the nurses and clinicians of the patient's care teams only, and
+//! audits the attempt ([`auth::carer`], [`auth::Caller::can_see`], [`audit`]).
+//!
+//! **Not yet here** (issue 6): registry, thresholds and audit endpoints,
+//! FHIR, OpenAPI, key sets from a JWKS URL, TLS. Until then the API listens
+//! on 127.0.0.1 only by default.
 #![forbid(unsafe_code)]
 
 pub mod alerts;

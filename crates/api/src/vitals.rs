@@ -1,4 +1,6 @@
-//! `GET /v1/patients/{patient_id}/vitals`: bucketed trends of one metric.
+//! `GET /v1/patients/{patient_id}/vitals`: bucketed trends of one metric,
+//! for the nurses and clinicians of the patient's care team (bearer token;
+//! another team's patient answers 404), every attempt audited.
 
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
@@ -9,6 +11,8 @@ use vitalwatch_core::catalogue::Metric;
 use vitalwatch_store::trends::{self, Bucket};
 
 use crate::AppState;
+use crate::audit::{self, Outcome};
+use crate::auth::{Access, carer, refused};
 use crate::error::ApiError;
 
 #[derive(Debug, Deserialize)]
@@ -44,32 +48,19 @@ pub struct VitalsResponse {
     pub series: Vec<Series>,
 }
 
-/// Parses `15m`, `1h`, `1d` into seconds; whole minutes from 1 minute to 1 day.
-pub fn parse_bucket(s: &str) -> Result<i64, String> {
-    let err = || {
-        format!("bucket {s:?} must be a whole number of minutes from 1m to 1d, like 5m, 1h or 1d")
-    };
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).ok_or_else(err)?);
-    let n: i64 = num.parse().map_err(|_| err())?;
-    let secs = match unit {
-        "m" => n.checked_mul(60),
-        "h" => n.checked_mul(3600),
-        "d" => n.checked_mul(86_400),
-        _ => None,
-    }
-    .ok_or_else(err)?;
-    if (60..=86_400).contains(&secs) {
-        Ok(secs)
-    } else {
-        Err(err())
-    }
-}
+/// A checked trend request: metric, bucket as asked, its seconds, from, to.
+type Checked = (Metric, String, i64, DateTime<Utc>, DateTime<Utc>);
 
-pub async fn get_vitals(
-    State(state): State<AppState>,
-    Path(patient_id): Path<String>,
+fn check_request(
+    state: &AppState,
+    patient_id: &str,
     query: Result<Query<VitalsQuery>, QueryRejection>,
-) -> Result<Json<VitalsResponse>, ApiError> {
+) -> Result<Checked, ApiError> {
+    if patient_id.is_empty() || patient_id.len() > 128 {
+        return Err(ApiError::BadRequest(
+            "a patient id is 1 to 128 characters".into(),
+        ));
+    }
     let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let metric: Metric =
         q.metric
@@ -104,11 +95,58 @@ pub async fn get_vitals(
             state.max_buckets
         )));
     }
-    let client = state
-        .pool
-        .get()
-        .await
-        .map_err(vitalwatch_store::StoreError::from)?;
+    Ok((metric, bucket, bucket_seconds, from, to))
+}
+
+/// Parses `15m`, `1h`, `1d` into seconds; whole minutes from 1 minute to 1 day.
+pub fn parse_bucket(s: &str) -> Result<i64, String> {
+    let err = || {
+        format!("bucket {s:?} must be a whole number of minutes from 1m to 1d, like 5m, 1h or 1d")
+    };
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).ok_or_else(err)?);
+    let n: i64 = num.parse().map_err(|_| err())?;
+    let secs = match unit {
+        "m" => n.checked_mul(60),
+        "h" => n.checked_mul(3600),
+        "d" => n.checked_mul(86_400),
+        _ => None,
+    }
+    .ok_or_else(err)?;
+    if (60..=86_400).contains(&secs) {
+        Ok(secs)
+    } else {
+        Err(err())
+    }
+}
+
+pub async fn get_vitals(
+    State(state): State<AppState>,
+    access: Access,
+    Path(patient_id): Path<String>,
+    query: Result<Query<VitalsQuery>, QueryRejection>,
+) -> Result<Json<VitalsResponse>, ApiError> {
+    const ACTION: &str = "vitals.read";
+    let caller = carer(&state, &access, ACTION).await?;
+    let request = match check_request(&state, &patient_id, query) {
+        Ok(r) => r,
+        Err(e) => return Err(refused(&state, &access, ACTION, e).await),
+    };
+    let (metric, bucket, bucket_seconds, from, to) = request;
+    let client = state.pool.get().await?;
+    if !caller.can_see(&**client, &patient_id).await? {
+        audit::record(
+            &**client,
+            &access,
+            ACTION,
+            Some(&patient_id),
+            Outcome::Denied,
+            Some("not on the caller's care teams"),
+        )
+        .await?;
+        return Err(ApiError::NotFound(format!(
+            "no patient {patient_id} among your patients"
+        )));
+    }
     let layout = state.layout(&client).await?;
     let rows = trends::buckets(
         &client,
@@ -131,6 +169,15 @@ pub async fn get_vitals(
             }),
         }
     }
+    audit::record(
+        &**client,
+        &access,
+        ACTION,
+        Some(&patient_id),
+        Outcome::Allowed,
+        Some(metric.name()),
+    )
+    .await?;
     Ok(Json(VitalsResponse {
         patient_id,
         metric: metric.name(),

@@ -373,67 +373,6 @@ async fn kill(running: Running) {
     tokio::time::sleep(Duration::from_millis(500)).await;
 }
 
-const SECRET: &str = "the-integration-tests-shared-secret-32+";
-
-fn token(subject: &str, roles: &[&str]) -> String {
-    let claims = serde_json::json!({
-        "sub": subject, "iss": "vitalwatch-local", "aud": "vitalwatch",
-        "exp": Utc::now().timestamp() + 600, "roles": roles,
-    });
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &claims,
-        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .expect("token")
-}
-
-fn api(cfg: &Config) -> axum::Router {
-    let auth = vitalwatch_api::auth::Authenticator::new(&vitalwatch_api::auth::AuthConfig {
-        hs256_secret: Some(SECRET.into()),
-        ..Default::default()
-    })
-    .expect("auth");
-    let state = vitalwatch_api::AppState::new(
-        vitalwatch_store::pool(&cfg.database).expect("pool"),
-        vitalwatch_api::telemetry::metrics_handle(),
-        10_000,
-        vitalwatch_core::health::Readiness::new(),
-    )
-    .with_auth(auth)
-    .with_listen_url(cfg.database.url.clone());
-    vitalwatch_api::app(state)
-}
-
-async fn call(
-    app: &axum::Router,
-    method: &str,
-    uri: &str,
-    bearer: Option<&str>,
-    body: &str,
-) -> (axum::http::StatusCode, serde_json::Value) {
-    use http_body_util::BodyExt;
-    use tower::ServiceExt;
-    let mut req = axum::http::Request::builder().method(method).uri(uri);
-    if let Some(t) = bearer {
-        req = req.header("authorization", format!("Bearer {t}"));
-    }
-    let resp = app
-        .clone()
-        .oneshot(
-            req.body(axum::body::Body::from(body.to_owned()))
-                .expect("request"),
-        )
-        .await
-        .expect("response");
-    let status = resp.status();
-    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
-    (
-        status,
-        serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
-    )
-}
-
 /// An open server-sent event stream, read frame by frame.
 struct EventStream {
     body: axum::body::Body,

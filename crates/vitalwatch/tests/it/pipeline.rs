@@ -66,6 +66,7 @@ async fn a_reading_travels_from_device_to_trend() {
     device.publish(&topic, pb.encode_to_vec()).await;
     device.wait_acked(WAIT).await;
 
+    grant(&cfg, &patient).await;
     let want_rows = values.len() as i64 + 2;
     ts::eventually(WAIT, "every reading stored", || async {
         (count_rows(&cfg, &patient).await == want_rows).then_some(())
@@ -138,6 +139,55 @@ async fn a_reading_travels_from_device_to_trend() {
     )
     .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    // Only the patient's care team reads their vitals; every attempt is audited.
+    let app = api(&cfg);
+    let uri = format!("/v1/patients/{patient}/vitals?metric=heart_rate");
+    let (status, _) = call(
+        &app,
+        "GET",
+        &uri,
+        Some(&token("nurse-elsewhere", &["nurse"])),
+        "",
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "another team's nurse");
+    let (status, _) = call(
+        &app,
+        "GET",
+        &uri,
+        Some(&token("nurse-test", &["admin"])),
+        "",
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::FORBIDDEN,
+        "an admin manages, does not read care data"
+    );
+    let (status, _) = call(&app, "GET", &uri, None, "").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let c = vitalwatch_store::connect(&cfg.database.url)
+        .await
+        .expect("db");
+    let audit: Vec<(String, Option<String>, String)> = c
+        .query("SELECT actor, patient_id, outcome FROM audit_log WHERE action = 'vitals.read' ORDER BY id", &[])
+        .await
+        .expect("audit")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let p = Some(patient.clone());
+    let want = vec![
+        ("nurse-test".to_owned(), p.clone(), "allowed".to_owned()),
+        ("nurse-test".to_owned(), p.clone(), "allowed".to_owned()),
+        ("nurse-test".to_owned(), None, "failed".to_owned()),
+        ("nurse-test".to_owned(), None, "failed".to_owned()),
+        ("nurse-elsewhere".to_owned(), p, "denied".to_owned()),
+        ("nurse-test".to_owned(), None, "denied".to_owned()),
+        ("anonymous".to_owned(), None, "denied".to_owned()),
+    ];
+    assert_eq!(audit, want);
 
     device.disconnect().await;
     pipeline.stop().await;

@@ -2,14 +2,11 @@
 
 use std::time::Duration;
 
-use axum::body::Body;
-use axum::http::{Request, StatusCode};
+use axum::http::StatusCode;
 use chrono::{DateTime, TimeZone, Utc};
-use http_body_util::BodyExt;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::sync::CancellationToken as Token;
-use tower::ServiceExt;
 use vitalwatch::{Config, Service};
 use vitalwatch_bus::rdkafka::consumer::Consumer;
 use vitalwatch_bus::rdkafka::{Offset, TopicPartitionList};
@@ -177,15 +174,95 @@ pub fn hr(value: f64, t: DateTime<Utc>) -> serde_json::Value {
     serde_json::json!({"metric": "heart_rate", "value": value, "unit": "/min", "measured_at": t.to_rfc3339()})
 }
 
+/// GET `uri` from the API as nurse `nurse-test` (see [`grant`]).
 pub async fn get_json(cfg: &Config, uri: &str) -> (StatusCode, serde_json::Value) {
+    call(
+        &api(cfg),
+        "GET",
+        uri,
+        Some(&token("nurse-test", &["nurse"])),
+        "",
+    )
+    .await
+}
+
+/// Puts `patient` on the panel of care team `test-ward`, whose member is
+/// `nurse-test`.
+pub async fn grant(cfg: &Config, patient: &str) {
+    let c = vitalwatch_store::connect(&cfg.database.url)
+        .await
+        .expect("db");
+    c.execute(
+        "INSERT INTO care_teams VALUES ('test-ward', 'test ward') ON CONFLICT DO NOTHING",
+        &[],
+    )
+    .await
+    .expect("team");
+    c.execute(
+        "INSERT INTO care_team_members (team_id, subject) VALUES ('test-ward', 'nurse-test') ON CONFLICT DO NOTHING",
+        &[],
+    )
+    .await
+    .expect("member");
+    c.execute(
+        "INSERT INTO care_team_patients (team_id, patient_id) VALUES ('test-ward', $1) ON CONFLICT DO NOTHING",
+        &[&patient],
+    )
+    .await
+    .expect("panel");
+}
+
+pub const SECRET: &str = "the-integration-tests-shared-secret-32+";
+
+pub fn token(subject: &str, roles: &[&str]) -> String {
+    let claims = serde_json::json!({
+        "sub": subject, "iss": "vitalwatch-local", "aud": "vitalwatch",
+        "exp": Utc::now().timestamp() + 600, "roles": roles,
+    });
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("token")
+}
+
+pub fn api(cfg: &Config) -> axum::Router {
+    let auth = vitalwatch_api::auth::Authenticator::new(&vitalwatch_api::auth::AuthConfig {
+        hs256_secret: Some(SECRET.into()),
+        ..Default::default()
+    })
+    .expect("auth");
     let state = vitalwatch_api::AppState::new(
         vitalwatch_store::pool(&cfg.database).expect("pool"),
         vitalwatch_api::telemetry::metrics_handle(),
         10_000,
-        Readiness::new(),
-    );
-    let resp = vitalwatch_api::app(state)
-        .oneshot(Request::get(uri).body(Body::empty()).expect("request"))
+        vitalwatch_core::health::Readiness::new(),
+    )
+    .with_auth(auth)
+    .with_listen_url(cfg.database.url.clone());
+    vitalwatch_api::app(state)
+}
+
+pub async fn call(
+    app: &axum::Router,
+    method: &str,
+    uri: &str,
+    bearer: Option<&str>,
+    body: &str,
+) -> (axum::http::StatusCode, serde_json::Value) {
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let mut req = axum::http::Request::builder().method(method).uri(uri);
+    if let Some(t) = bearer {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let resp = app
+        .clone()
+        .oneshot(
+            req.body(axum::body::Body::from(body.to_owned()))
+                .expect("request"),
+        )
         .await
         .expect("response");
     let status = resp.status();
