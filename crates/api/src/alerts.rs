@@ -6,6 +6,8 @@
 //!   the SSE id is the change's `seq`, so a client reconnecting with
 //!   `Last-Event-ID` (or `?after=`) misses nothing. The stream ends when the
 //!   caller's token expires (reconnect with a fresh one).
+//! - `GET /v1/alerts?state=&severity=&patient=&limit=&after=`: the alerts of
+//!   the caller's patients, open ones by default, newest opened first, paged.
 //! - `GET /v1/alerts/{alert_id}`: the alert and its lifecycle history.
 //! - `POST /v1/alerts/{alert_id}/acknowledge` and `.../resolve`, with an
 //!   optional JSON body `{"note": "..."}`.
@@ -284,6 +286,182 @@ fn check_id(alert_id: &str) -> Result<(), ApiError> {
         ));
     }
     Ok(())
+}
+
+/// One alert in a list (no history).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AlertSummary {
+    pub alert_id: String,
+    pub patient_id: String,
+    pub rule: String,
+    pub severity: String,
+    pub state: String,
+    pub escalation_level: i16,
+    pub episode_start: DateTime<Utc>,
+    pub raised_at: DateTime<Utc>,
+    pub opened_at: DateTime<Utc>,
+    pub acknowledged_by: Option<String>,
+    pub news2_score: Option<i16>,
+}
+
+/// A page of alerts, newest opened first; `next` asks for the page after.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AlertPage {
+    pub alerts: Vec<AlertSummary>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    /// `open` (raised or acknowledged; the default), `raised`,
+    /// `acknowledged`, `resolved` or `all`.
+    pub state: Option<String>,
+    /// `low`, `low_medium`, `medium` or `high`.
+    pub severity: Option<String>,
+    /// One patient of the caller's panel.
+    pub patient: Option<String>,
+    /// 1 to 200; default 50.
+    pub limit: Option<i64>,
+    /// The `next` of the previous page.
+    pub after: Option<String>,
+}
+
+/// Checks a list query: (states, severity, patient, limit, cursor).
+type ListFilter = (
+    Vec<&'static str>,
+    Option<String>,
+    Option<String>,
+    i64,
+    Option<(DateTime<Utc>, String)>,
+);
+
+fn check_list(q: ListQuery) -> Result<ListFilter, ApiError> {
+    let states = match q.state.as_deref().unwrap_or("open") {
+        "open" => vec!["raised", "acknowledged"],
+        "raised" => vec!["raised"],
+        "acknowledged" => vec!["acknowledged"],
+        "resolved" => vec!["resolved"],
+        "all" => vec!["raised", "acknowledged", "resolved"],
+        other => {
+            return Err(ApiError::BadRequest(format!(
+                "state {other:?} is not open, raised, acknowledged, resolved or all"
+            )));
+        }
+    };
+    if let Some(sev) = &q.severity
+        && !["low", "low_medium", "medium", "high"].contains(&sev.as_str())
+    {
+        return Err(ApiError::BadRequest(format!(
+            "severity {sev:?} is not low, low_medium, medium or high"
+        )));
+    }
+    let limit = q.limit.unwrap_or(50);
+    if !(1..=200).contains(&limit) {
+        return Err(ApiError::BadRequest("limit is 1 to 200".into()));
+    }
+    let cursor = match q.after.as_deref() {
+        None => None,
+        Some(c) => {
+            let bad = || ApiError::BadRequest("after must be the next of a previous page".into());
+            let (t, id) = c.split_once('_').ok_or_else(bad)?;
+            let micros: i64 = t.parse().map_err(|_| bad())?;
+            check_id(id).map_err(|_| bad())?;
+            Some((
+                DateTime::from_timestamp_micros(micros).ok_or_else(bad)?,
+                id.to_owned(),
+            ))
+        }
+    };
+    Ok((states, q.severity, q.patient, limit, cursor))
+}
+
+/// `GET /v1/alerts?state=&severity=&patient=&limit=&after=`: the alerts of
+/// the caller's patients, newest opened first.
+pub async fn list(
+    State(state): State<AppState>,
+    access: Access,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<AlertPage>, ApiError> {
+    const ACTION: &str = "alerts.list";
+    let caller = carer(&state, &access, ACTION).await?;
+    let checked = query
+        .map_err(|e| ApiError::BadRequest(e.body_text()))
+        .and_then(|Query(q)| check_list(q));
+    let (states, severity, patient, limit, cursor) = match checked {
+        Ok(c) => c,
+        Err(e) => return Err(refused(&state, &access, ACTION, e).await),
+    };
+    let client = state.pool.get().await?;
+    let mut patients = caller.patients(&**client).await?;
+    if let Some(p) = &patient {
+        if !patients.contains(p) {
+            audit::record(
+                &**client,
+                &access,
+                ACTION,
+                Some(p),
+                Outcome::Denied,
+                Some("not on the caller's care teams"),
+            )
+            .await?;
+            return Err(ApiError::NotFound(format!(
+                "no patient {p} among your patients"
+            )));
+        }
+        patients = vec![p.clone()];
+    }
+    let (after_t, after_id) = cursor.map_or((None, None), |(t, id)| (Some(t), Some(id)));
+    let rows = client
+        .query(
+            "SELECT alert_id, patient_id, rule, severity, state, escalation_level, episode_start, raised_at, opened_at,
+                    acknowledged_by, news2_score
+               FROM alerts
+              WHERE patient_id = ANY($1) AND state = ANY($2) AND ($3::text IS NULL OR severity = $3)
+                AND ($4::timestamptz IS NULL OR (opened_at, alert_id) < ($4, $5))
+              ORDER BY opened_at DESC, alert_id DESC
+              LIMIT $6",
+            &[&patients, &states, &severity, &after_t, &after_id, &(limit + 1)],
+        )
+        .await
+        .map_err(vitalwatch_store::StoreError::from)?;
+    let mut alerts: Vec<AlertSummary> = rows
+        .iter()
+        .map(|r| AlertSummary {
+            alert_id: r.get(0),
+            patient_id: r.get(1),
+            rule: r.get(2),
+            severity: r.get(3),
+            state: r.get(4),
+            escalation_level: r.get(5),
+            episode_start: r.get(6),
+            raised_at: r.get(7),
+            opened_at: r.get(8),
+            acknowledged_by: r.get(9),
+            news2_score: r.get(10),
+        })
+        .collect();
+    let next = (alerts.len() as i64 > limit).then(|| {
+        alerts.truncate(limit as usize);
+        alerts
+            .last()
+            .map(|a| format!("{}_{}", a.opened_at.timestamp_micros(), a.alert_id))
+    });
+    let detail = format!("{} alerts", alerts.len());
+    audit::record(
+        &**client,
+        &access,
+        ACTION,
+        patient.as_deref(),
+        Outcome::Allowed,
+        Some(&detail),
+    )
+    .await?;
+    Ok(Json(AlertPage {
+        alerts,
+        next: next.flatten(),
+    }))
 }
 
 /// `GET /v1/alerts/{alert_id}`.

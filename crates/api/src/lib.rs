@@ -5,7 +5,8 @@
 //!   patient's care team.
 //! - Alerts ([`alerts`]), for the nurses and clinicians of the patient's
 //!   care team, authenticated by bearer token ([`auth`]) and audited
-//!   ([`audit`]): `GET /v1/alerts/stream` (server-sent events),
+//!   ([`audit`]): `GET /v1/alerts` (a filtered, paged list),
+//!   `GET /v1/alerts/stream` (server-sent events),
 //!   `GET /v1/alerts/{alert_id}`, `POST /v1/alerts/{alert_id}/acknowledge`
 //!   and `POST /v1/alerts/{alert_id}/resolve`.
 //! - `GET /healthz`: the process is alive.
@@ -170,6 +171,7 @@ pub fn app(state: AppState) -> Router {
         .route("/metrics", get(render_metrics))
         .route("/readyz", get(readyz))
         .route("/v1/patients/{patient_id}/vitals", get(vitals::get_vitals))
+        .route("/v1/alerts", get(alerts::list))
         .route("/v1/alerts/stream", get(alerts::stream))
         .route("/v1/alerts/{alert_id}", get(alerts::get_alert))
         .route(

@@ -816,3 +816,126 @@ async fn a_scale_gone_quiet_raises_a_missing_data_alert_that_the_next_weighing_r
         .collect();
     assert_eq!(states, ["raised", "resolved"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_alert_list_shows_the_callers_patients_filtered_and_paged() {
+    use vitalwatch_store::alerts::{NewAlert, acknowledge, raise, resolve};
+    let cfg = config().await;
+    let (mine, theirs) = (ts::unique("pat"), ts::unique("pat"));
+    grant(&cfg, &mine).await;
+    let c = vitalwatch_store::connect(&cfg.database.url)
+        .await
+        .expect("db");
+    let t0 = base();
+    for (id, patient, rule, severity) in [
+        ("a1", &mine, "spo2_low", "medium"),
+        ("b2", &mine, "fever", "medium"),
+        ("c3", &mine, "systolic_high", "high"),
+        ("d4", &theirs, "systolic_high", "high"),
+    ] {
+        let a = NewAlert {
+            alert_id: id,
+            patient_id: patient,
+            rule,
+            severity,
+            episode_start: t0,
+            raised_at: t0,
+            news2_score: None,
+            detail: serde_json::json!({}),
+        };
+        assert!(raise(&c, &a).await.expect("raise"));
+    }
+    assert!(
+        acknowledge(&c, "b2", "nurse-test", None)
+            .await
+            .expect("ack")
+    );
+    assert!(resolve(&c, "c3", t0, None, None).await.expect("resolve"));
+    // Opened a minute apart: a1 first, c3 last.
+    c.batch_execute(
+        "UPDATE alerts SET opened_at = now() - interval '10 minutes' + (CASE alert_id WHEN 'a1' THEN 0 WHEN 'b2' THEN 1 ELSE 2 END) * interval '1 minute'",
+    )
+    .await
+    .expect("opened_at");
+    let app = api(&cfg);
+    let nurse = token("nurse-test", &["nurse"]);
+    let ids = |body: &serde_json::Value| -> Vec<String> {
+        body["alerts"]
+            .as_array()
+            .expect("alerts")
+            .iter()
+            .map(|a| a["alert_id"].as_str().expect("id").to_owned())
+            .collect()
+    };
+    let (status, body) = call(&app, "GET", "/v1/alerts", Some(&nurse), "").await;
+    assert_eq!(status, axum::http::StatusCode::OK, "{body}");
+    assert_eq!(
+        ids(&body),
+        ["b2", "a1"],
+        "open ones, newest first, and none of another team's"
+    );
+    let (_, body) = call(
+        &app,
+        "GET",
+        "/v1/alerts?state=all&severity=high",
+        Some(&nurse),
+        "",
+    )
+    .await;
+    assert_eq!(ids(&body), ["c3"]);
+    // Pages of two.
+    let (_, first) = call(
+        &app,
+        "GET",
+        "/v1/alerts?state=all&limit=2",
+        Some(&nurse),
+        "",
+    )
+    .await;
+    assert_eq!(ids(&first), ["c3", "b2"]);
+    let next = first["next"].as_str().expect("a next page");
+    let (_, second) = call(
+        &app,
+        "GET",
+        &format!("/v1/alerts?state=all&limit=2&after={next}"),
+        Some(&nurse),
+        "",
+    )
+    .await;
+    assert_eq!(ids(&second), ["a1"]);
+    assert!(second.get("next").is_none(), "{second}");
+    // Another team's patient, and bad filters.
+    let (status, _) = call(
+        &app,
+        "GET",
+        &format!("/v1/alerts?patient={theirs}"),
+        Some(&nurse),
+        "",
+    )
+    .await;
+    assert_eq!(status, axum::http::StatusCode::NOT_FOUND);
+    for bad in [
+        "state=closed",
+        "severity=urgent",
+        "limit=0",
+        "limit=201",
+        "after=yesterday",
+        "colour=red",
+    ] {
+        let (status, body) =
+            call(&app, "GET", &format!("/v1/alerts?{bad}"), Some(&nurse), "").await;
+        assert_eq!(status, axum::http::StatusCode::BAD_REQUEST, "{bad}: {body}");
+    }
+    let outcomes: Vec<String> = c
+        .query(
+            "SELECT outcome FROM audit_log WHERE action = 'alerts.list' ORDER BY id",
+            &[],
+        )
+        .await
+        .expect("audit")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let want: Vec<&str> = [vec!["allowed"; 4], vec!["denied"], vec!["failed"; 6]].concat();
+    assert_eq!(outcomes, want);
+}

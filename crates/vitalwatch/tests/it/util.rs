@@ -193,6 +193,12 @@ pub async fn grant(cfg: &Config, patient: &str) {
         .await
         .expect("db");
     c.execute(
+        "INSERT INTO patients (patient_id) VALUES ($1) ON CONFLICT DO NOTHING",
+        &[&patient],
+    )
+    .await
+    .expect("patient");
+    c.execute(
         "INSERT INTO care_teams VALUES ('test-ward', 'test ward') ON CONFLICT DO NOTHING",
         &[],
     )
