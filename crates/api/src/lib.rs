@@ -1,8 +1,9 @@
 //! api: what care teams' dashboards read.
 //!
 //! - `GET /v1/patients/{patient_id}/vitals?metric=&from=&to=&bucket=`:
-//!   bucketed min/avg/max/count of one metric ([`vitals`]), for the
-//!   patient's care team.
+//!   bucketed min/avg/max/count of one metric ([`vitals`]), and
+//!   `GET /v1/patients/{patient_id}/latest`: the newest reading of every
+//!   metric; both for the patient's care team.
 //! - Alerts ([`alerts`]), for the nurses and clinicians of the patient's
 //!   care team, authenticated by bearer token ([`auth`]) and audited
 //!   ([`audit`]): `GET /v1/alerts` (a filtered, paged list),
@@ -171,6 +172,7 @@ pub fn app(state: AppState) -> Router {
         .route("/metrics", get(render_metrics))
         .route("/readyz", get(readyz))
         .route("/v1/patients/{patient_id}/vitals", get(vitals::get_vitals))
+        .route("/v1/patients/{patient_id}/latest", get(vitals::get_latest))
         .route("/v1/alerts", get(alerts::list))
         .route("/v1/alerts/stream", get(alerts::stream))
         .route("/v1/alerts/{alert_id}", get(alerts::get_alert))

@@ -215,3 +215,119 @@ mod tests {
         }
     }
 }
+
+/// One metric's newest reading.
+#[derive(Debug, Serialize, serde::Deserialize, PartialEq)]
+pub struct LatestReading {
+    pub metric: String,
+    /// `systolic` or `diastolic` for blood pressure, absent for scalars.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub component: Option<String>,
+    pub time: DateTime<Utc>,
+    pub value: f64,
+    pub unit: String,
+    pub device_id: String,
+    /// Signal-quality flags (`motion_artifact`, `low_perfusion`, `cuff_error`).
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub flags: Vec<String>,
+}
+
+#[derive(Debug, Serialize, serde::Deserialize, PartialEq)]
+pub struct LatestResponse {
+    pub patient_id: String,
+    /// Every metric the patient has a reading of, in catalogue order.
+    pub latest: Vec<LatestReading>,
+}
+
+/// `GET /v1/patients/{patient_id}/latest`: the newest reading of every
+/// metric (each blood-pressure component), for the patient's care team.
+pub async fn get_latest(
+    State(state): State<AppState>,
+    access: Access,
+    Path(patient_id): Path<String>,
+) -> Result<Json<LatestResponse>, ApiError> {
+    const ACTION: &str = "vitals.latest";
+    let caller = carer(&state, &access, ACTION).await?;
+    if patient_id.is_empty() || patient_id.len() > 128 {
+        let e = ApiError::BadRequest("a patient id is 1 to 128 characters".into());
+        return Err(refused(&state, &access, ACTION, e).await);
+    }
+    let client = state.pool.get().await?;
+    if !caller.can_see(&**client, &patient_id).await? {
+        audit::record(
+            &**client,
+            &access,
+            ACTION,
+            Some(&patient_id),
+            Outcome::Denied,
+            Some("not on the caller's care teams"),
+        )
+        .await?;
+        return Err(ApiError::NotFound(format!(
+            "no patient {patient_id} among your patients"
+        )));
+    }
+    let mut metrics = Vec::new();
+    let mut components = Vec::new();
+    for m in Metric::all() {
+        if m == Metric::BloodPressure {
+            for c in ["systolic", "diastolic"] {
+                metrics.push(m.name());
+                components.push(c);
+            }
+        } else {
+            metrics.push(m.name());
+            components.push("");
+        }
+    }
+    // One index probe per metric (newest first on the identity key).
+    let rows = client
+        .query(
+            "SELECT k.metric, k.component, r.time, r.value, r.unit, r.device_id, r.quality
+               FROM unnest($2::text[], $3::text[]) WITH ORDINALITY AS k(metric, component, n)
+               CROSS JOIN LATERAL (
+                     SELECT time, value, unit, device_id, quality FROM readings
+                      WHERE patient_id = $1 AND metric = k.metric AND component = k.component
+                      ORDER BY time DESC LIMIT 1) r
+              ORDER BY k.n",
+            &[&patient_id, &metrics, &components],
+        )
+        .await
+        .map_err(vitalwatch_store::StoreError::from)?;
+    let latest = rows
+        .iter()
+        .map(|r| {
+            let component: String = r.get(1);
+            let quality: i16 = r.get(6);
+            let flags = [
+                (1, "motion_artifact"),
+                (2, "low_perfusion"),
+                (4, "cuff_error"),
+            ]
+            .iter()
+            .filter(|(bit, _)| quality & bit != 0)
+            .map(|(_, name)| (*name).to_owned())
+            .collect();
+            LatestReading {
+                metric: r.get(0),
+                component: (!component.is_empty()).then_some(component),
+                time: r.get(2),
+                value: r.get(3),
+                unit: r.get(4),
+                device_id: r.get(5),
+                flags,
+            }
+        })
+        .collect::<Vec<_>>();
+    let detail = format!("{} metrics", latest.len());
+    audit::record(
+        &**client,
+        &access,
+        ACTION,
+        Some(&patient_id),
+        Outcome::Allowed,
+        Some(&detail),
+    )
+    .await?;
+    Ok(Json(LatestResponse { patient_id, latest }))
+}

@@ -140,6 +140,43 @@ async fn a_reading_travels_from_device_to_trend() {
     .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
 
+    // The newest reading of every metric: heart rate at 899 s, both
+    // blood-pressure components.
+    let (status, body) = get_json(&cfg, &format!("/v1/patients/{patient}/latest")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let latest = body["latest"].as_array().expect("latest");
+    let find = |metric: &str, component: Option<&str>| {
+        latest
+            .iter()
+            .find(|l| l["metric"] == metric && l["component"].as_str() == component)
+            .unwrap_or_else(|| panic!("{metric} {component:?} in {body}"))
+    };
+    let hr_latest = find("heart_rate", None);
+    assert_eq!(
+        (hr_latest["value"].as_f64(), hr_latest["unit"].as_str()),
+        (Some(65.0), Some("/min"))
+    );
+    assert_eq!(
+        hr_latest["time"]
+            .as_str()
+            .map(|t| t.parse::<DateTime<Utc>>().expect("time")),
+        Some(at(899))
+    );
+    assert!(
+        (find("blood_pressure", Some("systolic"))["value"]
+            .as_f64()
+            .expect("sys")
+            - 120.01)
+            .abs()
+            < 0.01
+    );
+    assert!(
+        find("blood_pressure", Some("diastolic"))["value"]
+            .as_f64()
+            .is_some()
+    );
+    assert_eq!(latest.len(), 3, "only the metrics the patient has: {body}");
+
     // Only the patient's care team reads their vitals; every attempt is audited.
     let app = api(&cfg);
     let uri = format!("/v1/patients/{patient}/vitals?metric=heart_rate");
