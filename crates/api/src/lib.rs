@@ -3,7 +3,9 @@
 //! - `GET /v1/patients/{patient_id}/vitals?metric=&from=&to=&bucket=`:
 //!   bucketed min/avg/max/count of one metric ([`vitals`]), and
 //!   `GET /v1/patients/{patient_id}/latest`: the newest reading of every
-//!   metric; both for the patient's care team.
+//!   metric; `GET /v1/patients/{patient_id}/monitoring-days`: days with
+//!   device data in a period and the RPM code they support; all for the
+//!   patient's care team.
 //! - Alerts ([`alerts`]), for the nurses and clinicians of the patient's
 //!   care team, authenticated by bearer token ([`auth`]) and audited
 //!   ([`audit`]): `GET /v1/alerts` (a filtered, paged list),
@@ -173,6 +175,10 @@ pub fn app(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/v1/patients/{patient_id}/vitals", get(vitals::get_vitals))
         .route("/v1/patients/{patient_id}/latest", get(vitals::get_latest))
+        .route(
+            "/v1/patients/{patient_id}/monitoring-days",
+            get(vitals::get_monitoring_days),
+        )
         .route("/v1/alerts", get(alerts::list))
         .route("/v1/alerts/stream", get(alerts::stream))
         .route("/v1/alerts/{alert_id}", get(alerts::get_alert))

@@ -190,32 +190,6 @@ pub async fn get_vitals(
     }))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::parse_bucket;
-
-    #[test]
-    fn buckets_parse_within_bounds() {
-        assert_eq!(parse_bucket("1m"), Ok(60));
-        assert_eq!(parse_bucket("15m"), Ok(900));
-        assert_eq!(parse_bucket("1h"), Ok(3600));
-        assert_eq!(parse_bucket("1d"), Ok(86_400));
-        for bad in [
-            "",
-            "m",
-            "0m",
-            "30s",
-            "2d",
-            "1w",
-            "-1h",
-            "1.5h",
-            "99999999999999999999m",
-        ] {
-            assert!(parse_bucket(bad).is_err(), "{bad:?} should be refused");
-        }
-    }
-}
-
 /// One metric's newest reading.
 #[derive(Debug, Serialize, serde::Deserialize, PartialEq)]
 pub struct LatestReading {
@@ -330,4 +304,192 @@ pub async fn get_latest(
     )
     .await?;
     Ok(Json(LatestResponse { patient_id, latest }))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaysQuery {
+    /// The period's first day (`YYYY-MM-DD`); default 29 days before `to`.
+    pub from: Option<chrono::NaiveDate>,
+    /// The period's last day, inclusive (`YYYY-MM-DD`); default today.
+    pub to: Option<chrono::NaiveDate>,
+    /// The time zone days are counted in (IANA name); default `UTC`.
+    pub tz: Option<String>,
+}
+
+/// Days with device data in a period, and the RPM device-supply code they
+/// support.
+#[derive(Debug, Serialize, serde::Deserialize, PartialEq)]
+pub struct MonitoringDays {
+    pub patient_id: String,
+    pub from: chrono::NaiveDate,
+    pub to: chrono::NaiveDate,
+    pub tz: String,
+    /// The days with at least one reading, in order.
+    pub days: Vec<chrono::NaiveDate>,
+    pub count: usize,
+    /// `99454` for 16 to 30 days, `99445` for 2 to 15, absent below 2.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpt: Option<String>,
+}
+
+/// The CPT code a count of monitoring days in a 30-day period supports.
+pub fn cpt_for(days: usize) -> Option<&'static str> {
+    match days {
+        16.. => Some("99454"),
+        2..=15 => Some("99445"),
+        _ => None,
+    }
+}
+
+/// `GET /v1/patients/{patient_id}/monitoring-days?from=&to=&tz=`: the days
+/// of a period of at most 30 days with device data, for billing RPM.
+pub async fn get_monitoring_days(
+    State(state): State<AppState>,
+    access: Access,
+    Path(patient_id): Path<String>,
+    query: Result<Query<DaysQuery>, QueryRejection>,
+) -> Result<Json<MonitoringDays>, ApiError> {
+    const ACTION: &str = "monitoring_days.read";
+    let caller = carer(&state, &access, ACTION).await?;
+    let checked = query
+        .map_err(|e| ApiError::BadRequest(e.body_text()))
+        .and_then(|Query(q)| {
+            if patient_id.is_empty() || patient_id.len() > 128 {
+                return Err(ApiError::BadRequest(
+                    "a patient id is 1 to 128 characters".into(),
+                ));
+            }
+            let to = q.to.unwrap_or_else(|| Utc::now().date_naive());
+            let from = q.from.unwrap_or(to - chrono::Days::new(29));
+            if from > to {
+                return Err(ApiError::BadRequest("from must not be after to".into()));
+            }
+            if (to - from).num_days() >= 30 {
+                return Err(ApiError::BadRequest("a period is at most 30 days".into()));
+            }
+            let tz = q.tz.unwrap_or_else(|| "UTC".into());
+            if tz.is_empty()
+                || tz.len() > 64
+                || !tz
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "/_-+".contains(c))
+            {
+                return Err(ApiError::BadRequest(format!(
+                    "tz {tz:?} is not a time zone name"
+                )));
+            }
+            Ok((from, to, tz))
+        });
+    let (from, to, tz) = match checked {
+        Ok(c) => c,
+        Err(e) => return Err(refused(&state, &access, ACTION, e).await),
+    };
+    let client = state.pool.get().await?;
+    let known: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_timezone_names WHERE name = $1)",
+            &[&tz],
+        )
+        .await
+        .map_err(vitalwatch_store::StoreError::from)?
+        .get(0);
+    if !known {
+        let e = ApiError::BadRequest(format!("tz {tz:?} is not a known time zone"));
+        return Err(refused(&state, &access, ACTION, e).await);
+    }
+    if !caller.can_see(&**client, &patient_id).await? {
+        audit::record(
+            &**client,
+            &access,
+            ACTION,
+            Some(&patient_id),
+            Outcome::Denied,
+            Some("not on the caller's care teams"),
+        )
+        .await?;
+        return Err(ApiError::NotFound(format!(
+            "no patient {patient_id} among your patients"
+        )));
+    }
+    let metrics: Vec<&str> = Metric::all().map(Metric::name).collect();
+    // One probe per day (and metric) on the identity index, however many
+    // readings a day holds.
+    let rows = client
+        .query(
+            "SELECT d::date FROM generate_series($2::date, $3::date, interval '1 day') AS d
+              WHERE EXISTS (SELECT 1 FROM readings r
+                             WHERE r.patient_id = $1 AND r.metric = ANY($5)
+                               AND r.time >= (d::date)::timestamp AT TIME ZONE $4
+                               AND r.time < (d::date + 1)::timestamp AT TIME ZONE $4)
+              ORDER BY 1",
+            &[&patient_id, &from, &to, &tz, &metrics],
+        )
+        .await
+        .map_err(vitalwatch_store::StoreError::from)?;
+    let days: Vec<chrono::NaiveDate> = rows.iter().map(|r| r.get(0)).collect();
+    let count = days.len();
+    let cpt = cpt_for(count).map(str::to_owned);
+    let detail = format!("{from}..{to} {tz}: {count} days");
+    audit::record(
+        &**client,
+        &access,
+        ACTION,
+        Some(&patient_id),
+        Outcome::Allowed,
+        Some(&detail),
+    )
+    .await?;
+    Ok(Json(MonitoringDays {
+        patient_id,
+        from,
+        to,
+        tz,
+        days,
+        count,
+        cpt,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cpt_for;
+
+    #[test]
+    fn monitoring_day_counts_map_to_the_rpm_codes() {
+        let cases = [
+            (0, None),
+            (1, None),
+            (2, Some("99445")),
+            (15, Some("99445")),
+            (16, Some("99454")),
+            (30, Some("99454")),
+        ];
+        for (days, want) in cases {
+            assert_eq!(cpt_for(days), want, "{days} days");
+        }
+    }
+
+    use super::parse_bucket;
+
+    #[test]
+    fn buckets_parse_within_bounds() {
+        assert_eq!(parse_bucket("1m"), Ok(60));
+        assert_eq!(parse_bucket("15m"), Ok(900));
+        assert_eq!(parse_bucket("1h"), Ok(3600));
+        assert_eq!(parse_bucket("1d"), Ok(86_400));
+        for bad in [
+            "",
+            "m",
+            "0m",
+            "30s",
+            "2d",
+            "1w",
+            "-1h",
+            "1.5h",
+            "99999999999999999999m",
+        ] {
+            assert!(parse_bucket(bad).is_err(), "{bad:?} should be refused");
+        }
+    }
 }

@@ -9,7 +9,9 @@ use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use prost::Message as _;
 use vitalwatch::Service;
+use vitalwatch_core::catalogue::Metric;
 use vitalwatch_core::proto;
+use vitalwatch_core::reading::{Batch, Reading};
 use vitalwatch_core::topics::mqtt_readings_topic;
 use vitalwatch_test_support::{self as ts, Device};
 
@@ -406,4 +408,115 @@ fn prost_types_ts(t: DateTime<Utc>) -> prost_types::Timestamp {
         seconds: t.timestamp(),
         nanos: 0,
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn monitoring_days_count_calendar_days_with_data_and_name_the_rpm_code() {
+    use chrono::NaiveDate;
+    let cfg = config().await;
+    let patient = ts::unique("pat");
+    grant(&cfg, &patient).await;
+    let mut c = vitalwatch_store::connect(&cfg.database.url)
+        .await
+        .expect("db");
+    let layout = vitalwatch_store::storage::layout(&c).await.expect("layout");
+    let today = Utc::now().date_naive();
+    let day = |back: u64| today - chrono::Days::new(back);
+    let at_utc = |d: NaiveDate, h: u32, m: u32| d.and_hms_opt(h, m, 0).expect("time").and_utc();
+    // Readings on 20 of the last 30 days (days 1 to 20 back), three on some
+    // days; one late on day 25 back, at 23:30 UTC.
+    let mut readings = Vec::new();
+    for back in 1..=20 {
+        for h in [8, 12, 20].iter().take(if back % 2 == 0 { 3 } else { 1 }) {
+            readings.push(Reading {
+                metric: Metric::HeartRate,
+                measurement: vitalwatch_core::reading::Measurement::Scalar(70.0),
+                measured_at: at_utc(day(back), *h, 0),
+                quality: vitalwatch_core::reading::Quality::default(),
+            });
+        }
+    }
+    readings.push(Reading {
+        metric: Metric::BodyWeight,
+        measurement: vitalwatch_core::reading::Measurement::Scalar(80.0),
+        measured_at: at_utc(day(25), 23, 30),
+        quality: vitalwatch_core::reading::Quality::default(),
+    });
+    let batch = Batch {
+        device_id: "d".into(),
+        patient_id: patient.clone(),
+        seq: None,
+        received_at: Utc::now(),
+        readings,
+    };
+    let mut rows = vitalwatch_store::readings::Rows::default();
+    rows.push(&batch);
+    vitalwatch_store::readings::write(&mut c, layout, &rows)
+        .await
+        .expect("write");
+
+    let uri = |q: &str| format!("/v1/patients/{patient}/monitoring-days{q}");
+    let (status, body) = get_json(&cfg, &uri(&format!("?from={}&to={}", day(29), today))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        (body["count"].as_u64(), body["cpt"].as_str()),
+        (Some(21), Some("99454")),
+        "{body}"
+    );
+    let days: Vec<String> = body["days"]
+        .as_array()
+        .expect("days")
+        .iter()
+        .map(|d| d.as_str().expect("day").to_owned())
+        .collect();
+    assert_eq!(
+        days.first().map(String::as_str),
+        Some(day(25).to_string().as_str())
+    );
+    assert_eq!(
+        days.last().map(String::as_str),
+        Some(day(1).to_string().as_str())
+    );
+    // Ten days holding four days of data (25, 20, 19 and 18 back): the lower code.
+    let (_, body) = get_json(&cfg, &uri(&format!("?from={}&to={}", day(27), day(18)))).await;
+    assert_eq!(
+        (body["count"].as_u64(), body["cpt"].as_str()),
+        (Some(4), Some("99445")),
+        "{body}"
+    );
+    // One day: no code.
+    let (_, body) = get_json(&cfg, &uri(&format!("?from={}&to={}", day(26), day(21)))).await;
+    assert_eq!(body["count"].as_u64(), Some(1));
+    assert!(body.get("cpt").is_none(), "{body}");
+    // In Tokyo, 23:30 UTC is the next morning.
+    let (_, body) = get_json(
+        &cfg,
+        &uri(&format!("?from={}&to={}&tz=Asia/Tokyo", day(26), day(21))),
+    )
+    .await;
+    assert_eq!(
+        body["days"],
+        serde_json::json!([day(24).to_string()]),
+        "{body}"
+    );
+    // Bad periods and zones are refused clearly.
+    for bad in [
+        format!("?from={}&to={}", today, day(1)),
+        format!("?from={}&to={}", day(30), today),
+        "?tz=Mars/Olympus_Mons".to_owned(),
+        "?from=yesterday".to_owned(),
+    ] {
+        let (status, body) = get_json(&cfg, &uri(&bad)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
+        assert!(body["detail"].as_str().is_some_and(|d| !d.is_empty()));
+    }
+    let (status, _) = call(
+        &api(&cfg),
+        "GET",
+        &uri(""),
+        Some(&token("nurse-elsewhere", &["nurse"])),
+        "",
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
 }
