@@ -32,7 +32,7 @@ use vitalwatch_store::alerts::Event;
 
 use crate::AppState;
 use crate::audit::{self, Outcome};
-use crate::auth::{Access, Caller, carer, refused};
+use crate::auth::{Access, Caller, carer, deny_patient, refused};
 use crate::error::ApiError;
 
 /// Changes read per query while streaming.
@@ -47,23 +47,14 @@ const SCOPE_REFRESH: Duration = Duration::from_secs(30);
 /// `note`, `news2_score`.
 pub type AlertEventBody = Event;
 
-/// An alert and its history.
+/// An alert and its history: the summary's fields, and the rest.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct AlertBody {
-    pub alert_id: String,
-    pub patient_id: String,
-    pub rule: String,
-    pub severity: String,
-    pub state: String,
-    pub escalation_level: i16,
-    pub episode_start: DateTime<Utc>,
-    pub raised_at: DateTime<Utc>,
-    pub opened_at: DateTime<Utc>,
+    #[serde(flatten)]
+    pub summary: AlertSummary,
     pub acknowledged_at: Option<DateTime<Utc>>,
-    pub acknowledged_by: Option<String>,
     pub resolved_at: Option<DateTime<Utc>>,
     pub resolved_by: Option<String>,
-    pub news2_score: Option<i16>,
     pub detail: serde_json::Value,
     pub history: Vec<AlertEventBody>,
 }
@@ -216,47 +207,12 @@ async fn feed(
     }
 }
 
-async fn load_alert(
-    client: &impl vitalwatch_store::tokio_postgres::GenericClient,
-    alert_id: &str,
-) -> Result<Option<AlertBody>, ApiError> {
-    let row = client
-        .query_opt(
-            "SELECT alert_id, patient_id, rule, severity, state, escalation_level, episode_start, raised_at, opened_at,
-                    acknowledged_at, acknowledged_by, resolved_at, resolved_by, news2_score, detail
-               FROM alerts WHERE alert_id = $1",
-            &[&alert_id],
-        )
-        .await
-        .map_err(vitalwatch_store::StoreError::from)?;
-    let Some(r) = row else { return Ok(None) };
-    let history = client
-        .query(
-            "SELECT e.id, e.alert_id, a.patient_id, a.rule, e.state, coalesce(e.severity, a.severity), e.escalation_level,
-                    a.episode_start, e.at, e.actor, e.note, a.news2_score, e.seq
-               FROM alert_events e JOIN alerts a USING (alert_id) WHERE e.alert_id = $1 ORDER BY e.id",
-            &[&alert_id],
-        )
-        .await
-        .map_err(vitalwatch_store::StoreError::from)?
-        .iter()
-        .map(|h| AlertEventBody {
-            id: h.get(0),
-            seq: h.get::<_, Option<i64>>(12).unwrap_or_default(),
-            alert_id: h.get(1),
-            patient_id: h.get(2),
-            rule: h.get(3),
-            state: h.get(4),
-            severity: h.get(5),
-            escalation_level: h.get(6),
-            episode_start: h.get(7),
-            at: h.get(8),
-            actor: h.get(9),
-            note: h.get(10),
-            news2_score: h.get(11),
-        })
-        .collect();
-    Ok(Some(AlertBody {
+/// The columns [`summary`] reads, first in every query of alerts.
+const SUMMARY_COLUMNS: &str = "alert_id, patient_id, rule, severity, state, escalation_level, episode_start, raised_at, opened_at,
+    acknowledged_by, news2_score";
+
+fn summary(r: &vitalwatch_store::tokio_postgres::Row) -> AlertSummary {
+    AlertSummary {
         alert_id: r.get(0),
         patient_id: r.get(1),
         rule: r.get(2),
@@ -266,11 +222,29 @@ async fn load_alert(
         episode_start: r.get(6),
         raised_at: r.get(7),
         opened_at: r.get(8),
-        acknowledged_at: r.get(9),
-        acknowledged_by: r.get(10),
-        resolved_at: r.get(11),
-        resolved_by: r.get(12),
-        news2_score: r.get(13),
+        acknowledged_by: r.get(9),
+        news2_score: r.get(10),
+    }
+}
+
+async fn load_alert(
+    client: &impl vitalwatch_store::tokio_postgres::GenericClient,
+    alert_id: &str,
+) -> Result<Option<AlertBody>, ApiError> {
+    let row = client
+        .query_opt(
+            &format!("SELECT {SUMMARY_COLUMNS}, acknowledged_at, resolved_at, resolved_by, detail FROM alerts WHERE alert_id = $1"),
+            &[&alert_id],
+        )
+        .await
+        .map_err(vitalwatch_store::StoreError::from)?;
+    let Some(r) = row else { return Ok(None) };
+    let history = vitalwatch_store::alerts::history(client, alert_id).await?;
+    Ok(Some(AlertBody {
+        summary: summary(&r),
+        acknowledged_at: r.get(11),
+        resolved_at: r.get(12),
+        resolved_by: r.get(13),
         detail: r.get(14),
         history,
     }))
@@ -397,51 +371,32 @@ pub async fn list(
     let mut patients = caller.patients(&**client).await?;
     if let Some(p) = &patient {
         if !patients.contains(p) {
-            audit::record(
-                &**client,
-                &access,
-                ACTION,
-                Some(p),
-                Outcome::Denied,
-                Some("not on the caller's care teams"),
-            )
-            .await?;
-            return Err(ApiError::NotFound(format!(
-                "no patient {p} among your patients"
-            )));
+            return Err(deny_patient(&**client, &access, ACTION, p).await?);
         }
         patients = vec![p.clone()];
     }
     let (after_t, after_id) = cursor.map_or((None, None), |(t, id)| (Some(t), Some(id)));
     let rows = client
         .query(
-            "SELECT alert_id, patient_id, rule, severity, state, escalation_level, episode_start, raised_at, opened_at,
-                    acknowledged_by, news2_score
-               FROM alerts
+            &format!(
+                "SELECT {SUMMARY_COLUMNS} FROM alerts
               WHERE patient_id = ANY($1) AND state = ANY($2) AND ($3::text IS NULL OR severity = $3)
                 AND ($4::timestamptz IS NULL OR (opened_at, alert_id) < ($4, $5))
               ORDER BY opened_at DESC, alert_id DESC
-              LIMIT $6",
-            &[&patients, &states, &severity, &after_t, &after_id, &(limit + 1)],
+              LIMIT $6"
+            ),
+            &[
+                &patients,
+                &states,
+                &severity,
+                &after_t,
+                &after_id,
+                &(limit + 1),
+            ],
         )
         .await
         .map_err(vitalwatch_store::StoreError::from)?;
-    let mut alerts: Vec<AlertSummary> = rows
-        .iter()
-        .map(|r| AlertSummary {
-            alert_id: r.get(0),
-            patient_id: r.get(1),
-            rule: r.get(2),
-            severity: r.get(3),
-            state: r.get(4),
-            escalation_level: r.get(5),
-            episode_start: r.get(6),
-            raised_at: r.get(7),
-            opened_at: r.get(8),
-            acknowledged_by: r.get(9),
-            news2_score: r.get(10),
-        })
-        .collect();
+    let mut alerts: Vec<AlertSummary> = rows.iter().map(summary).collect();
     let next = (alerts.len() as i64 > limit).then(|| {
         alerts.truncate(limit as usize);
         alerts
@@ -480,7 +435,7 @@ pub async fn get_alert(
         &**client,
         &access,
         "alert.read",
-        Some(&alert.patient_id),
+        Some(&alert.summary.patient_id),
         Outcome::Allowed,
         None,
     )
@@ -511,12 +466,12 @@ async fn visible(
             .await?;
             Err(not_found())
         }
-        Some(a) if !caller.can_see(client, &a.patient_id).await? => {
+        Some(a) if !caller.can_see(client, &a.summary.patient_id).await? => {
             audit::record(
                 client,
                 access,
                 action,
-                Some(&a.patient_id),
+                Some(&a.summary.patient_id),
                 Outcome::Denied,
                 Some("not on the caller's care teams"),
             )
@@ -627,12 +582,12 @@ async fn act(
         }
     };
     if !changed {
-        let why = format!("the alert is {}", alert.state);
+        let why = format!("the alert is {}", alert.summary.state);
         audit::record(
             &*tx,
             &access,
             name,
-            Some(&alert.patient_id),
+            Some(&alert.summary.patient_id),
             Outcome::Failed,
             Some(&why),
         )
@@ -646,7 +601,7 @@ async fn act(
         &*tx,
         &access,
         name,
-        Some(&alert.patient_id),
+        Some(&alert.summary.patient_id),
         Outcome::Allowed,
         note.map(|_| "with a note"),
     )

@@ -274,6 +274,54 @@ pub async fn refused(state: &AppState, access: &Access, action: &str, e: ApiErro
     }
 }
 
+/// Checks the shape of a patient id in a path (the registry's bound).
+pub fn check_patient_id(patient_id: &str) -> Result<(), ApiError> {
+    if patient_id.is_empty() || patient_id.len() > 128 {
+        return Err(ApiError::BadRequest(
+            "a patient id is 1 to 128 characters".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Audits a request about a patient who is not on the caller's panel and
+/// returns the answer to give: not found, so that another team's patient
+/// is not disclosed.
+pub async fn deny_patient(
+    client: &impl GenericClient,
+    access: &Access,
+    action: &str,
+    patient_id: &str,
+) -> Result<ApiError, ApiError> {
+    audit::record(
+        client,
+        access,
+        action,
+        Some(patient_id),
+        Outcome::Denied,
+        Some("not on the caller's care teams"),
+    )
+    .await?;
+    Ok(ApiError::NotFound(format!(
+        "no patient {patient_id} among your patients"
+    )))
+}
+
+/// `Ok` when `patient_id` is on the caller's panel; otherwise the refusal
+/// is audited and answered as not found ([`deny_patient`]).
+pub async fn require_patient(
+    client: &impl GenericClient,
+    access: &Access,
+    caller: &Caller,
+    action: &str,
+    patient_id: &str,
+) -> Result<(), ApiError> {
+    if caller.can_see(client, patient_id).await? {
+        return Ok(());
+    }
+    Err(deny_patient(client, access, action, patient_id).await?)
+}
+
 /// A token signed with the configured HS256 secret, for local runs
 /// (`vitalwatch token`); `Err` when no shared secret is configured.
 pub fn mint_local(

@@ -12,7 +12,7 @@ use vitalwatch_store::trends::{self, Bucket};
 
 use crate::AppState;
 use crate::audit::{self, Outcome};
-use crate::auth::{Access, carer, refused};
+use crate::auth::{Access, carer, check_patient_id, refused, require_patient};
 use crate::error::ApiError;
 
 #[derive(Debug, Deserialize)]
@@ -56,11 +56,7 @@ fn check_request(
     patient_id: &str,
     query: Result<Query<VitalsQuery>, QueryRejection>,
 ) -> Result<Checked, ApiError> {
-    if patient_id.is_empty() || patient_id.len() > 128 {
-        return Err(ApiError::BadRequest(
-            "a patient id is 1 to 128 characters".into(),
-        ));
-    }
+    check_patient_id(patient_id)?;
     let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let metric: Metric =
         q.metric
@@ -133,20 +129,7 @@ pub async fn get_vitals(
     };
     let (metric, bucket, bucket_seconds, from, to) = request;
     let client = state.pool.get().await?;
-    if !caller.can_see(&**client, &patient_id).await? {
-        audit::record(
-            &**client,
-            &access,
-            ACTION,
-            Some(&patient_id),
-            Outcome::Denied,
-            Some("not on the caller's care teams"),
-        )
-        .await?;
-        return Err(ApiError::NotFound(format!(
-            "no patient {patient_id} among your patients"
-        )));
-    }
+    require_patient(&**client, &access, &caller, ACTION, &patient_id).await?;
     let layout = state.layout(&client).await?;
     let rows = trends::buckets(
         &client,
@@ -222,25 +205,11 @@ pub async fn get_latest(
 ) -> Result<Json<LatestResponse>, ApiError> {
     const ACTION: &str = "vitals.latest";
     let caller = carer(&state, &access, ACTION).await?;
-    if patient_id.is_empty() || patient_id.len() > 128 {
-        let e = ApiError::BadRequest("a patient id is 1 to 128 characters".into());
+    if let Err(e) = check_patient_id(&patient_id) {
         return Err(refused(&state, &access, ACTION, e).await);
     }
     let client = state.pool.get().await?;
-    if !caller.can_see(&**client, &patient_id).await? {
-        audit::record(
-            &**client,
-            &access,
-            ACTION,
-            Some(&patient_id),
-            Outcome::Denied,
-            Some("not on the caller's care teams"),
-        )
-        .await?;
-        return Err(ApiError::NotFound(format!(
-            "no patient {patient_id} among your patients"
-        )));
-    }
+    require_patient(&**client, &access, &caller, ACTION, &patient_id).await?;
     let mut metrics = Vec::new();
     let mut components = Vec::new();
     for m in Metric::all() {
@@ -355,11 +324,7 @@ pub async fn get_monitoring_days(
     let checked = query
         .map_err(|e| ApiError::BadRequest(e.body_text()))
         .and_then(|Query(q)| {
-            if patient_id.is_empty() || patient_id.len() > 128 {
-                return Err(ApiError::BadRequest(
-                    "a patient id is 1 to 128 characters".into(),
-                ));
-            }
+            check_patient_id(&patient_id)?;
             let to = q.to.unwrap_or_else(|| Utc::now().date_naive());
             let from = q.from.unwrap_or(to - chrono::Days::new(29));
             if from > to {
@@ -398,20 +363,7 @@ pub async fn get_monitoring_days(
         let e = ApiError::BadRequest(format!("tz {tz:?} is not a known time zone"));
         return Err(refused(&state, &access, ACTION, e).await);
     }
-    if !caller.can_see(&**client, &patient_id).await? {
-        audit::record(
-            &**client,
-            &access,
-            ACTION,
-            Some(&patient_id),
-            Outcome::Denied,
-            Some("not on the caller's care teams"),
-        )
-        .await?;
-        return Err(ApiError::NotFound(format!(
-            "no patient {patient_id} among your patients"
-        )));
-    }
+    require_patient(&**client, &access, &caller, ACTION, &patient_id).await?;
     let metrics: Vec<&str> = Metric::all().map(Metric::name).collect();
     // One probe per day (and metric) on the identity index, however many
     // readings a day holds.

@@ -181,7 +181,7 @@ pub struct Event {
 }
 
 const EVENT_COLUMNS: &str =
-    "e.id, e.seq, e.alert_id, a.patient_id, a.rule, e.state, coalesce(e.severity, a.severity),
+    "e.id, coalesce(e.seq, 0), e.alert_id, a.patient_id, a.rule, e.state, coalesce(e.severity, a.severity),
     e.escalation_level, a.episode_start, e.at, e.actor, e.note, a.news2_score";
 
 fn event(r: &tokio_postgres::Row) -> Result<Event, StoreError> {
@@ -200,6 +200,20 @@ fn event(r: &tokio_postgres::Row) -> Result<Event, StoreError> {
         note: r.try_get(11)?,
         news2_score: r.try_get(12)?,
     })
+}
+
+/// Every change of one alert, in order (`seq` 0 for one not sequenced yet).
+pub async fn history(
+    client: &impl GenericClient,
+    alert_id: &str,
+) -> Result<Vec<Event>, StoreError> {
+    let rows = client
+        .query(
+            &format!("SELECT {EVENT_COLUMNS} FROM alert_events e JOIN alerts a USING (alert_id) WHERE e.alert_id = $1 ORDER BY e.id"),
+            &[&alert_id],
+        )
+        .await?;
+    rows.iter().map(event).collect()
 }
 
 /// Key of the transaction-scoped advisory lock that makes one outbox relay
