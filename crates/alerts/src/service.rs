@@ -732,14 +732,12 @@ async fn missing_data(
             crate::missing::check(&**client, &rules, Utc::now()).await
         }
         .await;
-        match result {
-            Ok(0) => {}
-            Ok(n) => {
-                metrics::counter!("vitalwatch_alerts_missing_changes_total").increment(n);
-                wake.notify_one();
-            }
-            Err(e) => tracing::warn!(error = %e, "missing-data check failed; retrying"),
-        }
+        tell(
+            result,
+            "vitalwatch_alerts_missing_changes_total",
+            "missing-data check",
+            &wake,
+        );
     }
 }
 
@@ -774,6 +772,20 @@ fn writer_progress(writer: &StreamConsumer, topic: &str) -> Option<(Vec<i64>, Ve
     Some((ends, done))
 }
 
+/// The outcome of a periodic round that changes alerts: counted under
+/// `counter`, and the relay woken when something changed; a failure is
+/// logged and the next round retries.
+fn tell(result: Result<u64, StoreError>, counter: &'static str, what: &str, wake: &Notify) {
+    match result {
+        Ok(0) => {}
+        Ok(n) => {
+            metrics::counter!(counter).increment(n);
+            wake.notify_one();
+        }
+        Err(e) => tracing::warn!(error = %e, "{what} failed; retrying"),
+    }
+}
+
 /// Escalates unacknowledged alerts on wall-clock time until `shutdown`.
 pub async fn escalation(
     pool: Pool,
@@ -793,13 +805,11 @@ pub async fn escalation(
             vitalwatch_store::alerts::escalate(&**client, after, cfg.max_escalation_level).await
         }
         .await;
-        match result {
-            Ok(0) => {}
-            Ok(n) => {
-                metrics::counter!("vitalwatch_alerts_escalated_total").increment(n);
-                wake.notify_one();
-            }
-            Err(e) => tracing::warn!(error = %e, "escalation check failed; retrying"),
-        }
+        tell(
+            result,
+            "vitalwatch_alerts_escalated_total",
+            "escalation check",
+            &wake,
+        );
     }
 }
