@@ -10,9 +10,7 @@ use chrono::{DateTime, DurationRound, Utc};
 use prost::Message as _;
 use vitalwatch::{Config, Service};
 use vitalwatch_bus::Producer;
-use vitalwatch_bus::rdkafka::consumer::{CommitMode, Consumer};
 use vitalwatch_bus::rdkafka::message::Message as _;
-use vitalwatch_bus::rdkafka::{Offset, TopicPartitionList};
 use vitalwatch_core::catalogue::Metric;
 use vitalwatch_core::proto;
 use vitalwatch_core::reading::{Batch, Measurement, Quality, Reading};
@@ -190,23 +188,7 @@ async fn readings_consumed_again_after_an_offset_reset_raise_nothing_new() {
     let before: Vec<_> = futures_join(&cfg, &patients).await;
 
     // An operator resets the alerts group to the beginning.
-    let consumer = vitalwatch_bus::consumer(&cfg.kafka, &cfg.alerts.group_id).expect("consumer");
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..cfg.kafka.partitions {
-        tpl.add_partition_offset(&cfg.kafka.readings_topic, p, Offset::Offset(0))
-            .expect("offset");
-    }
-    consumer
-        .commit(&tpl, CommitMode::Sync)
-        .expect("reset offsets");
-    drop(consumer);
-    assert!(
-        committed_and_end(&cfg.kafka, &cfg.alerts.group_id)
-            .0
-            .iter()
-            .all(|o| *o == 0),
-        "offsets reset"
-    );
+    reset_offsets(&cfg.kafka, &cfg.alerts.group_id);
 
     let second = start(&[Service::Alerts], &cfg);
     caught_up(&cfg).await;

@@ -310,6 +310,26 @@ pub async fn produce(kafka: &KafkaConfig, producer: &Producer, b: &Batch) {
     .expect("produce");
 }
 
+/// Commits offset 0 for `group` on every partition of the readings topic,
+/// as an operator resetting the group would, and checks it took.
+pub fn reset_offsets(kafka: &KafkaConfig, group: &str) {
+    use vitalwatch_bus::rdkafka::consumer::CommitMode;
+    let consumer = vitalwatch_bus::consumer(kafka, group).expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..kafka.partitions {
+        tpl.add_partition_offset(&kafka.readings_topic, p, Offset::Offset(0))
+            .expect("offset");
+    }
+    consumer
+        .commit(&tpl, CommitMode::Sync)
+        .expect("reset offsets");
+    drop(consumer);
+    assert!(
+        committed_and_end(kafka, group).0.iter().all(|o| *o == 0),
+        "offsets reset"
+    );
+}
+
 /// The group's committed offset of every partition of the readings topic,
 /// and the partitions' high watermarks.
 pub fn committed_and_end(kafka: &KafkaConfig, group: &str) -> (Vec<i64>, Vec<i64>) {

@@ -6,8 +6,6 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use vitalwatch::Service;
 use vitalwatch_bus::Producer;
-use vitalwatch_bus::rdkafka::consumer::{CommitMode, Consumer};
-use vitalwatch_bus::rdkafka::{Offset, TopicPartitionList};
 use vitalwatch_core::catalogue::Metric;
 use vitalwatch_core::reading::{Batch, Measurement, Quality, Reading};
 use vitalwatch_store::storage::TimescaleMode;
@@ -77,23 +75,7 @@ async fn records_consumed_again_after_an_offset_reset_leave_the_table_unchanged(
         committed, ends,
         "the first writer committed everything it wrote"
     );
-    let consumer = vitalwatch_bus::consumer(&cfg.kafka, &cfg.writer.group_id).expect("consumer");
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..cfg.kafka.partitions {
-        tpl.add_partition_offset(&cfg.kafka.readings_topic, p, Offset::Offset(0))
-            .expect("offset");
-    }
-    consumer
-        .commit(&tpl, CommitMode::Sync)
-        .expect("reset offsets");
-    drop(consumer);
-    assert!(
-        committed_and_end(&cfg.kafka, &cfg.writer.group_id)
-            .0
-            .iter()
-            .all(|o| *o == 0),
-        "offsets reset"
-    );
+    reset_offsets(&cfg.kafka, &cfg.writer.group_id);
 
     // The second writer consumes every record again, to the end.
     let second = start_writer(&cfg);
