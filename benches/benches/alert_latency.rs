@@ -18,6 +18,7 @@
 //! patient's rebuild, cold caches) are not counted.
 
 use std::time::{Duration, Instant};
+use vitalwatch_benches::{env, metric};
 
 use axum::body::Body;
 use chrono::Utc;
@@ -33,21 +34,6 @@ use vitalwatch_test_support::{self as ts, Device};
 const SECRET: &str = "alert-latency-bench-secret-32-bytes+";
 /// Seconds of readings in one upload.
 const UPLOAD_SECONDS: i64 = 5;
-
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|l| {
-        l.strip_prefix(series)
-            .and_then(|v| v.strip_prefix(' '))
-            .and_then(|v| v.trim().parse().ok())
-    })
-}
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -8,6 +8,7 @@
 //! across all devices, default 0 = as fast as the broker takes them)
 
 use std::time::{Duration, Instant};
+use vitalwatch_benches::{env, metric};
 
 use chrono::Utc;
 use metrics_exporter_prometheus::PrometheusBuilder;
@@ -16,21 +17,6 @@ use vitalwatch_core::health::Readiness;
 use vitalwatch_core::topics::mqtt_readings_topic;
 use vitalwatch_ingest::IngestConfig;
 use vitalwatch_test_support::{self as ts, Device};
-
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|l| {
-        l.strip_prefix(series)
-            .and_then(|v| v.strip_prefix(' '))
-            .and_then(|v| v.trim().parse().ok())
-    })
-}
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let rt = tokio::runtime::Builder::new_multi_thread()

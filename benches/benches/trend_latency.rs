@@ -16,6 +16,7 @@
 //! (default 200), BENCH_RELOAD=1 to refill)
 
 use std::time::{Duration, Instant};
+use vitalwatch_benches::env;
 
 use chrono::{DateTime, DurationRound, Utc};
 use vitalwatch_store::DatabaseConfig;
@@ -26,13 +27,6 @@ use vitalwatch_store::trends;
 use vitalwatch_test_support as ts;
 
 type Error = Box<dyn std::error::Error>;
-
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn main() -> Result<(), Error> {
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -21,6 +21,7 @@
 //! 5000; BENCH_READINGS_PER_RECORD, default 20)
 
 use std::time::{Duration, Instant};
+use vitalwatch_benches::env;
 
 use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
@@ -33,13 +34,6 @@ use vitalwatch_store::tokio_postgres::binary_copy::BinaryCopyInWriter;
 use vitalwatch_store::{DatabaseConfig, Pool};
 use vitalwatch_test_support as ts;
 use vitalwatch_writer::WriterConfig;
-
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -37,3 +37,21 @@ pub fn report(name: &str, per_call: Duration, items: u64) {
         calls * items as f64
     );
 }
+
+/// A setting from the environment (`BENCH_*`), or `default` when unset or
+/// not a number.
+pub fn env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The value of one series in Prometheus text (`name{labels} value`).
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)
+            .and_then(|v| v.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+    })
+}
