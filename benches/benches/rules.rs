@@ -46,53 +46,28 @@ fn series(c: &mut Criterion) {
     };
     let mut group = c.benchmark_group("threshold series, SpO2 every 5 s");
     group.throughput(Throughput::Elements(1));
-    for horizon_min in [10_i64, 60] {
-        let mut s = Series::new(rule, Duration::minutes(horizon_min));
-        // Fill the horizon first, so every measured reading replays it whole.
-        let mut i = 0_i64;
-        while i < horizon_min * 12 + 10 {
-            let _ = s.observe(Point {
-                at: at(i),
-                value: spo2(i),
-                artifact: false,
-            });
-            i += 1;
-        }
-        group.bench_with_input(
-            BenchmarkId::new("in order, horizon minutes", horizon_min),
-            &horizon_min,
-            |b, _| {
+    // In order, then with every tenth reading measured about 30 s ago
+    // (between two kept ones) and arriving only now.
+    for (name, late) in [
+        ("in order, horizon minutes", false),
+        ("one in ten 30 s late, horizon minutes", true),
+    ] {
+        for horizon_min in [10_i64, 60] {
+            let mut s = Series::new(rule, Duration::minutes(horizon_min));
+            // Fill the horizon first: a late reading replays it whole.
+            let mut i = 0_i64;
+            while i < horizon_min * 12 + 10 {
+                let _ = s.observe(Point {
+                    at: at(i),
+                    value: spo2(i),
+                    artifact: false,
+                });
+                i += 1;
+            }
+            group.bench_with_input(BenchmarkId::new(name, horizon_min), &horizon_min, |b, _| {
                 b.iter(|| {
                     i += 1;
-                    black_box(s.observe(Point {
-                        at: at(i),
-                        value: spo2(i),
-                        artifact: false,
-                    }))
-                })
-            },
-        );
-    }
-    for horizon_min in [10_i64, 60] {
-        let mut s = Series::new(rule, Duration::minutes(horizon_min));
-        let mut i = 0_i64;
-        while i < horizon_min * 12 + 10 {
-            let _ = s.observe(Point {
-                at: at(i),
-                value: spo2(i),
-                artifact: false,
-            });
-            i += 1;
-        }
-        group.bench_with_input(
-            BenchmarkId::new("one in ten 30 s late, horizon minutes", horizon_min),
-            &horizon_min,
-            |b, _| {
-                b.iter(|| {
-                    i += 1;
-                    // Every tenth reading was measured about 30 s ago (between
-                    // two kept ones) and arrives only now.
-                    let t = if i % 10 == 0 {
+                    let t = if late && i % 10 == 0 {
                         at(i - 6) + Duration::seconds(2)
                     } else {
                         at(i)
@@ -103,8 +78,8 @@ fn series(c: &mut Criterion) {
                         artifact: false,
                     }))
                 })
-            },
-        );
+            });
+        }
     }
     group.finish();
 }
