@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -33,7 +34,7 @@ use vitalwatch_store::alerts::Event;
 use crate::AppState;
 use crate::audit::{self, Outcome};
 use crate::auth::{Access, Caller, carer, deny_patient, refused};
-use crate::error::ApiError;
+use crate::error::{ApiError, Problem};
 
 /// Changes read per query while streaming.
 const PAGE: i64 = 200;
@@ -48,18 +49,31 @@ const SCOPE_REFRESH: Duration = Duration::from_secs(30);
 pub type AlertEventBody = Event;
 
 /// An alert and its history: the summary's fields, and the rest.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct AlertBody {
     #[serde(flatten)]
     pub summary: AlertSummary,
     pub acknowledged_at: Option<DateTime<Utc>>,
     pub resolved_at: Option<DateTime<Utc>>,
     pub resolved_by: Option<String>,
+    /// What the rule saw (its values and limits).
+    #[schema(value_type = Object)]
     pub detail: serde_json::Value,
     pub history: Vec<AlertEventBody>,
 }
 
-/// `GET /v1/alerts/stream`.
+/// Server-sent events: one `alert` event per lifecycle change of an alert
+/// of the caller's patients, in commit order. The SSE id is the change's
+/// `seq`: reconnect with `Last-Event-ID` (or `?after=`) to miss nothing.
+/// The stream ends when the token expires.
+#[utoipa::path(get, path = "/v1/alerts/stream", tag = "alerts",
+    params(StreamQuery, ("Last-Event-ID" = Option<i64>, Header, description = "Resume after this change")),
+    responses(
+        (status = 200, description = "`text/event-stream` of `alert` events whose data is an AlertEvent", body = Event, content_type = "text/event-stream"),
+        (status = 400, description = "A malformed Last-Event-ID", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not a nurse or clinician", body = Problem, content_type = "application/problem+json"),
+    ))]
 pub async fn stream(
     State(state): State<AppState>,
     access: Access,
@@ -102,8 +116,9 @@ pub async fn stream(
     Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct StreamQuery {
     /// Resume after this change id (as `Last-Event-ID` does).
     pub after: Option<i64>,
@@ -263,7 +278,7 @@ fn check_id(alert_id: &str) -> Result<(), ApiError> {
 }
 
 /// One alert in a list (no history).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct AlertSummary {
     pub alert_id: String,
     pub patient_id: String,
@@ -279,15 +294,16 @@ pub struct AlertSummary {
 }
 
 /// A page of alerts, newest opened first; `next` asks for the page after.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct AlertPage {
     pub alerts: Vec<AlertSummary>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub next: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// `open` (raised or acknowledged; the default), `raised`,
     /// `acknowledged`, `resolved` or `all`.
@@ -351,8 +367,16 @@ fn check_list(q: ListQuery) -> Result<ListFilter, ApiError> {
     Ok((states, q.severity, q.patient, limit, cursor))
 }
 
-/// `GET /v1/alerts?state=&severity=&patient=&limit=&after=`: the alerts of
-/// the caller's patients, newest opened first.
+/// The alerts of the caller's patients, newest opened first, paged.
+#[utoipa::path(get, path = "/v1/alerts", tag = "alerts",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "A page of alerts", body = AlertPage),
+        (status = 400, description = "A malformed filter or cursor", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not a nurse or clinician", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "The patient filter names a patient off the caller's panel", body = Problem, content_type = "application/problem+json"),
+    ))]
 pub async fn list(
     State(state): State<AppState>,
     access: Access,
@@ -419,7 +443,16 @@ pub async fn list(
     }))
 }
 
-/// `GET /v1/alerts/{alert_id}`.
+/// One alert and its lifecycle history.
+#[utoipa::path(get, path = "/v1/alerts/{alert_id}", tag = "alerts",
+    params(("alert_id" = String, Path, description = "The alert")),
+    responses(
+        (status = 200, description = "The alert", body = AlertBody),
+        (status = 400, description = "A malformed alert id", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not a nurse or clinician", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such alert among the caller's patients'", body = Problem, content_type = "application/problem+json"),
+    ))]
 pub async fn get_alert(
     State(state): State<AppState>,
     access: Access,
@@ -482,10 +515,12 @@ async fn visible(
     }
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// A person's note on a lifecycle action.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ActionBody {
-    note: Option<String>,
+pub struct ActionBody {
+    /// At most 1000 characters.
+    pub note: Option<String>,
 }
 
 fn parse_action(body: &Bytes) -> Result<ActionBody, ApiError> {
@@ -509,22 +544,46 @@ fn parse_action(body: &Bytes) -> Result<ActionBody, ApiError> {
     Ok(parsed)
 }
 
-/// `POST /v1/alerts/{alert_id}/acknowledge`.
+/// Acknowledges the alert, with an optional note (`{"note": "..."}`, at most 1000 characters).
+#[utoipa::path(post, path = "/v1/alerts/{alert_id}/acknowledge", tag = "alerts",
+    params(("alert_id" = String, Path, description = "The alert")),
+    request_body(content = Option<ActionBody>, description = "An optional note", content_type = "application/json"),
+    responses(
+        (status = 200, description = "The alert after the change", body = AlertBody),
+        (status = 400, description = "A malformed alert id or body", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not a nurse or clinician", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such alert among the caller's patients'", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The alert's state does not allow it", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "The body is too large", body = Problem, content_type = "application/problem+json"),
+    ))]
 pub async fn acknowledge(
     State(state): State<AppState>,
     access: Access,
     Path(alert_id): Path<String>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<AlertBody>, ApiError> {
     act(state, access, alert_id, body, Action::Acknowledge).await
 }
 
-/// `POST /v1/alerts/{alert_id}/resolve`.
+/// Resolves the alert, with an optional note (`{"note": "..."}`, at most 1000 characters).
+#[utoipa::path(post, path = "/v1/alerts/{alert_id}/resolve", tag = "alerts",
+    params(("alert_id" = String, Path, description = "The alert")),
+    request_body(content = Option<ActionBody>, description = "An optional note", content_type = "application/json"),
+    responses(
+        (status = 200, description = "The alert after the change", body = AlertBody),
+        (status = 400, description = "A malformed alert id or body", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not a nurse or clinician", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such alert among the caller's patients'", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The alert's state does not allow it", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "The body is too large", body = Problem, content_type = "application/problem+json"),
+    ))]
 pub async fn resolve(
     State(state): State<AppState>,
     access: Access,
     Path(alert_id): Path<String>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<AlertBody>, ApiError> {
     act(state, access, alert_id, body, Action::Resolve).await
 }
@@ -539,7 +598,7 @@ async fn act(
     state: AppState,
     access: Access,
     alert_id: String,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
     action: Action,
 ) -> Result<Json<AlertBody>, ApiError> {
     let name = match action {
@@ -547,7 +606,10 @@ async fn act(
         Action::Resolve => "alert.resolve",
     };
     let caller = carer(&state, &access, name).await?;
-    let body = match check_id(&alert_id).and_then(|()| parse_action(&body)) {
+    let body = match check_id(&alert_id)
+        .and_then(|()| crate::error::body(body))
+        .and_then(|b| parse_action(&b))
+    {
         Ok(b) => b,
         Err(e) => return Err(refused(&state, &access, name, e).await),
     };

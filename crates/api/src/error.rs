@@ -22,18 +22,26 @@ pub enum ApiError {
     /// alert already acknowledged).
     #[error("{0}")]
     Conflict(String),
+    /// The body is larger than the server accepts.
+    #[error("{0}")]
+    TooLarge(String),
     #[error("internal error")]
     Internal(String),
     #[error("the database is unavailable")]
     Unavailable(String),
 }
 
-#[derive(Serialize)]
-struct Problem<'a> {
-    r#type: &'a str,
-    title: &'a str,
-    status: u16,
-    detail: String,
+/// RFC 9457 problem details: the body of every error answer.
+#[derive(Debug, Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct Problem {
+    /// Always `about:blank`: the status says what kind of problem it is.
+    pub r#type: String,
+    /// The status's name (`Bad request`, `Not found`, ...).
+    pub title: String,
+    /// The HTTP status.
+    pub status: u16,
+    /// What went wrong, for a person to read.
+    pub detail: String,
 }
 
 impl From<vitalwatch_store::StoreError> for ApiError {
@@ -60,6 +68,7 @@ impl IntoResponse for ApiError {
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "Forbidden"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "Not found"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "Conflict"),
+            ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "Content too large"),
             ApiError::Internal(detail) => {
                 tracing::error!(detail, "request failed");
                 (StatusCode::INTERNAL_SERVER_ERROR, "Internal error")
@@ -70,8 +79,8 @@ impl IntoResponse for ApiError {
             }
         };
         let body = Problem {
-            r#type: "about:blank",
-            title,
+            r#type: "about:blank".into(),
+            title: title.into(),
             status: status.as_u16(),
             detail: self.to_string(),
         };
@@ -88,4 +97,17 @@ impl IntoResponse for ApiError {
         }
         resp
     }
+}
+
+/// A request body, or the problem with it (too large: 413).
+pub fn body(
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<axum::body::Bytes, ApiError> {
+    body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::TooLarge(format!("the body is too large: {}", e.body_text()))
+        } else {
+            ApiError::BadRequest(e.body_text())
+        }
+    })
 }

@@ -45,10 +45,17 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::http::header;
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::error::ApiError;
 use tokio_util::sync::CancellationToken;
 use vitalwatch_core::health::Readiness;
 use vitalwatch_store::Pool;
@@ -62,6 +69,11 @@ pub struct ApiConfig {
     pub listen: SocketAddr,
     /// Most buckets one trend request may ask for. Default 10,000.
     pub max_buckets: i64,
+    /// Largest request body accepted, in bytes. Default 65,536.
+    pub max_body_bytes: usize,
+    /// A request that has not started its response after this long is
+    /// answered 503, in milliseconds. Default 30,000.
+    pub request_timeout_ms: u64,
     /// `[api.auth]`: how bearer tokens are checked.
     pub auth: auth::AuthConfig,
 }
@@ -71,6 +83,8 @@ impl Default for ApiConfig {
         ApiConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_buckets: 10_000,
+            max_body_bytes: 65_536,
+            request_timeout_ms: 30_000,
             auth: auth::AuthConfig::default(),
         }
     }
@@ -98,6 +112,27 @@ pub struct AppState {
     alert_feed: Arc<std::sync::OnceLock<tokio::sync::watch::Receiver<u64>>>,
     /// Fires when the server shuts down: long-lived streams end.
     pub shutdown: CancellationToken,
+    /// Bounds on a request.
+    pub limits: Limits,
+    /// The OpenAPI document, rendered once by [`app`].
+    openapi: Arc<std::sync::OnceLock<String>>,
+}
+
+/// Bounds on a request.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    pub request_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        let d = ApiConfig::default();
+        Limits {
+            max_body_bytes: d.max_body_bytes,
+            request_timeout: Duration::from_millis(d.request_timeout_ms),
+        }
+    }
 }
 
 impl AppState {
@@ -117,7 +152,15 @@ impl AppState {
             listen_url: None,
             alert_feed: Arc::default(),
             shutdown: CancellationToken::new(),
+            limits: Limits::default(),
+            openapi: Arc::default(),
         }
+    }
+
+    /// With these bounds on a request.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// With bearer tokens checked by `auth`.
@@ -167,29 +210,135 @@ impl AppState {
     }
 }
 
-/// The router, without a socket.
+/// The OpenAPI document's frame; every path in it comes from a handler's
+/// own `#[utoipa::path]` through [`app`].
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "vitalwatch care-team API",
+        description = "Vitals trends, alerts, FHIR R4 Observations and the registry, for care teams. \
+Every route with patient data takes a bearer token (OIDC, JWT) and is audited; a patient \
+who is not on one of the caller's care teams is answered as not found."
+    ),
+    modifiers(&BearerAuth),
+    security(("bearer" = [])),
+    tags(
+        (name = "vitals", description = "A patient's readings: trends, latest, monitoring days."),
+        (name = "alerts", description = "Alerts for nurses: list, stream, lifecycle."),
+        (name = "service", description = "Health, readiness, metrics and this document."),
+    )
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// The router and its OpenAPI document, without a socket. Every route is
+/// registered together with its documentation (`routes!`), so the document
+/// lists exactly what the router serves.
 pub fn app(state: AppState) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/metrics", get(render_metrics))
-        .route("/readyz", get(readyz))
-        .route("/v1/patients/{patient_id}/vitals", get(vitals::get_vitals))
-        .route("/v1/patients/{patient_id}/latest", get(vitals::get_latest))
-        .route(
-            "/v1/patients/{patient_id}/monitoring-days",
-            get(vitals::get_monitoring_days),
-        )
-        .route("/v1/alerts", get(alerts::list))
-        .route("/v1/alerts/stream", get(alerts::stream))
-        .route("/v1/alerts/{alert_id}", get(alerts::get_alert))
-        .route(
-            "/v1/alerts/{alert_id}/acknowledge",
-            post(alerts::acknowledge),
-        )
-        .route("/v1/alerts/{alert_id}/resolve", post(alerts::resolve))
+    let (router, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(render_metrics))
+        .routes(routes!(openapi_json))
+        .routes(routes!(vitals::get_vitals))
+        .routes(routes!(vitals::get_latest))
+        .routes(routes!(vitals::get_monitoring_days))
+        .routes(routes!(alerts::list))
+        .routes(routes!(alerts::stream))
+        .routes(routes!(alerts::get_alert))
+        .routes(routes!(alerts::acknowledge))
+        .routes(routes!(alerts::resolve))
+        .split_for_parts();
+    let doc = serde_json::to_string(&doc).unwrap_or_else(|_| "{}".into());
+    let _ = state.openapi.set(doc);
+    let limits = state.limits;
+    router
+        .fallback(no_route)
+        .method_not_allowed_fallback(no_method)
+        .layer(axum::middleware::from_fn(move |req, next| {
+            limit_time(limits.request_timeout, req, next)
+        }))
+        .layer(DefaultBodyLimit::max(limits.max_body_bytes))
         .with_state(state)
 }
 
+/// Answers a request that takes longer than `timeout` to start its response
+/// with 503 (a stream's body, once started, is not cut).
+async fn limit_time(
+    timeout: Duration,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    match tokio::time::timeout(timeout, next.run(req)).await {
+        Ok(resp) => resp,
+        Err(_) => ApiError::Unavailable(format!(
+            "the request took longer than {} ms",
+            timeout.as_millis()
+        ))
+        .into_response(),
+    }
+}
+
+async fn no_route() -> ApiError {
+    ApiError::NotFound("no such route: /openapi.json lists the routes".into())
+}
+
+async fn no_method() -> impl IntoResponse {
+    let mut resp =
+        ApiError::BadRequest("this route does not take that method".into()).into_response();
+    *resp.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+    resp
+}
+
+/// The process is alive.
+#[utoipa::path(get, path = "/healthz", tag = "service", security(()),
+    responses((status = 200, description = "Alive", body = String, content_type = "text/plain")))]
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", tag = "service", security(()),
+    responses((status = 200, description = "The OpenAPI 3.1 document of this server", body = Object)))]
+async fn openapi_json(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        state.openapi.get().cloned().unwrap_or_default(),
+    )
+}
+
+/// Readiness: each condition of the process and the database's schema.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Ready {
+    pub ready: bool,
+    /// Each condition: `ok`, or why not.
+    pub checks: std::collections::BTreeMap<String, String>,
+}
+
+/// Every readiness condition of the process holds and the database answers
+/// with the schema this build expects; 503 otherwise, with each condition.
+#[utoipa::path(get, path = "/readyz", tag = "service", security(()),
+    responses(
+        (status = 200, description = "Ready", body = Ready),
+        (status = 503, description = "Not ready: the checks say why", body = Ready),
+    ))]
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let db = match state.pool.get().await {
         Ok(client) => match vitalwatch_store::migrate::current_version(&client).await {
@@ -209,24 +358,16 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let checks: serde_json::Map<String, serde_json::Value> = checks
+    let checks = checks
         .into_iter()
-        .map(|(k, v)| {
-            (
-                k,
-                v.map_or(
-                    serde_json::Value::String("ok".into()),
-                    serde_json::Value::String,
-                ),
-            )
-        })
+        .map(|(k, v)| (k, v.unwrap_or_else(|| "ok".into())))
         .collect();
-    (
-        status,
-        Json(serde_json::json!({ "ready": ready, "checks": checks })),
-    )
+    (status, Json(Ready { ready, checks }))
 }
 
+/// Prometheus text of every vitalwatch metric in the process.
+#[utoipa::path(get, path = "/metrics", tag = "service", security(()),
+    responses((status = 200, description = "Prometheus text format 0.0.4", body = String, content_type = "text/plain")))]
 async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
@@ -266,7 +407,11 @@ pub async fn run(
     )
     .with_auth(auth)
     .with_listen_url(db.url.clone())
-    .with_shutdown(shutdown.clone());
+    .with_shutdown(shutdown.clone())
+    .with_limits(Limits {
+        max_body_bytes: cfg.max_body_bytes,
+        request_timeout: Duration::from_millis(cfg.request_timeout_ms),
+    });
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|source| ServeError::Bind {
@@ -282,4 +427,58 @@ pub async fn run(
     .await?;
     tracing::info!("api stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> AppState {
+        let db = vitalwatch_store::DatabaseConfig {
+            url: "postgres://nobody@127.0.0.1:1/none".into(),
+            ..Default::default()
+        };
+        AppState::new(
+            vitalwatch_store::pool(&db).expect("a pool connects lazily"),
+            telemetry::metrics_handle(),
+            10_000,
+            Readiness::new(),
+        )
+    }
+
+    /// Every `$ref` in `v`.
+    fn refs(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                if let Some(serde_json::Value::String(r)) = m.get("$ref") {
+                    out.push(r.clone());
+                }
+                m.values().for_each(|v| refs(v, out));
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|v| refs(v, out)),
+            _ => {}
+        }
+    }
+
+    #[tokio::test]
+    async fn the_document_is_openapi_3_and_every_reference_resolves() {
+        let doc: serde_json::Value = serde_json::from_str(&state_doc()).expect("json");
+        assert!(doc["openapi"].as_str().is_some_and(|v| v.starts_with("3.")));
+        let mut found = Vec::new();
+        refs(&doc, &mut found);
+        assert!(!found.is_empty());
+        for r in found {
+            let name = r.trim_start_matches("#/components/schemas/");
+            assert!(
+                doc["components"]["schemas"].get(name).is_some(),
+                "{r} does not resolve"
+            );
+        }
+    }
+
+    fn state_doc() -> String {
+        let s = state();
+        let _ = app(s.clone());
+        s.openapi.get().cloned().expect("rendered by app")
+    }
 }

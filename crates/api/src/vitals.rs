@@ -13,10 +13,11 @@ use vitalwatch_store::trends::{self, Bucket};
 use crate::AppState;
 use crate::audit::{self, Outcome};
 use crate::auth::{Access, carer, check_patient_id, refused, require_patient};
-use crate::error::ApiError;
+use crate::error::{ApiError, Problem};
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct VitalsQuery {
     /// A catalogue metric name (`heart_rate`, `blood_pressure`, …).
     pub metric: String,
@@ -28,7 +29,7 @@ pub struct VitalsQuery {
     pub bucket: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Series {
     /// `systolic` or `diastolic` for blood pressure, absent for scalars.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -36,7 +37,8 @@ pub struct Series {
     pub points: Vec<Bucket>,
 }
 
-#[derive(Debug, Serialize)]
+/// Bucketed trends of one metric.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct VitalsResponse {
     pub patient_id: String,
     pub metric: &'static str,
@@ -115,6 +117,18 @@ pub fn parse_bucket(s: &str) -> Result<i64, String> {
     }
 }
 
+/// Bucketed min, max, average and count of one metric (each
+/// blood-pressure component a series of its own), from the continuous
+/// aggregates where they fit.
+#[utoipa::path(get, path = "/v1/patients/{patient_id}/vitals", tag = "vitals",
+    params(("patient_id" = String, Path, description = "The patient"), VitalsQuery),
+    responses(
+        (status = 200, description = "The trend", body = VitalsResponse),
+        (status = 400, description = "A malformed or too large request", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not a nurse or clinician", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Not a patient of the caller's care teams", body = Problem, content_type = "application/problem+json"),
+    ))]
 pub async fn get_vitals(
     State(state): State<AppState>,
     access: Access,
@@ -174,7 +188,7 @@ pub async fn get_vitals(
 }
 
 /// One metric's newest reading.
-#[derive(Debug, Serialize, serde::Deserialize, PartialEq)]
+#[derive(Debug, Serialize, serde::Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct LatestReading {
     pub metric: String,
     /// `systolic` or `diastolic` for blood pressure, absent for scalars.
@@ -189,15 +203,23 @@ pub struct LatestReading {
     pub flags: Vec<String>,
 }
 
-#[derive(Debug, Serialize, serde::Deserialize, PartialEq)]
+#[derive(Debug, Serialize, serde::Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct LatestResponse {
     pub patient_id: String,
     /// Every metric the patient has a reading of, in catalogue order.
     pub latest: Vec<LatestReading>,
 }
 
-/// `GET /v1/patients/{patient_id}/latest`: the newest reading of every
-/// metric (each blood-pressure component), for the patient's care team.
+/// The newest reading of every metric (each blood-pressure component).
+#[utoipa::path(get, path = "/v1/patients/{patient_id}/latest", tag = "vitals",
+    params(("patient_id" = String, Path, description = "The patient")),
+    responses(
+        (status = 200, description = "The newest readings", body = LatestResponse),
+        (status = 400, description = "A malformed patient id", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not a nurse or clinician", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Not a patient of the caller's care teams", body = Problem, content_type = "application/problem+json"),
+    ))]
 pub async fn get_latest(
     State(state): State<AppState>,
     access: Access,
@@ -275,8 +297,9 @@ pub async fn get_latest(
     Ok(Json(LatestResponse { patient_id, latest }))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct DaysQuery {
     /// The period's first day (`YYYY-MM-DD`); default 29 days before `to`.
     pub from: Option<chrono::NaiveDate>,
@@ -288,7 +311,7 @@ pub struct DaysQuery {
 
 /// Days with device data in a period, and the RPM device-supply code they
 /// support.
-#[derive(Debug, Serialize, serde::Deserialize, PartialEq)]
+#[derive(Debug, Serialize, serde::Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct MonitoringDays {
     pub patient_id: String,
     pub from: chrono::NaiveDate,
@@ -311,8 +334,17 @@ pub fn cpt_for(days: usize) -> Option<&'static str> {
     }
 }
 
-/// `GET /v1/patients/{patient_id}/monitoring-days?from=&to=&tz=`: the days
-/// of a period of at most 30 days with device data, for billing RPM.
+/// The days of a period of at most 30 days with device data, and the RPM
+/// code the count supports (CPT 99454 at 16 to 30 days, 99445 at 2 to 15).
+#[utoipa::path(get, path = "/v1/patients/{patient_id}/monitoring-days", tag = "vitals",
+    params(("patient_id" = String, Path, description = "The patient"), DaysQuery),
+    responses(
+        (status = 200, description = "The days with data", body = MonitoringDays),
+        (status = 400, description = "A malformed request, a reversed or longer than 30-day period, an unknown time zone", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not a nurse or clinician", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Not a patient of the caller's care teams", body = Problem, content_type = "application/problem+json"),
+    ))]
 pub async fn get_monitoring_days(
     State(state): State<AppState>,
     access: Access,

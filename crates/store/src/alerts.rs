@@ -155,6 +155,7 @@ pub async fn overrides_for(
 /// A lifecycle change, joined with its alert, as published and streamed
 /// (its JSON is what the API's stream and webhooks send).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Event {
     /// The change's place in the order of all changes.
     #[serde(rename = "event_id")]

@@ -21,6 +21,7 @@ use crate::storage::{AGGREGATES, Layout};
 
 /// One bucket of one series.
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Bucket {
     /// Start of the bucket; buckets are aligned to the Unix epoch.
     pub start: DateTime<Utc>,

@@ -9,6 +9,8 @@
 //! `VITALWATCH_TEST_MQTT`, with the local stack's addresses as defaults.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failure should stop the test loudly
 
+pub mod openapi;
+
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
