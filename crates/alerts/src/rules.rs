@@ -435,6 +435,86 @@ impl Override {
     }
 }
 
+/// What a rule judges, and the settings a per-patient [`Override`] can
+/// change, as they stand (for showing a patient's thresholds).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Settings {
+    /// `threshold`, `rate_of_change`, `missing` or `news2`.
+    pub kind: &'static str,
+    pub metric: Option<&'static str>,
+    pub component: Option<&'static str>,
+    /// Threshold rules: `below` or `above`; rate of change: `rise` or `fall`.
+    pub direction: Option<&'static str>,
+    pub level: Option<f64>,
+    pub clear: Option<f64>,
+    pub limit: Option<f64>,
+    pub spo2_scale: Option<u8>,
+}
+
+impl Rule {
+    /// What the rule judges and its adjustable settings.
+    pub fn settings(&self) -> Settings {
+        let none = Settings {
+            kind: "",
+            metric: None,
+            component: None,
+            direction: None,
+            level: None,
+            clear: None,
+            limit: None,
+            spo2_scale: None,
+        };
+        let component = |c: &'static str| (!c.is_empty()).then_some(c);
+        match &self.compiled {
+            Compiled::Threshold {
+                metric,
+                component: c,
+                rule,
+            } => Settings {
+                kind: "threshold",
+                metric: Some(metric.name()),
+                component: component(c),
+                direction: Some(match rule.direction {
+                    Direction::Below => "below",
+                    Direction::Above => "above",
+                }),
+                level: Some(rule.level),
+                clear: Some(rule.clear),
+                ..none
+            },
+            Compiled::RateOfChange {
+                metric,
+                component: c,
+                rule,
+            } => Settings {
+                kind: "rate_of_change",
+                metric: Some(metric.name()),
+                component: component(c),
+                direction: Some(match rule.trend {
+                    Trend::Rise => "rise",
+                    Trend::Fall => "fall",
+                }),
+                limit: Some(rule.limit),
+                clear: Some(rule.clear),
+                ..none
+            },
+            Compiled::Missing { metric, .. } => Settings {
+                kind: "missing",
+                metric: Some(metric.name()),
+                ..none
+            },
+            Compiled::News2 { assembly, .. } => Settings {
+                kind: "news2",
+                spo2_scale: Some(match assembly.scale {
+                    Spo2Scale::Scale1 => 1,
+                    Spo2Scale::Scale2 => 2,
+                }),
+                ..none
+            },
+        }
+    }
+}
+
 /// Checks every rule and that names are unique.
 pub fn compile(rules: &[RuleConfig]) -> Result<Vec<Rule>, String> {
     let mut out: Vec<Rule> = Vec::with_capacity(rules.len());

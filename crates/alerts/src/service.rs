@@ -44,6 +44,8 @@ use crate::engine::{AlertChange, Engine, OpenAlert, PatientSetup};
 use crate::rules::{Override, Severity, compile, default_rules};
 use crate::{AlertsConfig, AlertsError};
 
+/// Notified on every change to `thresholds` (migration 6).
+const THRESHOLDS_CHANNEL: &str = "vitalwatch_thresholds";
 /// Notified on every insert into `alert_events` (migration 5).
 pub const ALERT_EVENTS_CHANNEL: &str = "vitalwatch_alert_events";
 
@@ -87,6 +89,21 @@ pub async fn run(
             move || woken.iter().for_each(|n| n.notify_one()),
             shutdown.clone(),
         ))
+    };
+    // A nurse's threshold override: the patient is rebuilt with it.
+    let thresholds_changed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let thresholds_listener = {
+        let flag = thresholds_changed.clone();
+        tokio::spawn(vitalwatch_store::listen(
+            db.url.clone(),
+            THRESHOLDS_CHANNEL,
+            move || flag.store(true, std::sync::atomic::Ordering::Release),
+            shutdown.clone(),
+        ))
+    };
+    let threshold_cursor = {
+        let client = pool.get().await.map_err(StoreError::from)?;
+        vitalwatch_store::alerts::last_threshold_change(&**client).await?
     };
     let webhook_tasks: Vec<_> = hooks
         .into_iter()
@@ -138,6 +155,9 @@ pub async fn run(
         last_seen: HashMap::new(),
         idle_after: Duration::from_secs(u64::from(cfg.late_minutes.max(30)) * 120),
         swept_at: std::time::Instant::now(),
+        thresholds_changed,
+        threshold_cursor,
+        thresholds_seen: HashSet::new(),
     };
     tracing::info!(group = %cfg.group_id, rules = judge.engine.rules().len(), "alerts engine started");
     let max_wait = Duration::from_millis(cfg.batch_max_wait_ms);
@@ -176,6 +196,11 @@ pub async fn run(
         }
         if offsets.is_empty() {
             continue;
+        }
+        // Between batches, so that no change of a forgotten patient is
+        // still waiting to be stored.
+        if let Err(e) = judge.take_threshold_changes().await {
+            tracing::warn!(error = %e, "cannot read threshold changes; retried before the next batch");
         }
         let mut changes = Vec::new();
         for (partition, offset, batch) in &records {
@@ -220,6 +245,7 @@ pub async fn run(
     let _ = escalation_task.await;
     let _ = missing_task.await;
     let _ = listener.await;
+    let _ = thresholds_listener.await;
     for t in webhook_tasks {
         let _ = t.await;
     }
@@ -249,6 +275,12 @@ struct Judge {
     last_seen: HashMap<String, std::time::Instant>,
     idle_after: Duration,
     swept_at: std::time::Instant,
+    /// Set on every notification of a threshold change.
+    thresholds_changed: Arc<std::sync::atomic::AtomicBool>,
+    /// The newest threshold change read.
+    threshold_cursor: i64,
+    /// The changes of the last few minutes already applied.
+    thresholds_seen: HashSet<i64>,
 }
 
 impl Judge {
@@ -298,6 +330,48 @@ impl Judge {
             .increment(batch.readings.len() as u64);
         changes.extend(found);
         Ok(changes)
+    }
+
+    /// Forgets the patients whose thresholds changed since the last look:
+    /// their next reading rebuilds them from the store, with the new
+    /// overrides (adopting their open alerts).
+    async fn take_threshold_changes(&mut self) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering;
+        if !self.thresholds_changed.swap(false, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let read = async {
+            let client = self.pool.get().await?;
+            vitalwatch_store::alerts::threshold_changes(&**client, self.threshold_cursor).await
+        }
+        .await;
+        let changes = match read {
+            Ok(c) => c,
+            Err(e) => {
+                self.thresholds_changed.store(true, Ordering::Release); // try again
+                return Err(e);
+            }
+        };
+        let recent: HashSet<i64> = changes.iter().map(|(id, _)| *id).collect();
+        for (id, patient) in &changes {
+            if self.thresholds_seen.contains(id) {
+                continue;
+            }
+            self.threshold_cursor = self.threshold_cursor.max(*id);
+            if self.engine.knows(patient) {
+                self.engine.forget(patient);
+                self.last_seen.remove(patient);
+                for patients in self.patients_of.values_mut() {
+                    patients.remove(patient);
+                }
+                tracing::info!(
+                    change = id,
+                    "thresholds changed; the patient is rebuilt at their next reading"
+                );
+            }
+        }
+        self.thresholds_seen = recent;
+        Ok(())
     }
 
     /// Forgets patients idle for `idle_after` (checked once a minute).

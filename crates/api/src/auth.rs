@@ -84,9 +84,7 @@ impl Caller {
     /// Whether the caller may see patient data at all (a nurse or a
     /// clinician; admins manage the registry and teams, not care).
     pub fn is_carer(&self) -> bool {
-        self.roles
-            .iter()
-            .any(|r| matches!(r, Role::Nurse | Role::Clinician))
+        self.has_any(CARE)
     }
 
     /// Whether `patient_id` is on one of the caller's care teams' panels.
@@ -231,13 +229,44 @@ impl Authenticator {
     }
 }
 
+/// Nurses and clinicians: patient data, for the patients of their care teams.
+pub const CARE: &[Role] = &[Role::Nurse, Role::Clinician];
+/// Admins: patients, care teams and their members, devices, the audit log.
+pub const ADMIN: &[Role] = &[Role::Admin];
+/// Admins and device admins: devices and their assignments.
+pub const DEVICES: &[Role] = &[Role::Admin, Role::DeviceAdmin];
+
+impl Caller {
+    /// Whether the caller holds one of `roles`.
+    pub fn has_any(&self, roles: &[Role]) -> bool {
+        self.roles.iter().any(|r| roles.contains(r))
+    }
+}
+
 /// The caller, if they may see patient data at all; a refusal is audited.
 pub async fn carer(state: &AppState, access: &Access, action: &str) -> Result<Caller, ApiError> {
+    with_role(
+        state,
+        access,
+        action,
+        CARE,
+        "patient data is for the nurses and clinicians of the patient's care team",
+    )
+    .await
+}
+
+/// The caller, if they hold one of `roles`: 401 without a valid token, 403
+/// (saying `why`) without the role; a refusal is audited.
+pub async fn with_role(
+    state: &AppState,
+    access: &Access,
+    action: &str,
+    roles: &[Role],
+    why: &str,
+) -> Result<Caller, ApiError> {
     let refusal = match &access.caller {
-        Ok(c) if c.is_carer() => return Ok(c.clone()),
-        Ok(_) => ApiError::Forbidden(
-            "patient data is for the nurses and clinicians of the patient's care team".into(),
-        ),
+        Ok(c) if c.has_any(roles) => return Ok(c.clone()),
+        Ok(_) => ApiError::Forbidden(why.to_owned()),
         Err(why) => ApiError::Unauthorized(format!("a valid bearer token is required: {why}")),
     };
     let client = state.pool.get().await?;

@@ -111,3 +111,12 @@ pub fn body(
         }
     })
 }
+
+/// A JSON request body of type `T`, or a clear problem with it.
+pub fn json<T: serde::de::DeserializeOwned>(
+    raw: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<T, ApiError> {
+    let raw = body(raw)?;
+    serde_json::from_slice(&raw)
+        .map_err(|e| ApiError::BadRequest(format!("the body is not what this route takes: {e}")))
+}

@@ -35,7 +35,9 @@ pub mod alerts;
 pub mod audit;
 pub mod auth;
 pub mod error;
+pub mod registry;
 pub mod telemetry;
+pub mod thresholds;
 pub mod vitals;
 
 use std::net::SocketAddr;
@@ -114,6 +116,9 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Bounds on a request.
     pub limits: Limits,
+    /// The alert rules as configured: what a patient's thresholds are, and
+    /// what an override is checked against.
+    pub rules: Arc<Vec<vitalwatch_alerts::rules::Rule>>,
     /// The OpenAPI document, rendered once by [`app`].
     openapi: Arc<std::sync::OnceLock<String>>,
 }
@@ -153,8 +158,18 @@ impl AppState {
             alert_feed: Arc::default(),
             shutdown: CancellationToken::new(),
             limits: Limits::default(),
+            rules: Arc::new(
+                vitalwatch_alerts::rules::compile(&vitalwatch_alerts::rules::default_rules())
+                    .unwrap_or_default(),
+            ),
             openapi: Arc::default(),
         }
+    }
+
+    /// With the alert rules as configured.
+    pub fn with_rules(mut self, rules: Vec<vitalwatch_alerts::rules::Rule>) -> Self {
+        self.rules = Arc::new(rules);
+        self
     }
 
     /// With these bounds on a request.
@@ -225,6 +240,8 @@ who is not on one of the caller's care teams is answered as not found."
     tags(
         (name = "vitals", description = "A patient's readings: trends, latest, monitoring days."),
         (name = "alerts", description = "Alerts for nurses: list, stream, lifecycle."),
+        (name = "thresholds", description = "A patient's alert thresholds and their overrides."),
+        (name = "registry", description = "Patients, devices, care teams: for admins and device admins."),
         (name = "service", description = "Health, readiness, metrics and this document."),
     )
 )]
@@ -265,6 +282,20 @@ pub fn app(state: AppState) -> Router {
         .routes(routes!(alerts::get_alert))
         .routes(routes!(alerts::acknowledge))
         .routes(routes!(alerts::resolve))
+        .routes(routes!(thresholds::get_thresholds))
+        .routes(routes!(
+            thresholds::set_override,
+            thresholds::clear_override
+        ))
+        .routes(routes!(audit::list))
+        .routes(routes!(registry::create_patient))
+        .routes(routes!(registry::create_device))
+        .routes(routes!(registry::get_device))
+        .routes(routes!(registry::assign_device, registry::unassign_device))
+        .routes(routes!(registry::create_team, registry::list_teams))
+        .routes(routes!(registry::panel))
+        .routes(routes!(registry::add_patient, registry::remove_patient))
+        .routes(routes!(registry::add_member, registry::remove_member))
         .split_for_parts();
     let doc = serde_json::to_string(&doc).unwrap_or_else(|_| "{}".into());
     let _ = state.openapi.set(doc);
@@ -394,6 +425,7 @@ pub enum ServeError {
 pub async fn run(
     cfg: &ApiConfig,
     db: &vitalwatch_store::DatabaseConfig,
+    rules: Vec<vitalwatch_alerts::rules::Rule>,
     metrics: PrometheusHandle,
     readiness: Readiness,
     shutdown: CancellationToken,
@@ -406,6 +438,7 @@ pub async fn run(
         readiness,
     )
     .with_auth(auth)
+    .with_rules(rules)
     .with_listen_url(db.url.clone())
     .with_shutdown(shutdown.clone())
     .with_limits(Limits {

@@ -152,6 +152,34 @@ pub async fn overrides_for(
         .collect()
 }
 
+/// Changes to `thresholds` (migration 6) after `after`, or in the last five
+/// minutes, oldest first: `(change id, patient)`. The five minutes cover a
+/// change whose transaction committed after a later id's (identities are
+/// handed out at insert, not commit); a reader skips the ids it has seen.
+pub async fn threshold_changes(
+    client: &impl GenericClient,
+    after: i64,
+) -> Result<Vec<(i64, String)>, StoreError> {
+    let rows = client
+        .query(
+            "SELECT id, patient_id FROM threshold_changes
+              WHERE id > $1 OR at > now() - interval '5 minutes' ORDER BY id",
+            &[&after],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        .collect()
+}
+
+/// The newest threshold change's id (0 when there is none).
+pub async fn last_threshold_change(client: &impl GenericClient) -> Result<i64, StoreError> {
+    Ok(client
+        .query_one("SELECT coalesce(max(id), 0) FROM threshold_changes", &[])
+        .await?
+        .try_get(0)?)
+}
+
 /// A lifecycle change, joined with its alert, as published and streamed
 /// (its JSON is what the API's stream and webhooks send).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]

@@ -62,6 +62,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "alert_delivery",
         sql: Sql::Any(include_str!("../migrations/0005_alert_delivery.sql")),
     },
+    Migration {
+        version: 6,
+        name: "threshold_changes",
+        sql: Sql::Any(include_str!("../migrations/0006_threshold_changes.sql")),
+    },
 ];
 
 /// Arbitrary, fixed key of the advisory lock that guards migrations.

@@ -119,46 +119,127 @@ pub async fn register_device(
             &[&patient],
         )
         .await?;
-        // The latest period, open or closed: a new one may not overlap it.
-        let latest: Option<(String, DateTime<Utc>, Option<DateTime<Utc>>)> = tx
-            .query_opt(
-                "SELECT patient_id, assigned_at, unassigned_at FROM device_assignments
-                  WHERE device_id = $1 ORDER BY assigned_at DESC LIMIT 1 FOR UPDATE",
-                &[&device_id],
-            )
-            .await?
-            .map(|r| (r.get(0), r.get(1), r.get(2)));
-        let since = since.unwrap_or_else(Utc::now);
-        match latest {
-            // Already assigned to this patient: nothing to do (`since` does
-            // not move the start of an open assignment).
-            Some((p, _, None)) if p == patient => {}
-            Some((_, from, None)) if since <= from => {
-                return Err(StoreError::Invalid(format!(
-                    "device {device_id} is assigned since {from}; a hand-over must come after that"
-                )));
-            }
-            Some((_, _, Some(until))) if since < until => {
-                return Err(StoreError::Invalid(format!(
-                    "device {device_id} was assigned until {until}; a new assignment cannot start before that"
-                )));
-            }
-            _ => {
-                tx.execute(
-                    "UPDATE device_assignments SET unassigned_at = $2 WHERE device_id = $1 AND unassigned_at IS NULL",
-                    &[&device_id, &since],
-                )
-                .await?;
-                tx.execute(
-                    "INSERT INTO device_assignments (device_id, patient_id, assigned_at) VALUES ($1, $2, $3)",
-                    &[&device_id, &patient, &since],
-                )
-                .await?;
-            }
-        }
+        assign(&tx, device_id, patient, since.unwrap_or_else(Utc::now)).await?;
     }
     tx.commit().await?;
     Ok(())
+}
+
+/// Assigns a registered device to an existing patient from `since`, closing
+/// any other open assignment at that moment. Assigning it again to the
+/// patient who has it changes nothing. `Invalid` when `since` is not after
+/// the latest period's start (or end).
+pub async fn assign(
+    client: &impl GenericClient,
+    device_id: &str,
+    patient: &str,
+    since: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    // The latest period, open or closed: a new one may not overlap it.
+    let latest: Option<(String, DateTime<Utc>, Option<DateTime<Utc>>)> = client
+        .query_opt(
+            "SELECT patient_id, assigned_at, unassigned_at FROM device_assignments
+              WHERE device_id = $1 ORDER BY assigned_at DESC LIMIT 1 FOR UPDATE",
+            &[&device_id],
+        )
+        .await?
+        .map(|r| (r.get(0), r.get(1), r.get(2)));
+    match latest {
+        // Already assigned to this patient: nothing to do (`since` does
+        // not move the start of an open assignment).
+        Some((p, _, None)) if p == patient => {}
+        Some((_, from, None)) if since <= from => {
+            return Err(StoreError::Invalid(format!(
+                "device {device_id} is assigned since {from}; a hand-over must come after that"
+            )));
+        }
+        Some((_, _, Some(until))) if since < until => {
+            return Err(StoreError::Invalid(format!(
+                "device {device_id} was assigned until {until}; a new assignment cannot start before that"
+            )));
+        }
+        _ => {
+            client.execute(
+                "UPDATE device_assignments SET unassigned_at = $2 WHERE device_id = $1 AND unassigned_at IS NULL",
+                &[&device_id, &since],
+            )
+            .await?;
+            client.execute(
+                "INSERT INTO device_assignments (device_id, patient_id, assigned_at) VALUES ($1, $2, $3)",
+                &[&device_id, &patient, &since],
+            )
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Ends the device's open assignment at `at`; `false` when it had none.
+/// `Invalid` when `at` is before the assignment's start.
+pub async fn unassign(
+    client: &impl GenericClient,
+    device_id: &str,
+    at: DateTime<Utc>,
+) -> Result<bool, StoreError> {
+    let open: Option<DateTime<Utc>> = client
+        .query_opt(
+            "SELECT assigned_at FROM device_assignments
+              WHERE device_id = $1 AND unassigned_at IS NULL FOR UPDATE",
+            &[&device_id],
+        )
+        .await?
+        .map(|r| r.get(0));
+    match open {
+        None => Ok(false),
+        Some(from) if at < from => Err(StoreError::Invalid(format!(
+            "device {device_id} is assigned since {from}; it cannot be returned before that"
+        ))),
+        Some(_) => {
+            client
+                .execute(
+                    "UPDATE device_assignments SET unassigned_at = $2
+                      WHERE device_id = $1 AND unassigned_at IS NULL",
+                    &[&device_id, &at],
+                )
+                .await?;
+            Ok(true)
+        }
+    }
+}
+
+/// One device with its whole assignment history, oldest first.
+pub async fn device(
+    client: &impl GenericClient,
+    device_id: &str,
+) -> Result<Option<DeviceRecord>, StoreError> {
+    let rows = client
+        .query(
+            "SELECT d.kind, d.active, a.patient_id, a.assigned_at, a.unassigned_at
+               FROM devices d
+               LEFT JOIN device_assignments a ON a.device_id = d.device_id
+              WHERE d.device_id = $1
+              ORDER BY a.assigned_at",
+            &[&device_id],
+        )
+        .await?;
+    let Some(first) = rows.first() else {
+        return Ok(None);
+    };
+    let mut rec = DeviceRecord {
+        kind: first.get(0),
+        active: first.get(1),
+        assignments: Vec::new(),
+    };
+    for r in &rows {
+        if let Some(patient_id) = r.get::<_, Option<String>>(2) {
+            rec.assignments.push(Assignment {
+                patient_id,
+                from: r.get(3),
+                until: r.get(4),
+            });
+        }
+    }
+    Ok(Some(rec))
 }
 
 #[cfg(test)]

@@ -100,7 +100,15 @@ pub async fn run_service(
         }
         Service::Api => {
             let metrics = vitalwatch_api::telemetry::metrics_handle();
-            vitalwatch_api::run(&cfg.api, &cfg.database, metrics, readiness, shutdown).await?;
+            let rules = vitalwatch_alerts::rules::compile(
+                cfg.alerts
+                    .rules
+                    .as_deref()
+                    .unwrap_or(&vitalwatch_alerts::rules::default_rules()),
+            )
+            .map_err(|e| anyhow::anyhow!("alerts.rules: {e}"))?;
+            vitalwatch_api::run(&cfg.api, &cfg.database, rules, metrics, readiness, shutdown)
+                .await?;
         }
     }
     Ok(())

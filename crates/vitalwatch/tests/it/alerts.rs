@@ -921,3 +921,49 @@ async fn the_alert_list_shows_the_callers_patients_filtered_and_paged() {
     let want: Vec<&str> = [vec!["allowed"; 4], vec!["denied"], vec!["failed"; 6]].concat();
     assert_eq!(outcomes, want);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nurses_threshold_override_takes_effect_in_the_running_engine() {
+    let cfg = config().await;
+    let producer = Producer::new(&cfg.kafka).expect("producer");
+    let base = base();
+    let patient = ts::unique("pat");
+    grant(&cfg, &patient).await;
+    let running = start(&pipeline(), &cfg);
+    // SpO2 91 for eleven minutes: above the default `spo2_low` (below 90).
+    send(&cfg, &producer, &patient, base, 0..=10, 91.0).await;
+    caught_up(&cfg).await;
+    assert!(
+        alerts_of(&cfg, &patient).await.is_empty(),
+        "91 % alarms nobody by default"
+    );
+
+    // This patient's usual SpO2 is higher: the nurse raises the level to 92.
+    let app = api(&cfg);
+    let nurse = token("nurse-test", &["nurse"]);
+    let (status, body) = call(
+        &app,
+        "PUT",
+        &format!("/v1/patients/{patient}/thresholds/spo2_low"),
+        Some(&nurse),
+        r#"{"params": {"level": 92}, "reason": "usual SpO2 95-97 %"}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["effective"]["level"], 92.0);
+
+    // The engine knows the patient; the next readings are judged with 92.
+    send(&cfg, &producer, &patient, base, 11..=12, 91.0).await;
+    let raised = ts::eventually(WAIT, "spo2_low raised under the override", || async {
+        let a = alerts_of(&cfg, &patient).await;
+        (!a.is_empty()).then_some(a)
+    })
+    .await;
+    assert_eq!(raised.len(), 1, "{raised:?}");
+    assert_eq!(
+        raised[0].2,
+        minute(base, 0),
+        "the episode starts at the first reading below the new level"
+    );
+    running.stop().await;
+}

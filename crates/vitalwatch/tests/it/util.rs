@@ -279,6 +279,41 @@ pub async fn call(
     )
 }
 
+/// The API with its OpenAPI document: every answer is checked against
+/// what the document says of that route and status.
+pub struct Documented {
+    pub app: axum::Router,
+    pub doc: serde_json::Value,
+}
+
+impl Documented {
+    pub async fn new(cfg: &Config) -> Documented {
+        let app = api(cfg);
+        let (status, doc) = call(&app, "GET", "/openapi.json", None, "").await;
+        assert_eq!(status, 200, "the document is served");
+        Documented { app, doc }
+    }
+
+    /// Calls `uri`, an instance of the document's `template`, and checks
+    /// the status is documented and the body fits its schema.
+    pub async fn call(
+        &self,
+        method: &str,
+        template: &str,
+        uri: &str,
+        bearer: Option<&str>,
+        body: &str,
+    ) -> (StatusCode, serde_json::Value) {
+        let (status, v) = call(&self.app, method, uri, bearer, body).await;
+        if let Err(e) =
+            ts::openapi::check_response(&self.doc, method, template, status.as_u16(), &v)
+        {
+            panic!("{uri}: the answer is not what the document says: {e}\n{v}");
+        }
+        (status, v)
+    }
+}
+
 /// The value of a Prometheus counter or gauge line, 0 when absent.
 pub fn metric(text: &str, series: &str) -> f64 {
     text.lines()

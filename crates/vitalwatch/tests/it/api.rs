@@ -1,0 +1,481 @@
+//! The care-team API against a real PostgreSQL: the registry, thresholds,
+//! the audit log; every answer checked against the OpenAPI document.
+
+use serde_json::{Value, json};
+use vitalwatch_test_support as ts;
+
+use crate::util::*;
+
+/// The audit rows of `actor`, oldest first: (action, patient, outcome).
+async fn audit_of(cfg: &vitalwatch::Config, actor: &str) -> Vec<(String, Option<String>, String)> {
+    let c = vitalwatch_store::connect(&cfg.database.url)
+        .await
+        .expect("db");
+    c.query(
+        "SELECT action, patient_id, outcome FROM audit_log WHERE actor = $1 ORDER BY id",
+        &[&actor],
+    )
+    .await
+    .expect("audit")
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2)))
+    .collect()
+}
+
+fn row(action: &str, patient: Option<&str>, outcome: &str) -> (String, Option<String>, String) {
+    (action.into(), patient.map(Into::into), outcome.into())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admins_build_a_care_team_whose_nurse_then_sees_the_panel() {
+    let cfg = config().await;
+    let api = Documented::new(&cfg).await;
+    let admin = token("admin-ada", &["admin"]);
+    let devices = token("logistics-lee", &["device-admin"]);
+    let nurse = token("nurse-nia", &["nurse"]);
+    let stranger = token("nurse-sam", &["nurse"]);
+    let patient = ts::unique("mrn");
+    let device = ts::unique("cuff");
+
+    // Admin: a patient, a team with the nurse on it, the patient on its panel.
+    let (s, p) = api
+        .call(
+            "POST",
+            "/v1/patients",
+            "/v1/patients",
+            Some(&admin),
+            &json!({"patient_id": patient}).to_string(),
+        )
+        .await;
+    assert_eq!(s, 201, "{p}");
+    assert_eq!(p["patient_id"], patient.as_str());
+    let (s, _) = api
+        .call(
+            "POST",
+            "/v1/patients",
+            "/v1/patients",
+            Some(&admin),
+            &json!({"patient_id": patient}).to_string(),
+        )
+        .await;
+    assert_eq!(s, 409, "registered once");
+    let (s, t) = api
+        .call(
+            "POST",
+            "/v1/care-teams",
+            "/v1/care-teams",
+            Some(&admin),
+            r#"{"team_id": "heart-failure", "name": "Heart failure clinic"}"#,
+        )
+        .await;
+    assert_eq!(s, 201, "{t}");
+    let member = "/v1/care-teams/{team_id}/members/{subject}";
+    let (s, t) = api
+        .call(
+            "PUT",
+            member,
+            "/v1/care-teams/heart-failure/members/nurse-nia",
+            Some(&admin),
+            "",
+        )
+        .await;
+    assert_eq!(
+        (s.as_u16(), t["members"].clone()),
+        (200, json!(["nurse-nia"]))
+    );
+    let on_panel = "/v1/care-teams/{team_id}/patients/{patient_id}";
+    let (s, t) = api
+        .call(
+            "PUT",
+            on_panel,
+            &format!("/v1/care-teams/heart-failure/patients/{patient}"),
+            Some(&admin),
+            "",
+        )
+        .await;
+    assert_eq!((s.as_u16(), t["patients"].clone()), (200, json!(1)));
+
+    // Device admin: a cuff, assigned to the patient.
+    let (s, d) = api
+        .call(
+            "POST",
+            "/v1/devices",
+            "/v1/devices",
+            Some(&devices),
+            &json!({"device_id": device, "kind": "bp_cuff"}).to_string(),
+        )
+        .await;
+    assert_eq!(s, 201, "{d}");
+    assert!(d.get("patient_id").is_none(), "not assigned yet: {d}");
+    let assignment = "/v1/devices/{device_id}/assignment";
+    let (s, d) = api
+        .call(
+            "PUT",
+            assignment,
+            &format!("/v1/devices/{device}/assignment"),
+            Some(&devices),
+            &json!({"patient_id": patient}).to_string(),
+        )
+        .await;
+    assert_eq!(s, 200, "{d}");
+    assert_eq!(d["patient_id"], patient.as_str());
+    let (s, e) = api
+        .call(
+            "PUT",
+            assignment,
+            &format!("/v1/devices/{device}/assignment"),
+            Some(&devices),
+            &json!({"patient_id": patient, "since": "2020-01-01T00:00:00Z"}).to_string(),
+        )
+        .await;
+    assert_eq!(s, 200, "the same patient again changes nothing: {e}");
+    let (s, e) = api
+        .call(
+            "PUT",
+            assignment,
+            &format!("/v1/devices/{device}/assignment"),
+            Some(&devices),
+            r#"{"patient_id": "nobody-registered"}"#,
+        )
+        .await;
+    assert_eq!(s, 404, "{e}");
+
+    // The nurse sees the team and the panel with the cuff; another nurse does not.
+    let (s, teams) = api
+        .call("GET", "/v1/care-teams", "/v1/care-teams", Some(&nurse), "")
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(teams["teams"].as_array().map(Vec::len), Some(1), "{teams}");
+    let panel = "/v1/care-teams/{team_id}/patients";
+    let (s, p) = api
+        .call(
+            "GET",
+            panel,
+            "/v1/care-teams/heart-failure/patients",
+            Some(&nurse),
+            "",
+        )
+        .await;
+    assert_eq!(s, 200, "{p}");
+    assert_eq!(p["patients"][0]["patient_id"], patient.as_str());
+    assert_eq!(p["patients"][0]["devices"][0]["device_id"], device.as_str());
+    assert_eq!(p["patients"][0]["devices"][0]["kind"], "bp_cuff");
+    let (s, _) = api
+        .call(
+            "GET",
+            panel,
+            "/v1/care-teams/heart-failure/patients",
+            Some(&stranger),
+            "",
+        )
+        .await;
+    assert_eq!(s, 404, "another team's panel is not disclosed");
+    let (s, teams) = api
+        .call(
+            "GET",
+            "/v1/care-teams",
+            "/v1/care-teams",
+            Some(&stranger),
+            "",
+        )
+        .await;
+    assert_eq!((s.as_u16(), teams["teams"].clone()), (200, json!([])));
+
+    // The cuff comes back: the panel shows no device, the history keeps the period.
+    let (s, d) = api
+        .call(
+            "DELETE",
+            assignment,
+            &format!("/v1/devices/{device}/assignment"),
+            Some(&devices),
+            "",
+        )
+        .await;
+    assert_eq!(s, 200, "{d}");
+    assert!(d.get("patient_id").is_none());
+    assert_eq!(d["assignments"].as_array().map(Vec::len), Some(1));
+    assert!(d["assignments"][0]["until"].is_string(), "{d}");
+    let (s, _) = api
+        .call(
+            "DELETE",
+            assignment,
+            &format!("/v1/devices/{device}/assignment"),
+            Some(&devices),
+            "",
+        )
+        .await;
+    assert_eq!(s, 409, "not assigned any more");
+    let (_, p) = api
+        .call(
+            "GET",
+            panel,
+            "/v1/care-teams/heart-failure/patients",
+            Some(&nurse),
+            "",
+        )
+        .await;
+    assert_eq!(p["patients"][0]["devices"], json!([]));
+
+    // Roles: a nurse cannot manage the registry, a device admin cannot make teams.
+    let (s, _) = api
+        .call(
+            "POST",
+            "/v1/patients",
+            "/v1/patients",
+            Some(&nurse),
+            r#"{"patient_id": "x"}"#,
+        )
+        .await;
+    assert_eq!(s, 403);
+    let (s, _) = api
+        .call(
+            "POST",
+            "/v1/care-teams",
+            "/v1/care-teams",
+            Some(&devices),
+            r#"{"team_id": "x", "name": "x"}"#,
+        )
+        .await;
+    assert_eq!(s, 403);
+
+    // Off the panel, the patient's data is gone from the nurse's view.
+    let (s, _) = api
+        .call(
+            "DELETE",
+            on_panel,
+            &format!("/v1/care-teams/heart-failure/patients/{patient}"),
+            Some(&admin),
+            "",
+        )
+        .await;
+    assert_eq!(s, 200);
+    let (s, _) = api
+        .call(
+            "GET",
+            "/v1/patients/{patient_id}/latest",
+            &format!("/v1/patients/{patient}/latest"),
+            Some(&nurse),
+            "",
+        )
+        .await;
+    assert_eq!(s, 404);
+
+    // Every change is in the audit log, which admins read, newest first.
+    assert_eq!(
+        audit_of(&cfg, "admin-ada").await,
+        [
+            row("patient.create", Some(&patient), "allowed"),
+            row("patient.create", Some(&patient), "failed"),
+            row("team.create", None, "allowed"),
+            row("team.member.add", None, "allowed"),
+            row("team.patient.add", Some(&patient), "allowed"),
+            row("team.patient.remove", Some(&patient), "allowed"),
+        ]
+    );
+    assert_eq!(
+        audit_of(&cfg, "logistics-lee").await,
+        [
+            row("device.register", None, "allowed"),
+            row("device.assign", Some(&patient), "allowed"),
+            row("device.assign", Some(&patient), "allowed"),
+            row("device.assign", Some("nobody-registered"), "failed"),
+            row("device.unassign", Some(&patient), "allowed"),
+            row("device.unassign", None, "failed"),
+            row("team.create", None, "denied"),
+        ]
+    );
+    let (s, log) = api
+        .call(
+            "GET",
+            "/v1/audit",
+            &format!("/v1/audit?patient={patient}&limit=2"),
+            Some(&admin),
+            "",
+        )
+        .await;
+    assert_eq!(s, 200, "{log}");
+    let actions: Vec<&str> = log["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter_map(|e| e["action"].as_str())
+        .collect();
+    assert_eq!(
+        actions,
+        ["vitals.latest", "team.patient.remove"],
+        "newest first"
+    );
+    let next = log["next"].as_i64().expect("a next page");
+    let (_, page2) = api
+        .call(
+            "GET",
+            "/v1/audit",
+            &format!("/v1/audit?patient={patient}&limit=2&after={next}"),
+            Some(&admin),
+            "",
+        )
+        .await;
+    assert_eq!(page2["entries"][0]["action"], "device.unassign", "{page2}");
+    let (s, _) = api
+        .call("GET", "/v1/audit", "/v1/audit", Some(&nurse), "")
+        .await;
+    assert_eq!(s, 403, "the audit log is for admins");
+    assert_eq!(
+        audit_of(&cfg, "admin-ada").await.last(),
+        Some(&row("audit.read", Some(&patient), "allowed")),
+        "reading the log is audited too"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thresholds_are_read_overridden_and_cleared_by_the_patients_care_team_only() {
+    let cfg = config().await;
+    let api = Documented::new(&cfg).await;
+    let patient = ts::unique("pat");
+    grant(&cfg, &patient).await;
+    let nurse = token("nurse-test", &["nurse"]);
+    let other = token("nurse-elsewhere", &["nurse"]);
+    let admin = token("admin-ada", &["admin"]);
+    let all = "/v1/patients/{patient_id}/thresholds";
+    let one = "/v1/patients/{patient_id}/thresholds/{rule}";
+    let list_uri = format!("/v1/patients/{patient}/thresholds");
+    let spo2_uri = format!("/v1/patients/{patient}/thresholds/spo2_low");
+
+    let (s, t) = api.call("GET", all, &list_uri, Some(&nurse), "").await;
+    assert_eq!(s, 200, "{t}");
+    let spo2 = |t: &Value| {
+        t["rules"]
+            .as_array()
+            .and_then(|r| r.iter().find(|r| r["rule"] == "spo2_low").cloned())
+            .expect("spo2_low is configured")
+    };
+    let r = spo2(&t);
+    assert_eq!(
+        (r["kind"].clone(), r["direction"].clone()),
+        (json!("threshold"), json!("below"))
+    );
+    assert_eq!(r["defaults"], json!({"level": 90.0, "clear": 92.0}));
+    assert_eq!(r["effective"], r["defaults"]);
+    assert!(r.get("override").is_none());
+
+    // A COPD patient: alarm below 88 instead of 90 (the clear level moves with it).
+    let (s, r) = api
+        .call(
+            "PUT",
+            one,
+            &spo2_uri,
+            Some(&nurse),
+            r#"{"params": {"level": 88}, "reason": "COPD, usual SpO2 88-92 %"}"#,
+        )
+        .await;
+    assert_eq!(s, 200, "{r}");
+    assert_eq!(r["effective"], json!({"level": 88.0, "clear": 90.0}));
+    assert_eq!(r["override"]["set_by"], "nurse-test");
+    assert_eq!(r["override"]["params"], json!({"level": 88.0}));
+    let (_, t) = api.call("GET", all, &list_uri, Some(&nurse), "").await;
+    assert_eq!(spo2(&t)["effective"]["level"], 88.0, "stored");
+
+    // What does not fit the rule is refused, with why.
+    for (body, status, why) in [
+        (
+            r#"{"params": {"limit": 5}, "reason": "x"}"#,
+            400,
+            "does not apply",
+        ),
+        (
+            r#"{"params": {"level": 95, "clear": 93}, "reason": "x"}"#,
+            400,
+            "",
+        ),
+        (r#"{"params": {}, "reason": "x"}"#, 400, "at least one"),
+        (r#"{"params": {"level": 88}}"#, 400, "reason"),
+        (r#"{"params": {"level": 88}, "reason": " "}"#, 400, "reason"),
+        (r#"{"params": {"level": "low"}, "reason": "x"}"#, 400, ""),
+        ("not json", 400, ""),
+    ] {
+        let (s, p) = api.call("PUT", one, &spo2_uri, Some(&nurse), body).await;
+        assert_eq!(s, status, "{body}: {p}");
+        assert!(
+            p["detail"].as_str().is_some_and(|d| d.contains(why)),
+            "{body}: {p}"
+        );
+    }
+    let (s, _) = api
+        .call(
+            "PUT",
+            one,
+            &format!("/v1/patients/{patient}/thresholds/no_such_rule"),
+            Some(&nurse),
+            r#"{"params": {"level": 1}, "reason": "x"}"#,
+        )
+        .await;
+    assert_eq!(s, 404);
+
+    // Another team's nurse and an admin change nothing.
+    let (s, _) = api
+        .call(
+            "PUT",
+            one,
+            &spo2_uri,
+            Some(&other),
+            r#"{"params": {"level": 80}, "reason": "x"}"#,
+        )
+        .await;
+    assert_eq!(s, 404);
+    let (s, _) = api.call("GET", all, &list_uri, Some(&admin), "").await;
+    assert_eq!(s, 403);
+
+    // Cleared: the defaults apply again.
+    let (s, r) = api.call("DELETE", one, &spo2_uri, Some(&nurse), "").await;
+    assert_eq!(s, 200, "{r}");
+    assert_eq!(r["effective"], json!({"level": 90.0, "clear": 92.0}));
+    assert!(r.get("override").is_none());
+
+    let c = vitalwatch_store::connect(&cfg.database.url)
+        .await
+        .expect("db");
+    let details: Vec<(String, String, Option<String>)> = c
+        .query(
+            "SELECT action, outcome, detail FROM audit_log WHERE patient_id = $1 AND action LIKE 'thresholds.%' AND outcome <> 'failed' ORDER BY id",
+            &[&patient],
+        )
+        .await
+        .expect("audit")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        details,
+        [
+            ("thresholds.read".into(), "allowed".into(), None),
+            (
+                "thresholds.override".into(),
+                "allowed".into(),
+                Some(r#"rule spo2_low: defaults -> {"level":88.0}"#.into())
+            ),
+            ("thresholds.read".into(), "allowed".into(), None),
+            (
+                "thresholds.override".into(),
+                "denied".into(),
+                Some("not on the caller's care teams".into())
+            ),
+            (
+                "thresholds.clear".into(),
+                "allowed".into(),
+                Some(r#"rule spo2_low: {"level":88.0} -> defaults"#.into())
+            ),
+        ]
+    );
+    let changes: i64 = c
+        .query_one(
+            "SELECT count(*) FROM threshold_changes WHERE patient_id = $1",
+            &[&patient],
+        )
+        .await
+        .expect("changes")
+        .get(0);
+    assert_eq!(
+        changes, 2,
+        "each change is there for the engines to pick up"
+    );
+}
