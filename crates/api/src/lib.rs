@@ -35,6 +35,7 @@ pub mod alerts;
 pub mod audit;
 pub mod auth;
 pub mod error;
+pub mod fhir;
 pub mod registry;
 pub mod telemetry;
 pub mod thresholds;
@@ -76,6 +77,10 @@ pub struct ApiConfig {
     /// A request that has not started its response after this long is
     /// answered 503, in milliseconds. Default 30,000.
     pub request_timeout_ms: u64,
+    /// The URL clients reach this API at (`https://rpm.example.org`), for
+    /// the absolute URLs FHIR Bundles carry. Default: from the request's
+    /// `Host`, over http.
+    pub public_url: Option<String>,
     /// `[api.auth]`: how bearer tokens are checked.
     pub auth: auth::AuthConfig,
 }
@@ -87,6 +92,7 @@ impl Default for ApiConfig {
             max_buckets: 10_000,
             max_body_bytes: 65_536,
             request_timeout_ms: 30_000,
+            public_url: None,
             auth: auth::AuthConfig::default(),
         }
     }
@@ -119,6 +125,8 @@ pub struct AppState {
     /// The alert rules as configured: what a patient's thresholds are, and
     /// what an override is checked against.
     pub rules: Arc<Vec<vitalwatch_alerts::rules::Rule>>,
+    /// Where clients reach the API (`[api] public_url`).
+    pub public_url: Option<String>,
     /// The OpenAPI document, rendered once by [`app`].
     openapi: Arc<std::sync::OnceLock<String>>,
 }
@@ -162,8 +170,15 @@ impl AppState {
                 vitalwatch_alerts::rules::compile(&vitalwatch_alerts::rules::default_rules())
                     .unwrap_or_default(),
             ),
+            public_url: None,
             openapi: Arc::default(),
         }
+    }
+
+    /// With the URL clients reach the API at.
+    pub fn with_public_url(mut self, url: Option<String>) -> Self {
+        self.public_url = url;
+        self
     }
 
     /// With the alert rules as configured.
@@ -242,6 +257,7 @@ who is not on one of the caller's care teams is answered as not found."
         (name = "alerts", description = "Alerts for nurses: list, stream, lifecycle."),
         (name = "thresholds", description = "A patient's alert thresholds and their overrides."),
         (name = "registry", description = "Patients, devices, care teams: for admins and device admins."),
+        (name = "fhir", description = "FHIR R4: readings as vital-signs Observations, for EHRs."),
         (name = "service", description = "Health, readiness, metrics and this document."),
     )
 )]
@@ -288,6 +304,9 @@ pub fn app(state: AppState) -> Router {
             thresholds::clear_override
         ))
         .routes(routes!(audit::list))
+        .routes(routes!(fhir::metadata))
+        .routes(routes!(fhir::search))
+        .routes(routes!(fhir::read))
         .routes(routes!(registry::create_patient))
         .routes(routes!(registry::create_device))
         .routes(routes!(registry::get_device))
@@ -439,6 +458,7 @@ pub async fn run(
     )
     .with_auth(auth)
     .with_rules(rules)
+    .with_public_url(cfg.public_url.clone())
     .with_listen_url(db.url.clone())
     .with_shutdown(shutdown.clone())
     .with_limits(Limits {

@@ -479,3 +479,467 @@ async fn thresholds_are_read_overridden_and_cleared_by_the_patients_care_team_on
         "each change is there for the engines to pick up"
     );
 }
+
+/// Stores readings as the writer would.
+async fn store(
+    cfg: &vitalwatch::Config,
+    patient: &str,
+    device: &str,
+    readings: Vec<vitalwatch_core::reading::Reading>,
+) {
+    let mut c = vitalwatch_store::connect(&cfg.database.url)
+        .await
+        .expect("db");
+    let layout = vitalwatch_store::storage::layout(&c).await.expect("layout");
+    let batch = vitalwatch_core::reading::Batch {
+        device_id: device.into(),
+        patient_id: patient.into(),
+        seq: None,
+        received_at: chrono::Utc::now(),
+        readings,
+    };
+    let mut rows = vitalwatch_store::readings::Rows::default();
+    rows.push(&batch);
+    vitalwatch_store::readings::write(&mut c, layout, &rows)
+        .await
+        .expect("write");
+}
+
+/// Checks what FHIR R4 and the vital-signs profiles require of an
+/// Observation of `metric`, with codes and units exactly as the catalogue has them.
+fn check_observation(o: &Value, metric: vitalwatch_core::catalogue::Metric, patient: &str) {
+    use vitalwatch_core::catalogue::Metric;
+    let info = metric.info();
+    assert_eq!(o["resourceType"], "Observation");
+    let id = o["id"].as_str().expect("id");
+    assert!(
+        !id.is_empty()
+            && id.len() <= 64
+            && id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.'),
+        "a FHIR id: {id}"
+    );
+    assert!(
+        ["registered", "preliminary", "final", "amended"]
+            .contains(&o["status"].as_str().unwrap_or_default()),
+        "status: {o}"
+    );
+    let category = if metric == Metric::BloodGlucose {
+        "laboratory"
+    } else {
+        "vital-signs"
+    };
+    assert_eq!(
+        o["category"][0]["coding"][0],
+        json!({"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": category,
+               "display": if category == "laboratory" { "Laboratory" } else { "Vital Signs" }}),
+    );
+    let codes: Vec<(&str, &str)> = o["code"]["coding"]
+        .as_array()
+        .expect("coding")
+        .iter()
+        .map(|c| {
+            (
+                c["system"].as_str().unwrap_or_default(),
+                c["code"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    let want: Vec<(&str, &str)> = info
+        .loinc
+        .iter()
+        .map(|c| ("http://loinc.org", *c))
+        .collect();
+    assert_eq!(codes, want, "LOINC as the catalogue says");
+    assert!(
+        o["code"]["coding"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .all(|c| c["display"].is_string())
+    );
+    assert_eq!(
+        o["subject"],
+        json!({"reference": format!("Patient/{patient}")})
+    );
+    let effective = o["effectiveDateTime"].as_str().expect("effectiveDateTime");
+    assert!(
+        chrono::DateTime::parse_from_rfc3339(effective).is_ok(),
+        "{effective}"
+    );
+    let quantity = |q: &Value| {
+        assert!(q["value"].is_number(), "{q}");
+        assert_eq!(q["system"], "http://unitsofmeasure.org");
+        assert_eq!(q["code"], info.unit, "UCUM as the catalogue says");
+        assert!(q["unit"].is_string());
+    };
+    if metric == Metric::BloodPressure {
+        assert!(
+            o.get("valueQuantity").is_none(),
+            "a panel's values are its components"
+        );
+        let comps = o["component"].as_array().expect("components");
+        let codes: Vec<&str> = comps
+            .iter()
+            .map(|c| c["code"]["coding"][0]["code"].as_str().unwrap_or_default())
+            .collect();
+        assert_eq!(codes, ["8480-6", "8462-4"]);
+        for c in comps {
+            assert_eq!(c["code"]["coding"][0]["system"], "http://loinc.org");
+            quantity(&c["valueQuantity"]);
+        }
+    } else {
+        quantity(&o["valueQuantity"]);
+    }
+    if category == "vital-signs" {
+        let profiles = o["meta"]["profile"].as_array().expect("profiles");
+        assert!(
+            profiles.contains(&json!("http://hl7.org/fhir/StructureDefinition/vitalsigns")),
+            "{o}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fhir_observations_are_valid_r4_coded_from_the_catalogue_and_page_stably() {
+    use vitalwatch_core::catalogue::Metric;
+    use vitalwatch_core::catalogue::Acvpu;
+    use vitalwatch_core::reading::{Measurement, Quality, Reading};
+    let cfg = config().await;
+    let api = Documented::new(&cfg).await;
+    let patient = ts::unique("mrn").replace('_', "-");
+    grant(&cfg, &patient).await;
+    let nurse = token("nurse-test", &["nurse"]);
+    let t0 = chrono::DateTime::parse_from_rfc3339("2026-11-20T08:00:00.123456Z")
+        .expect("t0")
+        .with_timezone(&chrono::Utc);
+    let at = |m: i64| t0 + chrono::Duration::minutes(m);
+    let r = |metric, measurement, m, quality| Reading {
+        metric,
+        measurement,
+        measured_at: at(m),
+        quality,
+    };
+    store(
+        &cfg,
+        &patient,
+        "cuff-1",
+        vec![
+            r(
+                Metric::BloodPressure,
+                Measurement::BloodPressure {
+                    systolic: 132.0,
+                    diastolic: 84.0,
+                },
+                0,
+                Quality::default(),
+            ),
+            r(
+                Metric::HeartRate,
+                Measurement::Scalar(72.0),
+                2,
+                Quality::default(),
+            ),
+        ],
+    )
+    .await;
+    store(
+        &cfg,
+        &patient,
+        "ox-1",
+        vec![
+            r(
+                Metric::Spo2,
+                Measurement::Scalar(97.0),
+                1,
+                Quality::LOW_PERFUSION,
+            ),
+            r(
+                Metric::RespiratoryRate,
+                Measurement::Scalar(16.0),
+                3,
+                Quality::default(),
+            ),
+            r(
+                Metric::Consciousness,
+                Measurement::Consciousness(Acvpu::Alert),
+                3,
+                Quality::default(),
+            ),
+        ],
+    )
+    .await;
+    store(
+        &cfg,
+        &patient,
+        "home-hub",
+        vec![
+            r(
+                Metric::BodyTemperature,
+                Measurement::Scalar(37.2),
+                4,
+                Quality::default(),
+            ),
+            r(
+                Metric::BodyWeight,
+                Measurement::Scalar(80.5),
+                5,
+                Quality::default(),
+            ),
+            r(
+                Metric::BloodGlucose,
+                Measurement::Scalar(110.0),
+                6,
+                Quality::default(),
+            ),
+        ],
+    )
+    .await;
+    let search = "/fhir/r4/Observation";
+    let read = "/fhir/r4/Observation/{id}";
+
+    let (s, bundle) = api
+        .call(
+            "GET",
+            search,
+            &format!("{search}?patient=Patient/{patient}"),
+            Some(&nurse),
+            "",
+        )
+        .await;
+    assert_eq!(s, 200, "{bundle}");
+    assert_eq!(
+        (bundle["resourceType"].clone(), bundle["type"].clone()),
+        (json!("Bundle"), json!("searchset"))
+    );
+    let entries = bundle["entry"].as_array().expect("entries").clone();
+    let order = [
+        Metric::BloodPressure,
+        Metric::Spo2,
+        Metric::HeartRate,
+        Metric::RespiratoryRate,
+        Metric::BodyTemperature,
+        Metric::BodyWeight,
+        Metric::BloodGlucose,
+    ];
+    assert_eq!(
+        entries.len(),
+        order.len(),
+        "oldest first; consciousness is not served: {bundle}"
+    );
+    for (e, m) in entries.iter().zip(order) {
+        check_observation(&e["resource"], m, &patient);
+        let id = e["resource"]["id"].as_str().expect("id");
+        assert!(
+            e["fullUrl"].as_str().is_some_and(
+                |u| u.starts_with("http") && u.ends_with(&format!("/Observation/{id}"))
+            ),
+            "{e}"
+        );
+        assert_eq!(e["search"]["mode"], "match");
+        let (s, one) = api
+            .call(
+                "GET",
+                read,
+                &format!("/fhir/r4/Observation/{id}"),
+                Some(&nurse),
+                "",
+            )
+            .await;
+        assert_eq!(s, 200);
+        assert_eq!(one, e["resource"], "read gives what search gave");
+    }
+    let bp = &entries[0]["resource"];
+    assert_eq!(bp["component"][0]["valueQuantity"]["value"], 132.0);
+    assert_eq!(bp["component"][1]["valueQuantity"]["value"], 84.0);
+    assert_eq!(bp["effectiveDateTime"], "2026-11-20T08:00:00.123456Z");
+    assert_eq!(
+        entries[1]["resource"]["note"][0]["text"],
+        "Device reported low perfusion"
+    );
+
+    // Codes, dates.
+    let ids = |b: &Value| -> Vec<String> {
+        b["entry"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e["resource"]["id"].as_str().map(str::to_owned))
+            .collect()
+    };
+    let (_, b) = api
+        .call(
+            "GET",
+            search,
+            &format!("{search}?patient={patient}&code=http://loinc.org|85354-9"),
+            Some(&nurse),
+            "",
+        )
+        .await;
+    assert_eq!(ids(&b).len(), 1);
+    assert!(ids(&b)[0].starts_with("bp-"));
+    let (_, b) = api
+        .call(
+            "GET",
+            search,
+            &format!("{search}?patient={patient}&code=2708-6,8867-4"),
+            Some(&nurse),
+            "",
+        )
+        .await;
+    assert_eq!(
+        ids(&b).iter().map(|i| &i[..3]).collect::<Vec<_>>(),
+        ["spo", "hr-"]
+    );
+    let (_, b) = api
+        .call(
+            "GET",
+            search,
+            &format!(
+                "{search}?patient={patient}&date=ge2026-11-20T08:01:00Z&date=lt2026-11-20T08:03:00Z"
+            ),
+            Some(&nurse),
+            "",
+        )
+        .await;
+    assert_eq!(
+        ids(&b).len(),
+        2,
+        "SpO2 at 08:01 and heart rate at 08:02: {b}"
+    );
+    let (_, b) = api
+        .call(
+            "GET",
+            search,
+            &format!("{search}?patient={patient}&date=2026-11-21"),
+            Some(&nurse),
+            "",
+        )
+        .await;
+    assert!(ids(&b).is_empty());
+
+    // Pages of 3 follow `next` links to the same set, none twice.
+    let all = ids(&bundle);
+    let mut paged = Vec::new();
+    let mut uri = format!("{search}?patient={patient}&_count=3");
+    for _ in 0..5 {
+        let (s, page) = api.call("GET", search, &uri, Some(&nurse), "").await;
+        assert_eq!(s, 200, "{page}");
+        let got = ids(&page);
+        assert!(got.len() <= 3);
+        paged.extend(got);
+        let next = page["link"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|l| l["relation"] == "next");
+        match next {
+            Some(l) => {
+                let url = l["url"].as_str().expect("url");
+                uri = url[url.find("/fhir/r4/").expect("path")..].to_owned();
+            }
+            None => break,
+        }
+    }
+    assert_eq!(paged, all);
+
+    // Refusals are OperationOutcomes, audited.
+    let outcome =
+        |b: &Value| b["resourceType"] == "OperationOutcome" && b["issue"][0]["severity"] == "error";
+    let (s, b) = api
+        .call(
+            "GET",
+            search,
+            &format!("{search}?patient={patient}"),
+            None,
+            "",
+        )
+        .await;
+    assert!(s == 401 && outcome(&b), "{b}");
+    let (s, b) = api
+        .call(
+            "GET",
+            search,
+            &format!("{search}?patient={patient}"),
+            Some(&token("nurse-elsewhere", &["nurse"])),
+            "",
+        )
+        .await;
+    assert!(s == 404 && outcome(&b), "another team's patient: {b}");
+    let (s, b) = api
+        .call(
+            "GET",
+            read,
+            &format!("/fhir/r4/Observation/{}", all[0]),
+            Some(&token("nurse-elsewhere", &["nurse"])),
+            "",
+        )
+        .await;
+    assert!(s == 404 && outcome(&b), "another team's Observation: {b}");
+    for bad in [
+        "code=8867-4",
+        &format!("patient={patient}&code=0000-0"),
+        &format!("patient={patient}&date=ge2026-11-21&date=le2026-11-20"),
+    ] {
+        let (s, b) = api
+            .call("GET", search, &format!("{search}?{bad}"), Some(&nurse), "")
+            .await;
+        assert!(s == 400 && outcome(&b), "{bad}: {b}");
+    }
+    let (s, b) = api
+        .call(
+            "GET",
+            read,
+            "/fhir/r4/Observation/not-an-id",
+            Some(&nurse),
+            "",
+        )
+        .await;
+    assert!(s == 400 && outcome(&b), "{b}");
+
+    let (s, cap) = api
+        .call("GET", "/fhir/r4/metadata", "/fhir/r4/metadata", None, "")
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        (
+            cap["resourceType"].clone(),
+            cap["fhirVersion"].clone(),
+            cap["kind"].clone()
+        ),
+        (
+            json!("CapabilityStatement"),
+            json!("4.0.1"),
+            json!("instance")
+        )
+    );
+    assert!(cap["date"].is_string() && cap["status"] == "active");
+    let obs = &cap["rest"][0]["resource"][0];
+    assert_eq!(obs["type"], "Observation");
+    let params: Vec<&str> = obs["searchParam"]
+        .as_array()
+        .expect("params")
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    assert_eq!(params, ["patient", "code", "date", "_count"]);
+
+    let c = vitalwatch_store::connect(&cfg.database.url)
+        .await
+        .expect("db");
+    let (allowed, denied): (i64, i64) = c
+        .query_one(
+            "SELECT count(*) FILTER (WHERE outcome = 'allowed'), count(*) FILTER (WHERE outcome = 'denied')
+               FROM audit_log WHERE patient_id = $1 AND action LIKE 'fhir.%'",
+            &[&patient],
+        )
+        .await
+        .map(|r| (r.get(0), r.get(1)))
+        .expect("audit");
+    assert_eq!(
+        (allowed, denied),
+        (1 + 7 + 4 + 3, 1), // search, 7 reads, 4 filtered searches, 3 pages; one refusal
+        "every read and search of the patient is audited"
+    );
+}
