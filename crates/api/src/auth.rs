@@ -3,9 +3,11 @@
 //! patients of their care teams); and the request's identity for the audit
 //! log.
 //!
-//! Keys come from configuration: the identity provider's public key (PEM,
-//! RS256 or ES256), or for local runs and tests an HS256 shared secret.
-//! With neither, every authenticated route answers 401.
+//! Keys come from the identity provider's JWKS URL (fetched when a token
+//! names a key not seen yet, at most every 30 seconds, and again when the
+//! set is older than `jwks_max_age_seconds`), from a configured public key
+//! (PEM, RS256 or ES256), or for local runs and tests from an HS256 shared
+//! secret. With none of them, every authenticated route answers 401.
 
 use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::request::Parts;
@@ -29,6 +31,12 @@ pub struct AuthConfig {
     pub hs256_secret: Option<String>,
     /// The identity provider's public key, PEM (RSA for RS256, EC P-256 for ES256).
     pub public_key_pem: Option<String>,
+    /// The identity provider's JSON Web Key Set
+    /// (`https://idp.example.org/.well-known/jwks.json`). Only asymmetric
+    /// signatures (RS, PS, ES) are accepted from it.
+    pub jwks_url: Option<String>,
+    /// The key set is fetched again when older than this. Default 3600.
+    pub jwks_max_age_seconds: u64,
     /// The claim listing the caller's roles. Default `roles`.
     pub roles_claim: String,
     /// Clock skew tolerated on `exp` and `nbf`, in seconds. Default 30.
@@ -42,6 +50,8 @@ impl Default for AuthConfig {
             audience: "vitalwatch".into(),
             hs256_secret: None,
             public_key_pem: None,
+            jwks_url: None,
+            jwks_max_age_seconds: 3600,
             roles_claim: "roles".into(),
             leeway_seconds: 30,
         }
@@ -128,7 +138,100 @@ impl Caller {
 #[derive(Clone)]
 pub struct Authenticator {
     key: Option<(DecodingKey, Validation)>,
+    jwks: Option<std::sync::Arc<Jwks>>,
+    /// Issuer, audience, required claims, leeway: what every token must meet.
+    base: Validation,
     roles_claim: String,
+}
+
+/// Signatures accepted from a key set: asymmetric only, so a token can
+/// never pass by being "signed" with a public key as an HMAC secret.
+const ASYMMETRIC: [Algorithm; 8] = [
+    Algorithm::RS256,
+    Algorithm::RS384,
+    Algorithm::RS512,
+    Algorithm::PS256,
+    Algorithm::PS384,
+    Algorithm::PS512,
+    Algorithm::ES256,
+    Algorithm::ES384,
+];
+
+/// The identity provider's key set, by key id.
+struct Jwks {
+    url: String,
+    client: reqwest::Client,
+    keys: std::sync::RwLock<std::collections::HashMap<String, (DecodingKey, Algorithm)>>,
+    /// When the set was last fetched; held while fetching.
+    fetched: tokio::sync::Mutex<Option<std::time::Instant>>,
+    /// When a token with an unknown key last made it fetch (at most every
+    /// 30 s, so made-up key ids cannot hammer the identity provider).
+    forced: std::sync::Mutex<Option<std::time::Instant>>,
+    max_age: std::time::Duration,
+}
+
+/// Why a token was refused.
+#[derive(Debug)]
+enum Refusal {
+    /// Signed with a key the set does not have (yet).
+    UnknownKey(String),
+    Other(String),
+}
+
+impl Jwks {
+    /// Fetches the set again unless it was fetched less than `min_interval`
+    /// ago (by this or a concurrent call).
+    async fn refresh(&self, min_interval: std::time::Duration) -> Result<(), String> {
+        let mut fetched = self.fetched.lock().await;
+        if fetched.is_some_and(|t| t.elapsed() < min_interval) {
+            return Ok(());
+        }
+        *fetched = Some(std::time::Instant::now());
+        let set: jsonwebtoken::jwk::JwkSet = self
+            .client
+            .get(&self.url)
+            .send()
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .map_err(|e| format!("cannot fetch the key set from {}: {e}", self.url))?
+            .bytes()
+            .await
+            .map_err(|e| format!("cannot fetch the key set from {}: {e}", self.url))
+            .and_then(|b| {
+                serde_json::from_slice(&b)
+                    .map_err(|e| format!("the key set at {} is not a JWKS: {e}", self.url))
+            })?;
+        let mut keys = std::collections::HashMap::new();
+        for jwk in &set.keys {
+            use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, PublicKeyUse};
+            if matches!(jwk.common.public_key_use, Some(PublicKeyUse::Encryption)) {
+                continue;
+            }
+            let alg = match (&jwk.common.key_algorithm, &jwk.algorithm) {
+                (Some(a), _) => a.to_string().parse::<Algorithm>().ok(),
+                (None, AlgorithmParameters::RSA(_)) => Some(Algorithm::RS256),
+                (None, AlgorithmParameters::EllipticCurve(p)) => match p.curve {
+                    EllipticCurve::P256 => Some(Algorithm::ES256),
+                    EllipticCurve::P384 => Some(Algorithm::ES384),
+                    _ => None,
+                },
+                _ => None,
+            };
+            let (Some(alg), Some(kid)) =
+                (alg.filter(|a| ASYMMETRIC.contains(a)), &jwk.common.key_id)
+            else {
+                continue;
+            };
+            if let Ok(key) = DecodingKey::from_jwk(jwk) {
+                keys.insert(kid.clone(), (key, alg));
+            }
+        }
+        tracing::info!(url = %self.url, keys = keys.len(), "identity provider keys fetched");
+        if let Ok(mut k) = self.keys.write() {
+            *k = keys;
+        }
+        Ok(())
+    }
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -168,26 +271,137 @@ impl Authenticator {
             },
             (None, None) => (None, Vec::new()),
         };
+        let mut base = Validation::new(Algorithm::RS256);
+        base.set_issuer(&[cfg.issuer.as_str()]);
+        base.set_audience(&[cfg.audience.as_str()]);
+        base.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        base.leeway = cfg.leeway_seconds;
+        base.validate_nbf = true;
         let key = key.map(|k| {
-            let mut v = Validation::new(algorithms[0]);
+            let mut v = base.clone();
             v.algorithms = algorithms;
-            v.set_issuer(&[cfg.issuer.as_str()]);
-            v.set_audience(&[cfg.audience.as_str()]);
-            v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
-            v.leeway = cfg.leeway_seconds;
-            v.validate_nbf = true;
             (k, v)
         });
+        let jwks = match &cfg.jwks_url {
+            None => None,
+            Some(_) if key.is_some() => {
+                return Err("api.auth: give jwks_url or a configured key, not both".into());
+            }
+            Some(url)
+                if !(url.starts_with("https://")
+                    || url.starts_with("http://127.0.0.1")
+                    || url.starts_with("http://localhost")) =>
+            {
+                return Err(format!(
+                    "api.auth.jwks_url {url:?} must be https (plain http only on this machine)"
+                ));
+            }
+            Some(url) => Some(std::sync::Arc::new(Jwks {
+                url: url.clone(),
+                client: reqwest::Client::builder()
+                    .timeout(std::time::Duration::from_secs(5))
+                    .redirect(reqwest::redirect::Policy::none())
+                    .build()
+                    .map_err(|e| format!("api.auth.jwks_url: {e}"))?,
+                keys: std::sync::RwLock::default(),
+                fetched: tokio::sync::Mutex::new(None),
+                forced: std::sync::Mutex::new(None),
+                max_age: std::time::Duration::from_secs(cfg.jwks_max_age_seconds.max(60)),
+            })),
+        };
         Ok(Authenticator {
             key,
+            jwks,
+            base,
             roles_claim: cfg.roles_claim.clone(),
         })
+    }
+
+    /// The caller a bearer token identifies, fetching the identity
+    /// provider's keys when the token names one not seen yet (or the set
+    /// is old); `Err` says why not.
+    pub async fn check(&self, token: &str) -> Result<Caller, String> {
+        let Some(jwks) = &self.jwks else {
+            return self.verify(token);
+        };
+        let stale = jwks
+            .fetched
+            .try_lock()
+            .map(|f| f.is_none_or(|t| t.elapsed() >= jwks.max_age))
+            .unwrap_or(false);
+        if stale && let Err(e) = jwks.refresh(jwks.max_age).await {
+            tracing::warn!(error = %e, "identity provider keys not refreshed");
+        }
+        match self.verify_jwks(jwks, token) {
+            Err(Refusal::UnknownKey(kid)) => {
+                // A rotated key: fetch the set again, at most every 30 s.
+                let now = std::time::Instant::now();
+                let may = jwks.forced.lock().is_ok_and(|mut f| {
+                    let may = f.is_none_or(|t| {
+                        now.duration_since(t) >= std::time::Duration::from_secs(30)
+                    });
+                    if may {
+                        *f = Some(now);
+                    }
+                    may
+                });
+                if may && let Err(e) = jwks.refresh(std::time::Duration::ZERO).await {
+                    tracing::warn!(error = %e, "identity provider keys not refreshed");
+                }
+                self.verify_jwks(jwks, token).map_err(|r| match r {
+                    Refusal::UnknownKey(_) => {
+                        format!("token refused: no key {kid:?} in the identity provider's set")
+                    }
+                    Refusal::Other(why) => why,
+                })
+            }
+            r => r.map_err(|r| match r {
+                Refusal::UnknownKey(why) | Refusal::Other(why) => why,
+            }),
+        }
+    }
+
+    fn verify_jwks(&self, jwks: &Jwks, token: &str) -> Result<Caller, Refusal> {
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|e| Refusal::Other(format!("token refused: {e}")))?;
+        if !ASYMMETRIC.contains(&header.alg) {
+            return Err(Refusal::Other(format!(
+                "token refused: {:?} signatures are not accepted",
+                header.alg
+            )));
+        }
+        let keys = jwks
+            .keys
+            .read()
+            .map_err(|_| Refusal::Other("key set unavailable".into()))?;
+        let found = match &header.kid {
+            Some(kid) => keys.get(kid),
+            None if keys.len() == 1 => keys.values().next(),
+            None => {
+                return Err(Refusal::Other(
+                    "token refused: no kid, and the key set has several keys".into(),
+                ));
+            }
+        };
+        let Some((key, alg)) = found else {
+            return Err(Refusal::UnknownKey(header.kid.unwrap_or_default()));
+        };
+        if *alg != header.alg {
+            return Err(Refusal::Other(
+                "token refused: the algorithm does not match the key's".into(),
+            ));
+        }
+        let mut v = self.base.clone();
+        v.algorithms = vec![*alg];
+        self.claims(token, key, &v).map_err(Refusal::Other)
     }
 
     /// An authenticator that refuses every token.
     pub fn unconfigured() -> Authenticator {
         Authenticator {
             key: None,
+            jwks: None,
+            base: Validation::new(Algorithm::RS256),
             roles_claim: "roles".into(),
         }
     }
@@ -198,6 +412,16 @@ impl Authenticator {
         let Some((key, validation)) = &self.key else {
             return Err("authentication is not configured".into());
         };
+        self.claims(token, key, validation)
+    }
+
+    /// The caller, from a token checked with `key` and `validation`.
+    fn claims(
+        &self,
+        token: &str,
+        key: &DecodingKey,
+        validation: &Validation,
+    ) -> Result<Caller, String> {
         let data = jsonwebtoken::decode::<serde_json::Value>(token, key, validation)
             .map_err(|e| format!("token refused: {e}"))?;
         let claims = data.claims;
@@ -439,7 +663,7 @@ impl FromRequestParts<AppState> for Access {
                 .strip_prefix("Bearer ")
                 .or_else(|| v.strip_prefix("bearer "))
             {
-                Some(token) => state.auth.verify(token.trim()),
+                Some(token) => state.auth.check(token.trim()).await,
                 None => Err("authorization is not a bearer token".to_owned()),
             },
         };
@@ -583,6 +807,131 @@ mod tests {
         assert!(
             Authenticator::new(&AuthConfig::default()).is_ok(),
             "unconfigured is allowed: every call is then 401"
+        );
+    }
+
+    /// An ES256 key pair: (key id, signing key, its public JWK).
+    fn es256(kid: &str) -> (String, EncodingKey, serde_json::Value) {
+        use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 =
+            EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).expect("key");
+        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng)
+            .expect("pair");
+        let public = pair.public_key().as_ref(); // 0x04 | x | y
+        let jwk = serde_json::json!({"kty": "EC", "crv": "P-256", "use": "sig", "kid": kid,
+            "x": b64url(&public[1..33]), "y": b64url(&public[33..65])});
+        (
+            kid.to_owned(),
+            EncodingKey::from_ec_der(pkcs8.as_ref()),
+            jwk,
+        )
+    }
+
+    fn b64url(bytes: &[u8]) -> String {
+        const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let mut out = String::new();
+        for chunk in bytes.chunks(3) {
+            let n = chunk
+                .iter()
+                .enumerate()
+                .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+            for i in 0..=chunk.len() {
+                out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+            }
+        }
+        out
+    }
+
+    fn signed(kid: Option<&str>, key: &EncodingKey, alg: Algorithm) -> String {
+        let mut header = Header::new(alg);
+        header.kid = kid.map(str::to_owned);
+        jsonwebtoken::encode(&header, &claims(600), key).expect("encode")
+    }
+
+    #[tokio::test]
+    async fn keys_come_from_the_jwks_url_and_a_rotated_key_is_fetched() {
+        use std::sync::{Arc, Mutex};
+        let (kid_a, key_a, jwk_a) = es256("a");
+        let (kid_b, key_b, jwk_b) = es256("b");
+        let (_, key_c, _) = es256("c");
+        let served = Arc::new(Mutex::new(serde_json::json!({"keys": [jwk_a]})));
+        let fetches = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let app = {
+            let (served, fetches) = (served.clone(), fetches.clone());
+            axum::Router::new().route(
+                "/jwks.json",
+                axum::routing::get(move || {
+                    fetches.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let body = served.lock().expect("lock").clone();
+                    async move { axum::Json(body) }
+                }),
+            )
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let auth = Authenticator::new(&AuthConfig {
+            jwks_url: Some(format!("http://127.0.0.1:{}/jwks.json", addr.port())),
+            ..AuthConfig::default()
+        })
+        .expect("config");
+
+        let c = auth
+            .check(&signed(Some(&kid_a), &key_a, Algorithm::ES256))
+            .await
+            .expect("key a");
+        assert_eq!(c.subject, "nurse-1");
+        // The provider rotates to key b: a token signed with it fetches the set again.
+        *served.lock().expect("lock") = serde_json::json!({"keys": [jwk_b]});
+        let before = fetches.load(std::sync::atomic::Ordering::SeqCst);
+        auth.check(&signed(Some(&kid_b), &key_b, Algorithm::ES256))
+            .await
+            .expect("key b after a refetch");
+        assert_eq!(
+            fetches.load(std::sync::atomic::Ordering::SeqCst),
+            before + 1
+        );
+        // An unknown key is refused, and does not make every request refetch.
+        let e = auth
+            .check(&signed(Some("c"), &key_c, Algorithm::ES256))
+            .await
+            .expect_err("unknown key");
+        assert!(e.contains("no key"), "{e}");
+        auth.check(&signed(Some("c"), &key_c, Algorithm::ES256))
+            .await
+            .expect_err("still unknown");
+        assert_eq!(
+            fetches.load(std::sync::atomic::Ordering::SeqCst),
+            before + 1,
+            "at most one fetch per 30 s"
+        );
+        // Key b's id on a token signed by another key, and HMAC tokens, are refused.
+        assert!(
+            auth.check(&signed(Some(&kid_b), &key_c, Algorithm::ES256))
+                .await
+                .is_err()
+        );
+        let hs = jsonwebtoken::encode(
+            &Header {
+                kid: Some(kid_b.clone()),
+                ..Header::new(Algorithm::HS256)
+            },
+            &claims(600),
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .expect("encode");
+        let e = auth.check(&hs).await.expect_err("no HMAC from a key set");
+        assert!(e.contains("not accepted"), "{e}");
+        assert!(
+            Authenticator::new(&AuthConfig {
+                jwks_url: Some("http://idp.example.org/jwks".into()),
+                ..AuthConfig::default()
+            })
+            .is_err(),
+            "a key set over plain http from elsewhere is refused"
         );
     }
 }

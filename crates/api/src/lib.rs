@@ -81,8 +81,22 @@ pub struct ApiConfig {
     /// the absolute URLs FHIR Bundles carry. Default: from the request's
     /// `Host`, over http.
     pub public_url: Option<String>,
+    /// `[api.tls]`: serve HTTPS with this certificate. Without it the API
+    /// speaks plain HTTP: put it behind a TLS-terminating proxy, or keep
+    /// it on 127.0.0.1 (the default).
+    pub tls: Option<TlsConfig>,
     /// `[api.auth]`: how bearer tokens are checked.
     pub auth: auth::AuthConfig,
+}
+
+/// `[api.tls]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The certificate chain, PEM.
+    pub cert_file: std::path::PathBuf,
+    /// Its private key, PEM.
+    pub key_file: std::path::PathBuf,
 }
 
 impl Default for ApiConfig {
@@ -93,6 +107,7 @@ impl Default for ApiConfig {
             max_body_bytes: 65_536,
             request_timeout_ms: 30_000,
             public_url: None,
+            tls: None,
             auth: auth::AuthConfig::default(),
         }
     }
@@ -465,19 +480,48 @@ pub async fn run(
         max_body_bytes: cfg.max_body_bytes,
         request_timeout: Duration::from_millis(cfg.request_timeout_ms),
     });
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|source| ServeError::Bind {
-            addr: cfg.listen,
-            source,
-        })?;
-    tracing::info!(addr = %cfg.listen, "api listening");
-    axum::serve(
-        listener,
-        app(state).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown.cancelled_owned())
-    .await?;
+    let app = app(state).into_make_service_with_connect_info::<SocketAddr>();
+    if let Some(tls) = &cfg.tls {
+        let rustls =
+            axum_server::tls_rustls::RustlsConfig::from_pem_file(&tls.cert_file, &tls.key_file)
+                .await
+                .map_err(|e| {
+                    ServeError::Config(format!(
+                        "api.tls: cannot load {} and {}: {e}",
+                        tls.cert_file.display(),
+                        tls.key_file.display()
+                    ))
+                })?;
+        let handle = axum_server::Handle::new();
+        let stop = handle.clone();
+        let grace = Duration::from_millis(cfg.request_timeout_ms);
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            stop.graceful_shutdown(Some(grace));
+        });
+        let std_listener =
+            std::net::TcpListener::bind(cfg.listen).map_err(|source| ServeError::Bind {
+                addr: cfg.listen,
+                source,
+            })?;
+        std_listener.set_nonblocking(true)?;
+        tracing::info!(addr = %cfg.listen, "api listening (https)");
+        axum_server::from_tcp_rustls(std_listener, rustls)?
+            .handle(handle)
+            .serve(app)
+            .await?;
+    } else {
+        let listener = tokio::net::TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|source| ServeError::Bind {
+                addr: cfg.listen,
+                source,
+            })?;
+        tracing::info!(addr = %cfg.listen, "api listening");
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await?;
+    }
     tracing::info!("api stopped");
     Ok(())
 }

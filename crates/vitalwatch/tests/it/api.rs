@@ -603,8 +603,8 @@ fn check_observation(o: &Value, metric: vitalwatch_core::catalogue::Metric, pati
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fhir_observations_are_valid_r4_coded_from_the_catalogue_and_page_stably() {
-    use vitalwatch_core::catalogue::Metric;
     use vitalwatch_core::catalogue::Acvpu;
+    use vitalwatch_core::catalogue::Metric;
     use vitalwatch_core::reading::{Measurement, Quality, Reading};
     let cfg = config().await;
     let api = Documented::new(&cfg).await;
@@ -941,5 +941,50 @@ async fn fhir_observations_are_valid_r4_coded_from_the_catalogue_and_page_stably
         (allowed, denied),
         (1 + 7 + 4 + 3, 1), // search, 7 reads, 4 filtered searches, 3 pages; one refusal
         "every read and search of the patient is audited"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_certificate_the_api_speaks_https_only_and_stops_gracefully() {
+    let mut cfg = config().await;
+    // The local stack's certificate for localhost, signed by its CA.
+    let ca = std::path::PathBuf::from(
+        std::env::var("VITALWATCH_TEST_MQTT_CA").expect("deploy/local/test sets the CA"),
+    );
+    let dir = ca.parent().expect("tls dir");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    cfg.api.listen = ([127, 0, 0, 1], port).into();
+    cfg.api.tls = Some(vitalwatch_api::TlsConfig {
+        cert_file: dir.join("server.crt"),
+        key_file: dir.join("server.key"),
+    });
+    let running = start(&[vitalwatch::Service::Api], &cfg);
+    let client = reqwest::Client::builder()
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(&std::fs::read(&ca).expect("ca")).expect("pem"),
+        )
+        .build()
+        .expect("client");
+    let url = format!("https://localhost:{port}/healthz");
+    let body = ts::eventually(WAIT, "the API to answer over TLS", || async {
+        client.get(&url).send().await.ok()?.text().await.ok()
+    })
+    .await;
+    assert_eq!(body, "ok");
+    let plain = reqwest::Client::new()
+        .get(format!("http://localhost:{port}/healthz"))
+        .send()
+        .await;
+    assert!(
+        plain.is_err() || plain.is_ok_and(|r| !r.status().is_success()),
+        "no plain HTTP on the TLS port"
+    );
+    running.stop().await;
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "the port is closed after shutdown"
     );
 }
