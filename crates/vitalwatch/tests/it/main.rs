@@ -2,6 +2,7 @@
 //! `deploy/local/test` starts: Mosquitto, tansu and PostgreSQL.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod access;
 mod alerts;
 mod api;
 mod ingest;
