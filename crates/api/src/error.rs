@@ -22,6 +22,9 @@ pub enum ApiError {
     /// alert already acknowledged).
     #[error("{0}")]
     Conflict(String),
+    /// The route does not take the request's method.
+    #[error("{0}")]
+    MethodNotAllowed(String),
     /// The body is larger than the server accepts.
     #[error("{0}")]
     TooLarge(String),
@@ -68,6 +71,7 @@ impl IntoResponse for ApiError {
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "Forbidden"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "Not found"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "Conflict"),
+            ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "Method not allowed"),
             ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "Content too large"),
             ApiError::Internal(detail) => {
                 tracing::error!(detail, "request failed");

@@ -82,6 +82,7 @@ impl IntoResponse for FhirError {
         // the body as FHIR expects it.
         let code = match &self.0 {
             ApiError::BadRequest(_) | ApiError::TooLarge(_) => "invalid",
+            ApiError::MethodNotAllowed(_) => "not-supported",
             ApiError::Unauthorized(_) => "login",
             ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound(_) => "not-found",

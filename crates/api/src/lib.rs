@@ -365,11 +365,10 @@ async fn no_route() -> ApiError {
     ApiError::NotFound("no such route: /openapi.json lists the routes".into())
 }
 
-async fn no_method() -> impl IntoResponse {
-    let mut resp =
-        ApiError::BadRequest("this route does not take that method".into()).into_response();
-    *resp.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
-    resp
+async fn no_method() -> ApiError {
+    ApiError::MethodNotAllowed(
+        "this route does not take that method: /openapi.json lists the methods".into(),
+    )
 }
 
 /// The process is alive.

@@ -144,7 +144,10 @@ impl World {
     /// A new open alert of the patient.
     async fn alert(&self) -> String {
         // Alert ids are hexadecimal (a digest, as the engine makes them).
-        let id = format!("{:032x}", self.n.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        let id = format!(
+            "{:032x}",
+            self.n.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
         let now = chrono::Utc::now();
         vitalwatch_store::alerts::raise(
             &self.db().await,

@@ -988,3 +988,294 @@ async fn with_a_certificate_the_api_speaks_https_only_and_stops_gracefully() {
         "the port is closed after shutdown"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_clear_4xx_and_never_a_5xx() {
+    let cfg = config().await;
+    let api = Documented::new(&cfg).await;
+    let patient = ts::unique("pat");
+    grant(&cfg, &patient).await;
+    let nurse = token("nurse-test", &["nurse"]);
+    let admin = token("admin-ada", &["admin"]);
+    let long = "x".repeat(129);
+    let huge_note = json!({"note": "x".repeat(70_000)}).to_string();
+    let alert = "/v1/alerts/{alert_id}";
+    let vitals = "/v1/patients/{patient_id}/vitals";
+    let days = "/v1/patients/{patient_id}/monitoring-days";
+    let p = &patient;
+    let cases: Vec<(&str, &str, String, &str, &str, u16, &str)> = vec![
+        (
+            "GET",
+            "/v1/patients/{patient_id}/latest",
+            format!("/v1/patients/{long}/latest"),
+            "",
+            &nurse,
+            400,
+            "1 to 128",
+        ),
+        (
+            "GET",
+            vitals,
+            format!("/v1/patients/{p}/vitals?metric=blood_sugar"),
+            "",
+            &nurse,
+            400,
+            "blood_sugar",
+        ),
+        (
+            "GET",
+            vitals,
+            format!("/v1/patients/{p}/vitals"),
+            "",
+            &nurse,
+            400,
+            "metric",
+        ),
+        (
+            "GET",
+            vitals,
+            format!(
+                "/v1/patients/{p}/vitals?metric=spo2&from=2026-11-02T00:00:00Z&to=2026-11-01T00:00:00Z"
+            ),
+            "",
+            &nurse,
+            400,
+            "before",
+        ),
+        (
+            "GET",
+            vitals,
+            format!(
+                "/v1/patients/{p}/vitals?metric=spo2&from=2016-01-01T00:00:00Z&to=2026-01-01T00:00:00Z&bucket=1m"
+            ),
+            "",
+            &nurse,
+            400,
+            "buckets",
+        ),
+        (
+            "GET",
+            vitals,
+            format!("/v1/patients/{p}/vitals?metric=spo2&from=yesterday"),
+            "",
+            &nurse,
+            400,
+            "from",
+        ),
+        (
+            "GET",
+            vitals,
+            format!("/v1/patients/{p}/vitals?metric=spo2&bucket=7s"),
+            "",
+            &nurse,
+            400,
+            "bucket",
+        ),
+        (
+            "GET",
+            vitals,
+            format!("/v1/patients/{p}/vitals?metric=spo2&colour=red"),
+            "",
+            &nurse,
+            400,
+            "colour",
+        ),
+        (
+            "GET",
+            days,
+            format!("/v1/patients/{p}/monitoring-days?from=2026-01-01&to=2026-03-01"),
+            "",
+            &nurse,
+            400,
+            "30 days",
+        ),
+        (
+            "GET",
+            days,
+            format!("/v1/patients/{p}/monitoring-days?from=2026-03-01&to=2026-01-01"),
+            "",
+            &nurse,
+            400,
+            "after",
+        ),
+        (
+            "GET",
+            days,
+            format!("/v1/patients/{p}/monitoring-days?tz=Mars/Olympus_Mons"),
+            "",
+            &nurse,
+            400,
+            "time zone",
+        ),
+        (
+            "GET",
+            alert,
+            "/v1/alerts/not-hex!".into(),
+            "",
+            &nurse,
+            400,
+            "hexadecimal",
+        ),
+        (
+            "GET",
+            "/v1/alerts",
+            "/v1/alerts?limit=100000".into(),
+            "",
+            &nurse,
+            400,
+            "limit",
+        ),
+        (
+            "GET",
+            "/v1/alerts",
+            "/v1/alerts?state=sleeping".into(),
+            "",
+            &nurse,
+            400,
+            "sleeping",
+        ),
+        (
+            "GET",
+            "/v1/alerts",
+            "/v1/alerts?after=garbage".into(),
+            "",
+            &nurse,
+            400,
+            "after",
+        ),
+        (
+            "POST",
+            "/v1/alerts/{alert_id}/acknowledge",
+            "/v1/alerts/00ff/acknowledge".into(),
+            "{",
+            &nurse,
+            400,
+            "note",
+        ),
+        (
+            "POST",
+            "/v1/alerts/{alert_id}/acknowledge",
+            "/v1/alerts/00ff/acknowledge".into(),
+            &huge_note,
+            &nurse,
+            413,
+            "too large",
+        ),
+        (
+            "POST",
+            "/v1/patients",
+            "/v1/patients".into(),
+            &huge_note,
+            &admin,
+            413,
+            "too large",
+        ),
+        (
+            "POST",
+            "/v1/patients",
+            "/v1/patients".into(),
+            r#"{"patient_id": ""}"#,
+            &admin,
+            400,
+            "1 to 128",
+        ),
+        (
+            "POST",
+            "/v1/patients",
+            "/v1/patients".into(),
+            r#"{"patient_id": "a", "name": "Jane"}"#,
+            &admin,
+            400,
+            "name",
+        ),
+        (
+            "GET",
+            "/v1/devices/{device_id}",
+            "/v1/devices/a%2Fb".into(),
+            "",
+            &admin,
+            400,
+            "device id",
+        ),
+        (
+            "POST",
+            "/v1/care-teams",
+            "/v1/care-teams".into(),
+            r#"{"team_id": "a b", "name": "x"}"#,
+            &admin,
+            400,
+            "care team id",
+        ),
+        (
+            "PUT",
+            "/v1/patients/{patient_id}/thresholds/{rule}",
+            format!("/v1/patients/{p}/thresholds/spo2_low"),
+            r#"{"params": {"level": 1e400}, "reason": "x"}"#,
+            &nurse,
+            400,
+            "number",
+        ),
+        (
+            "GET",
+            "/v1/audit",
+            "/v1/audit?from=2026-11-02T00:00:00Z&to=2026-11-01T00:00:00Z".into(),
+            "",
+            &admin,
+            400,
+            "before",
+        ),
+        (
+            "GET",
+            "/v1/audit",
+            "/v1/audit?outcome=maybe".into(),
+            "",
+            &admin,
+            400,
+            "maybe",
+        ),
+        (
+            "GET",
+            "/fhir/r4/Observation",
+            format!("/fhir/r4/Observation?patient={p}&date=soon"),
+            "",
+            &nurse,
+            400,
+            "soon",
+        ),
+        (
+            "GET",
+            "/fhir/r4/Observation",
+            format!("/fhir/r4/Observation?patient={p}&_count=0"),
+            "",
+            &nurse,
+            400,
+            "_count",
+        ),
+        (
+            "GET",
+            "/fhir/r4/Observation/{id}",
+            format!("/fhir/r4/Observation/{long}"),
+            "",
+            &nurse,
+            400,
+            "not an Observation id",
+        ),
+    ];
+    for (method, template, uri, body, bearer, want, says) in &cases {
+        let (status, answer) = api.call(method, template, uri, Some(bearer), body).await;
+        assert_eq!(status.as_u16(), *want, "{method} {uri}: {answer}");
+        let message = answer["detail"]
+            .as_str()
+            .or_else(|| answer["issue"][0]["diagnostics"].as_str())
+            .unwrap_or_default();
+        assert!(
+            message.contains(says),
+            "{method} {uri}: the message should say {says:?}: {answer}"
+        );
+    }
+    // Off the map: problem details too.
+    let (s, b) = call(&api.app, "GET", "/v1/nothing-here", Some(&nurse), "").await;
+    assert_eq!((s.as_u16(), b["status"].clone()), (404, json!(404)), "{b}");
+    let (s, b) = call(&api.app, "PATCH", "/v1/alerts", Some(&nurse), "").await;
+    assert_eq!((s.as_u16(), b["status"].clone()), (405, json!(405)), "{b}");
+}
