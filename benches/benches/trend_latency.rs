@@ -11,9 +11,16 @@
 //! are then refreshed and chunks older than 7 days compressed, as the
 //! policies would have done.
 //!
+//! Then the same databases through the API over HTTP, as dashboards use it:
+//! BENCH_API_CLIENTS concurrent clients (default 16) for BENCH_API_SECONDS
+//! (default 20), each asking in turn for a random patient's 30-day hourly
+//! trend and latest vitals, authenticated, scoped and audited like any
+//! nurse's request; p50/p99 per route and requests per second.
+//!
 //! `deploy/local/bench --bench trend_latency`
 //! (environment: BENCH_TREND_ROWS, BENCH_TREND_PATIENTS, BENCH_QUERIES
-//! (default 200), BENCH_RELOAD=1 to refill)
+//! (default 200), BENCH_RELOAD=1 to refill, BENCH_API_CLIENTS,
+//! BENCH_API_SECONDS)
 
 use std::time::{Duration, Instant};
 use vitalwatch_benches::env;
@@ -251,6 +258,24 @@ async fn run() -> Result<(), Error> {
         dbs.push((layout, filled(layout, rows, patients).await?));
     }
     println!("30-day hourly trend of one of {patients} patients, {rows} readings in the table:");
+    let clients = env("BENCH_API_CLIENTS", 16).max(1);
+    let seconds = env("BENCH_API_SECONDS", 20).max(1) as u64;
+    println!(
+        "Through the API (HTTP on 127.0.0.1, bearer token, care-team scope, audit row per request), \
+         {clients} concurrent clients for {seconds} s:"
+    );
+    for (layout, (cfg, until)) in &dbs {
+        through_api(
+            *layout,
+            cfg,
+            *until,
+            patients,
+            clients,
+            Duration::from_secs(seconds),
+        )
+        .await?;
+    }
+    println!("Store only (one connection, one query at a time):");
     for (layout, (cfg, until)) in &dbs {
         measure(
             &format!("{layout}"),
@@ -273,6 +298,137 @@ async fn run() -> Result<(), Error> {
             )
             .await?;
         }
+    }
+    Ok(())
+}
+
+const SECRET: &str = "the-bench-shared-secret-at-least-32-bytes";
+
+/// Dashboards through the API: concurrent clients asking for 30-day hourly
+/// trends and latest vitals.
+async fn through_api(
+    layout: Layout,
+    cfg: &DatabaseConfig,
+    until: DateTime<Utc>,
+    patients: usize,
+    clients: usize,
+    run_for: Duration,
+) -> Result<(), Error> {
+    let mut c = vitalwatch_store::connect(&cfg.url).await?;
+    vitalwatch_store::migrate::migrate(&mut c, cfg).await?;
+    // Every bench patient on one team, whose nurse the clients are.
+    c.execute(
+        "INSERT INTO patients (patient_id)
+              SELECT 'bench-pat-' || lpad(g::text, 5, '0') FROM generate_series(0, $1::int - 1) g
+         ON CONFLICT DO NOTHING",
+        &[&(patients as i32)],
+    )
+    .await?;
+    c.batch_execute(
+        "INSERT INTO care_teams (team_id, name) VALUES ('bench', 'bench') ON CONFLICT DO NOTHING;
+         INSERT INTO care_team_members (team_id, subject) VALUES ('bench', 'bench-nurse') ON CONFLICT DO NOTHING;",
+    )
+    .await?;
+    c.execute(
+        "INSERT INTO care_team_patients (team_id, patient_id)
+              SELECT 'bench', 'bench-pat-' || lpad(g::text, 5, '0') FROM generate_series(0, $1::int - 1) g
+         ON CONFLICT DO NOTHING",
+        &[&(patients as i32)],
+    )
+    .await?;
+    let auth_cfg = vitalwatch_api::auth::AuthConfig {
+        hs256_secret: Some(SECRET.into()),
+        ..Default::default()
+    };
+    let state = vitalwatch_api::AppState::new(
+        vitalwatch_store::pool(&DatabaseConfig {
+            pool_size: clients.max(8),
+            ..cfg.clone()
+        })?,
+        vitalwatch_api::telemetry::metrics_handle(),
+        10_000,
+        vitalwatch_core::health::Readiness::new(),
+    )
+    .with_auth(vitalwatch_api::auth::Authenticator::new(&auth_cfg)?);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let server = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            axum::serve(
+                listener,
+                vitalwatch_api::app(state)
+                    .into_make_service_with_connect_info::<std::net::SocketAddr>(),
+            )
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await
+        })
+    };
+    let token = vitalwatch_api::auth::mint_local(
+        &auth_cfg,
+        "bench-nurse",
+        &["nurse".into()],
+        chrono::Duration::hours(1),
+    )?;
+    let to = until - chrono::Duration::minutes(17);
+    let from = to - chrono::Duration::days(30);
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(clients)
+        .build()?;
+    let deadline = Instant::now() + run_for;
+    let mut tasks = Vec::new();
+    for k in 0..clients {
+        let (http, token) = (http.clone(), token.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ (k as u64 + 1);
+            let (mut trend, mut latest) = (Vec::new(), Vec::new());
+            let mut i = 0u64;
+            while Instant::now() < deadline {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let patient = format!("bench-pat-{:05}", x as usize % patients);
+                let url = if i % 2 == 0 {
+                    format!(
+                        "http://{addr}/v1/patients/{patient}/vitals?metric=heart_rate&bucket=1h&from={}&to={}",
+                        from.format("%Y-%m-%dT%H:%M:%SZ"),
+                        to.format("%Y-%m-%dT%H:%M:%SZ")
+                    )
+                } else {
+                    format!("http://{addr}/v1/patients/{patient}/latest")
+                };
+                let started = Instant::now();
+                let resp = http.get(&url).bearer_auth(&token).send().await.map_err(|e| e.to_string())?;
+                let status = resp.status();
+                let _ = resp.bytes().await.map_err(|e| e.to_string())?;
+                if !status.is_success() {
+                    return Err(format!("{url}: {status}"));
+                }
+                if i % 2 == 0 { trend.push(started.elapsed()) } else { latest.push(started.elapsed()) }
+                i += 1;
+            }
+            Ok::<_, String>((trend, latest))
+        }));
+    }
+    let (mut trend, mut latest) = (Vec::new(), Vec::new());
+    for t in tasks {
+        let (a, b) = t.await??;
+        trend.extend(a);
+        latest.extend(b);
+    }
+    stop.cancel();
+    let _ = server.await;
+    for (what, mut times) in [("30-day hourly trend", trend), ("latest vitals", latest)] {
+        times.sort_unstable();
+        println!(
+            "{:<34} {what:<20} {:>6} requests ({:>6.0}/s): p50 {:>7.2} ms  p99 {:>7.2} ms",
+            format!("{layout}"),
+            times.len(),
+            times.len() as f64 / run_for.as_secs_f64(),
+            pct(&times, 0.50),
+            pct(&times, 0.99)
+        );
     }
     Ok(())
 }
