@@ -401,9 +401,9 @@ async fn through_api(
                 let started = Instant::now();
                 let resp = http.get(&url).bearer_auth(&token).send().await.map_err(|e| e.to_string())?;
                 let status = resp.status();
-                let _ = resp.bytes().await.map_err(|e| e.to_string())?;
+                let body = resp.bytes().await.map_err(|e| e.to_string())?;
                 if !status.is_success() {
-                    return Err(format!("{url}: {status}"));
+                    return Err(format!("{url}: {status}: {}", String::from_utf8_lossy(&body)));
                 }
                 if i % 2 == 0 { trend.push(started.elapsed()) } else { latest.push(started.elapsed()) }
                 i += 1;

@@ -194,6 +194,22 @@ pub async fn list(
                     "outcome {o:?} is not allowed, denied or failed"
                 )));
             }
+            for t in [q.from, q.to].into_iter().flatten() {
+                if !(1970..=9999).contains(&chrono::Datelike::year(&t)) {
+                    return Err(ApiError::BadRequest(
+                        "from and to are between the years 1970 and 9999".into(),
+                    ));
+                }
+            }
+            for (name, v) in [("actor", &q.actor), ("action", &q.action)] {
+                if v.as_deref()
+                    .is_some_and(|v| v.len() > 256 || v.chars().any(char::is_control))
+                {
+                    return Err(ApiError::BadRequest(format!(
+                        "{name} is at most 256 characters, none of them control characters"
+                    )));
+                }
+            }
             if let (Some(f), Some(t)) = (q.from, q.to)
                 && f >= t
             {

@@ -144,6 +144,32 @@ pub struct Authenticator {
     roles_claim: String,
 }
 
+/// Whether keys may be fetched from `url`: https, or http to this machine
+/// only; never with user info (`http://127.0.0.1@elsewhere/`).
+fn jwks_url_is_safe(url: &str) -> bool {
+    let Ok(u) = reqwest::Url::parse(url) else {
+        return false;
+    };
+    if !u.username().is_empty() || u.password().is_some() {
+        return false;
+    }
+    let Some(host) = u.host_str() else {
+        return false;
+    };
+    match u.scheme() {
+        "https" => true,
+        "http" => {
+            host == "localhost"
+                || host
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+        _ => false,
+    }
+}
+
 /// Signatures accepted from a key set: asymmetric only, so a token can
 /// never pass by being "signed" with a public key as an HMAC secret.
 const ASYMMETRIC: [Algorithm; 8] = [
@@ -186,7 +212,6 @@ impl Jwks {
         if fetched.is_some_and(|t| t.elapsed() < min_interval) {
             return Ok(());
         }
-        *fetched = Some(std::time::Instant::now());
         let set: jsonwebtoken::jwk::JwkSet = self
             .client
             .get(&self.url)
@@ -227,6 +252,9 @@ impl Jwks {
             }
         }
         tracing::info!(url = %self.url, keys = keys.len(), "identity provider keys fetched");
+        // Only a successful fetch counts: after a failed one, a token with
+        // a key not seen makes the next attempt (at most every 30 s).
+        *fetched = Some(std::time::Instant::now());
         if let Ok(mut k) = self.keys.write() {
             *k = keys;
         }
@@ -287,13 +315,10 @@ impl Authenticator {
             Some(_) if key.is_some() => {
                 return Err("api.auth: give jwks_url or a configured key, not both".into());
             }
-            Some(url)
-                if !(url.starts_with("https://")
-                    || url.starts_with("http://127.0.0.1")
-                    || url.starts_with("http://localhost")) =>
-            {
+            Some(url) if !jwks_url_is_safe(url) => {
                 return Err(format!(
-                    "api.auth.jwks_url {url:?} must be https (plain http only on this machine)"
+                    "api.auth.jwks_url {url:?} must be an https URL (plain http only to localhost \
+                     or a loopback address), without user info"
                 ));
             }
             Some(url) => Some(std::sync::Arc::new(Jwks {
@@ -377,11 +402,8 @@ impl Authenticator {
         let found = match &header.kid {
             Some(kid) => keys.get(kid),
             None if keys.len() == 1 => keys.values().next(),
-            None => {
-                return Err(Refusal::Other(
-                    "token refused: no kid, and the key set has several keys".into(),
-                ));
-            }
+            // No keys yet (the provider was away), or several: fetch again.
+            None => None,
         };
         let Some((key, alg)) = found else {
             return Err(Refusal::UnknownKey(header.kid.unwrap_or_default()));
@@ -498,7 +520,7 @@ pub async fn with_role(
         &**client,
         access,
         action,
-        None,
+        access.patient.as_deref(),
         Outcome::Denied,
         Some(&refusal.to_string()),
     )
@@ -514,7 +536,7 @@ pub async fn refused(state: &AppState, access: &Access, action: &str, e: ApiErro
             &**client,
             access,
             action,
-            None,
+            access.patient.as_deref(),
             Outcome::Failed,
             Some(&e.to_string()),
         )
@@ -529,9 +551,9 @@ pub async fn refused(state: &AppState, access: &Access, action: &str, e: ApiErro
 
 /// Checks the shape of a patient id in a path (the registry's bound).
 pub fn check_patient_id(patient_id: &str) -> Result<(), ApiError> {
-    if patient_id.is_empty() || patient_id.len() > 128 {
+    if patient_id.is_empty() || patient_id.len() > 128 || patient_id.chars().any(char::is_control) {
         return Err(ApiError::BadRequest(
-            "a patient id is 1 to 128 characters".into(),
+            "a patient id is 1 to 128 characters, none of them control characters".into(),
         ));
     }
     Ok(())
@@ -619,9 +641,21 @@ pub struct RequestMeta {
 pub struct Access {
     pub caller: Result<Caller, String>,
     pub meta: RequestMeta,
+    /// The patient the request is about, once known from its path or
+    /// query: a refusal's audit row names them.
+    pub patient: Option<String>,
 }
 
 impl Access {
+    /// This request is about `patient_id` (ignored unless it has the shape
+    /// of a patient id).
+    pub fn about(mut self, patient_id: &str) -> Access {
+        if check_patient_id(patient_id).is_ok() {
+            self.patient = Some(patient_id.to_owned());
+        }
+        self
+    }
+
     /// The actor's name for the audit log.
     pub fn actor(&self) -> &str {
         self.caller
@@ -670,6 +704,7 @@ impl FromRequestParts<AppState> for Access {
         Ok(Access {
             caller,
             meta: RequestMeta { request_id, source },
+            patient: None,
         })
     }
 }
@@ -933,5 +968,22 @@ mod tests {
             .is_err(),
             "a key set over plain http from elsewhere is refused"
         );
+        for bad in [
+            "http://localhost.example.org/jwks",
+            "http://127.0.0.1@idp.example.org/jwks",
+            "https://user:pw@idp.example.org/jwks",
+            "ftp://localhost/jwks",
+            "not a url",
+        ] {
+            assert!(!jwks_url_is_safe(bad), "{bad}");
+        }
+        for good in [
+            "https://idp.example.org/jwks",
+            "http://localhost:8080/jwks",
+            "http://127.0.0.1:1/j",
+            "http://[::1]:1/j",
+        ] {
+            assert!(jwks_url_is_safe(good), "{good}");
+        }
     }
 }

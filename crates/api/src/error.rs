@@ -49,6 +49,15 @@ pub struct Problem {
 
 impl From<vitalwatch_store::StoreError> for ApiError {
     fn from(e: vitalwatch_store::StoreError) -> Self {
+        // A value the database cannot take (class 22: out of range, bad
+        // encoding) came from the request: the checks before the query
+        // should have refused it, and this keeps it a 4xx if one did not.
+        if let vitalwatch_store::StoreError::Db(db) = &e
+            && db.code().is_some_and(|c| c.code().starts_with("22"))
+        {
+            tracing::warn!(error = %e, "a request value the database refused; answered 400");
+            return ApiError::BadRequest("a value in the request is out of range".into());
+        }
         if e.is_transient() {
             ApiError::Unavailable(e.to_string())
         } else {
@@ -123,4 +132,37 @@ pub fn json<T: serde::de::DeserializeOwned>(
     let raw = body(raw)?;
     serde_json::from_slice(&raw)
         .map_err(|e| ApiError::BadRequest(format!("the body is not what this route takes: {e}")))
+}
+
+/// Gives a 4xx answer made outside the handlers (axum's own rejections: a
+/// path that is not UTF-8, a missing body) the problem-details body every
+/// other error has.
+pub async fn as_problem(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().windows(4).any(|w| w == b"json"));
+    if !status.is_client_error() || is_json {
+        return resp;
+    }
+    let detail = match axum::body::to_bytes(resp.into_body(), 4096).await {
+        Ok(b) if !b.is_empty() => String::from_utf8_lossy(&b).into_owned(),
+        _ => status
+            .canonical_reason()
+            .unwrap_or("bad request")
+            .to_owned(),
+    };
+    let body = Problem {
+        r#type: "about:blank".into(),
+        title: status.canonical_reason().unwrap_or("Client error").into(),
+        status: status.as_u16(),
+        detail,
+    };
+    let mut out = (status, Json(body)).into_response();
+    out.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/problem+json"),
+    );
+    out
 }

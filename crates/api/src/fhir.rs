@@ -221,7 +221,8 @@ fn parse_id(id: &str) -> Option<(Metric, DateTime<Utc>, &str)> {
     let (token, rest) = id.split_once('-')?;
     let (micros, hash) = rest.rsplit_once('-')?;
     let s = SERVED.iter().find(|s| s.token == token)?;
-    let t = DateTime::from_timestamp_micros(micros.parse().ok()?)?;
+    let t = DateTime::from_timestamp_micros(micros.parse().ok()?)
+        .filter(|t| (1970..=9999).contains(&chrono::Datelike::year(t)))?;
     (hash.len() == 16 && hash.chars().all(|c| c.is_ascii_hexdigit())).then_some((s.metric, t, hash))
 }
 
@@ -303,6 +304,9 @@ fn observation(r: &Row) -> Option<Value> {
         .into_iter()
         .flatten()
         .collect();
+        if parts.is_empty() {
+            return None; // a panel without values is no Observation
+        }
         o["component"] = Value::Array(parts);
     } else {
         o["valueQuantity"] = quantity(r.values.first()?.1, r.metric, s);
@@ -370,7 +374,8 @@ fn base_url(state: &AppState, headers: &HeaderMap) -> String {
                 .all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c))
         })
         .unwrap_or("localhost");
-    format!("http://{host}/fhir/r4")
+    let scheme = if state.https { "https" } else { "http" };
+    format!("{scheme}://{host}/fhir/r4")
 }
 
 /// The server's CapabilityStatement: Observation read and search.
@@ -426,21 +431,45 @@ fn narrow(w: Window, param: &str) -> Result<Window, String> {
         }
         _ => ("eq", param),
     };
-    // A day means the whole UTC day; an instant means itself.
-    let (start, end) = if let Ok(d) = NaiveDate::parse_from_str(value, "%Y-%m-%d") {
+    // A value is the range its precision implies (FHIR R4 search): a day
+    // is the whole UTC day, `08:00:00Z` the whole second, `08:00:00.5Z`
+    // the tenth of a second.
+    let unparsable = || {
+        format!(
+            "date {value:?} is not YYYY-MM-DD or an RFC 3339 instant with a time zone, in the years 1970 to 9999"
+        )
+    };
+    let digits = |r: std::ops::Range<usize>| {
+        value
+            .get(r)
+            .is_some_and(|d| d.bytes().all(|b| b.is_ascii_digit()))
+    };
+    if !(digits(0..4) && value.get(4..5) == Some("-")) {
+        return Err(unparsable());
+    }
+    let (start, width) = if value.len() == 10 {
+        let d = NaiveDate::parse_from_str(value, "%Y-%m-%d").map_err(|_| unparsable())?;
         let s = d
             .and_hms_opt(0, 0, 0)
             .map(|t| t.and_utc())
-            .ok_or("bad date")?;
-        (s, s + Duration::days(1))
-    } else if let Ok(t) = DateTime::parse_from_rfc3339(value) {
-        let t = t.with_timezone(&Utc);
-        (t, t + Duration::microseconds(1))
+            .ok_or_else(unparsable)?;
+        (s, Duration::days(1))
     } else {
-        return Err(format!(
-            "date {value:?} is not YYYY-MM-DD or an RFC 3339 instant with a time zone"
-        ));
+        let t = DateTime::parse_from_rfc3339(value)
+            .map_err(|_| unparsable())?
+            .with_timezone(&Utc);
+        let fraction = value
+            .get(19..)
+            .and_then(|rest| rest.strip_prefix('.'))
+            .map_or(0, |f| f.bytes().take_while(u8::is_ascii_digit).count());
+        let width =
+            Duration::microseconds(10_i64.pow(6_u32.saturating_sub(fraction.min(6) as u32)));
+        (t, width)
     };
+    if !(1970..=9999).contains(&chrono::Datelike::year(&start)) {
+        return Err(unparsable());
+    }
+    let end = start.checked_add_signed(width).ok_or_else(unparsable)?;
     let (mut from, mut to) = w;
     let later = |a: Option<DateTime<Utc>>, b| Some(a.map_or(b, |a: DateTime<Utc>| a.max(b)));
     let earlier = |a: Option<DateTime<Utc>>, b| Some(a.map_or(b, |a: DateTime<Utc>| a.min(b)));
@@ -532,7 +561,8 @@ fn parse_search(raw: Option<&str>) -> Result<Search, ApiError> {
             "_cursor" => {
                 let parse = || {
                     let mut it = v.splitn(3, '.');
-                    let t = DateTime::from_timestamp_micros(it.next()?.parse().ok()?)?;
+                    let t = DateTime::from_timestamp_micros(it.next()?.parse().ok()?)
+                        .filter(|t| (1970..=9999).contains(&chrono::Datelike::year(t)))?;
                     let m = it.next()?.to_owned();
                     let d = unhex(it.next()?)?;
                     Some((t, m, d))
@@ -642,6 +672,18 @@ pub async fn search(
     RawQuery(raw): RawQuery,
 ) -> Result<Fhir, FhirError> {
     const ACTION: &str = "fhir.observation.search";
+    let patient = serde_urlencoded_pairs(raw.as_deref().unwrap_or_default())
+        .ok()
+        .and_then(|pairs| {
+            pairs
+                .into_iter()
+                .find(|(k, _)| k == "patient" || k == "subject")
+                .map(|(_, v)| v.strip_prefix("Patient/").map_or(v.clone(), str::to_owned))
+        });
+    let access = match &patient {
+        Some(p) => access.about(p),
+        None => access,
+    };
     let caller = carer(&state, &access, ACTION).await?;
     let s = match parse_search(raw.as_deref()) {
         Ok(s) => s,
@@ -712,13 +754,16 @@ pub async fn search(
         Some(&detail),
     )
     .await?;
-    Ok(Fhir(json!({
+    let mut bundle = json!({
         "resourceType": "Bundle",
         "type": "searchset",
         "timestamp": instant(Utc::now()),
         "link": links,
-        "entry": entries,
-    })))
+    });
+    if !entries.is_empty() {
+        bundle["entry"] = Value::Array(entries); // FHIR JSON has no empty arrays
+    }
+    Ok(Fhir(bundle))
 }
 
 /// One Observation by id.

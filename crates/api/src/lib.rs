@@ -1,34 +1,26 @@
-//! api: what care teams' dashboards read.
+//! api: what care teams' dashboards and hospital systems read.
 //!
-//! - `GET /v1/patients/{patient_id}/vitals?metric=&from=&to=&bucket=`:
-//!   bucketed min/avg/max/count of one metric ([`vitals`]), and
-//!   `GET /v1/patients/{patient_id}/latest`: the newest reading of every
-//!   metric; `GET /v1/patients/{patient_id}/monitoring-days`: days with
-//!   device data in a period and the RPM code they support; all for the
-//!   patient's care team.
-//! - Alerts ([`alerts`]), for the nurses and clinicians of the patient's
-//!   care team, authenticated by bearer token ([`auth`]) and audited
-//!   ([`audit`]): `GET /v1/alerts` (a filtered, paged list),
-//!   `GET /v1/alerts/stream` (server-sent events),
-//!   `GET /v1/alerts/{alert_id}`, `POST /v1/alerts/{alert_id}/acknowledge`
-//!   and `POST /v1/alerts/{alert_id}/resolve`.
-//! - `GET /healthz`: the process is alive.
-//! - `GET /readyz`: every readiness condition of the process holds and the
-//!   database answers with the schema this build expects; 503 otherwise, with
-//!   each condition's state.
-//! - `GET /metrics`: Prometheus text of every vitalwatch metric in the process.
+//! - [`vitals`]: bucketed trends, latest vitals, monitoring days.
+//! - [`alerts`]: the filtered list, the SSE stream, one alert with its
+//!   history, acknowledge, resolve.
+//! - [`thresholds`]: a patient's rules, overrides set and cleared.
+//! - [`registry`]: patients, devices and their assignments, care teams,
+//!   members and panels (admins, device admins).
+//! - [`fhir`]: FHIR R4 Observations (search, read) and the CapabilityStatement.
+//! - [`audit`]: the audit log, written for every attempt on patient data or
+//!   the registry, and read by admins (`GET /v1/audit`).
+//! - [`auth`]: bearer tokens (a configured key or a JWKS URL), roles, the
+//!   care-team scope.
+//! - `GET /healthz`, `GET /readyz` (every readiness condition of the process
+//!   and the database's schema), `GET /metrics` (Prometheus),
+//!   `GET /openapi.json` (this router's OpenAPI 3.1 document).
 //!
 //! [`app`] builds the router apart from any socket, so tests call it with
-//! `oneshot`. [`error::ApiError`] is the one error type: a problem-details
-//! body for the client, details only in the log.
-//!
-//! Every route with patient data authenticates the caller by bearer token,
-//! allows the nurses and clinicians of the patient's care teams only, and
-//! audits the attempt ([`auth::carer`], [`auth::Caller::can_see`], [`audit`]).
-//!
-//! **Not yet here** (issue 6): registry, thresholds and audit endpoints,
-//! FHIR, OpenAPI, key sets from a JWKS URL, TLS. Until then the API listens
-//! on 127.0.0.1 only by default.
+//! `oneshot`; each route is registered with its `#[utoipa::path]`, so the
+//! document lists exactly what is served. [`error::ApiError`] is the one
+//! error type: a problem-details body for the client, details only in the
+//! log. [`run`] serves it over HTTP, or HTTPS with `[api.tls]`, with a body
+//! limit and a request timeout, and drains in-flight requests on shutdown.
 #![forbid(unsafe_code)]
 
 pub mod alerts;
@@ -142,6 +134,8 @@ pub struct AppState {
     pub rules: Arc<Vec<vitalwatch_alerts::rules::Rule>>,
     /// Where clients reach the API (`[api] public_url`).
     pub public_url: Option<String>,
+    /// Served over TLS: links built from `Host` say https.
+    pub https: bool,
     /// The OpenAPI document, rendered once by [`app`].
     openapi: Arc<std::sync::OnceLock<String>>,
 }
@@ -186,6 +180,7 @@ impl AppState {
                     .unwrap_or_default(),
             ),
             public_url: None,
+            https: false,
             openapi: Arc::default(),
         }
     }
@@ -193,6 +188,12 @@ impl AppState {
     /// With the URL clients reach the API at.
     pub fn with_public_url(mut self, url: Option<String>) -> Self {
         self.public_url = url;
+        self
+    }
+
+    /// Served over TLS (`[api.tls]`).
+    pub fn with_https(mut self, https: bool) -> Self {
+        self.https = https;
         self
     }
 
@@ -341,6 +342,7 @@ pub fn app(state: AppState) -> Router {
             limit_time(limits.request_timeout, req, next)
         }))
         .layer(DefaultBodyLimit::max(limits.max_body_bytes))
+        .layer(axum::middleware::map_response(error::as_problem))
         .with_state(state)
 }
 
@@ -473,6 +475,7 @@ pub async fn run(
     .with_auth(auth)
     .with_rules(rules)
     .with_public_url(cfg.public_url.clone())
+    .with_https(cfg.tls.is_some())
     .with_listen_url(db.url.clone())
     .with_shutdown(shutdown.clone())
     .with_limits(Limits {

@@ -34,9 +34,14 @@ fn db(e: impl Into<StoreError>) -> ApiError {
 
 /// A device id as the registry takes it (also an MQTT topic level).
 fn check_device_id(id: &str) -> Result<(), ApiError> {
-    if id.is_empty() || id.len() > MAX_ID_LEN || id.contains(['/', '+', '#']) || id.trim() != id {
+    if id.is_empty()
+        || id.len() > MAX_ID_LEN
+        || id.contains(['/', '+', '#'])
+        || id.trim() != id
+        || id.chars().any(char::is_control)
+    {
         return Err(ApiError::BadRequest(format!(
-            "a device id is 1 to {MAX_ID_LEN} bytes without '/', '+', '#' or surrounding spaces"
+            "a device id is 1 to {MAX_ID_LEN} bytes without '/', '+', '#', control characters or surrounding spaces"
         )));
     }
     Ok(())

@@ -30,6 +30,7 @@ use crate::error::{ApiError, Problem, json};
 
 /// A rule's adjustable settings.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct SettingsBody {
     /// Threshold rules: the level beyond which it raises.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -188,6 +189,7 @@ pub async fn get_thresholds(
     Path(patient_id): Path<String>,
 ) -> Result<Json<Thresholds>, ApiError> {
     const ACTION: &str = "thresholds.read";
+    let access = access.about(&patient_id);
     let caller = carer(&state, &access, ACTION).await?;
     if let Err(e) = check_patient_id(&patient_id) {
         return Err(refused(&state, &access, ACTION, e).await);
@@ -259,6 +261,7 @@ pub async fn set_override(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<RuleThresholds>, ApiError> {
     const ACTION: &str = "thresholds.override";
+    let access = access.about(&patient_id);
     let caller = carer(&state, &access, ACTION).await?;
     let checked = check_patient_id(&patient_id)
         .and_then(|()| json::<NewOverride>(body))
@@ -328,6 +331,7 @@ pub async fn clear_override(
     Path((patient_id, rule)): Path<(String, String)>,
 ) -> Result<Json<RuleThresholds>, ApiError> {
     const ACTION: &str = "thresholds.clear";
+    let access = access.about(&patient_id);
     let caller = carer(&state, &access, ACTION).await?;
     let r = match check_patient_id(&patient_id).and_then(|()| check_rule(&state, &rule)) {
         Ok(r) => r,

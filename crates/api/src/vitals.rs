@@ -136,6 +136,7 @@ pub async fn get_vitals(
     query: Result<Query<VitalsQuery>, QueryRejection>,
 ) -> Result<Json<VitalsResponse>, ApiError> {
     const ACTION: &str = "vitals.read";
+    let access = access.about(&patient_id);
     let caller = carer(&state, &access, ACTION).await?;
     let request = match check_request(&state, &patient_id, query) {
         Ok(r) => r,
@@ -226,6 +227,7 @@ pub async fn get_latest(
     Path(patient_id): Path<String>,
 ) -> Result<Json<LatestResponse>, ApiError> {
     const ACTION: &str = "vitals.latest";
+    let access = access.about(&patient_id);
     let caller = carer(&state, &access, ACTION).await?;
     if let Err(e) = check_patient_id(&patient_id) {
         return Err(refused(&state, &access, ACTION, e).await);
@@ -352,6 +354,7 @@ pub async fn get_monitoring_days(
     query: Result<Query<DaysQuery>, QueryRejection>,
 ) -> Result<Json<MonitoringDays>, ApiError> {
     const ACTION: &str = "monitoring_days.read";
+    let access = access.about(&patient_id);
     let caller = carer(&state, &access, ACTION).await?;
     let checked = query
         .map_err(|e| ApiError::BadRequest(e.body_text()))

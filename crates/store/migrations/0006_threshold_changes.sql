@@ -15,8 +15,11 @@ CREATE TABLE threshold_changes (
 CREATE FUNCTION vitalwatch_threshold_changed() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO threshold_changes (patient_id)
-    VALUES (CASE WHEN TG_OP = 'DELETE' THEN OLD.patient_id ELSE NEW.patient_id END);
+    -- clock_timestamp(), not now(): the moment of the change, not of the
+    -- start of its transaction, so the readers' five-minute look-back
+    -- covers transactions that stay open a while after it.
+    INSERT INTO threshold_changes (patient_id, at)
+    VALUES (CASE WHEN TG_OP = 'DELETE' THEN OLD.patient_id ELSE NEW.patient_id END, clock_timestamp());
     PERFORM pg_notify('vitalwatch_thresholds', '');
     RETURN NULL;
 END

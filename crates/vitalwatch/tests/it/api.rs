@@ -460,6 +460,14 @@ async fn thresholds_are_read_overridden_and_cleared_by_the_patients_care_team_on
                 Some("not on the caller's care teams".into())
             ),
             (
+                "thresholds.read".into(),
+                "denied".into(),
+                Some(
+                    "patient data is for the nurses and clinicians of the patient's care team"
+                        .into()
+                ),
+            ),
+            (
                 "thresholds.clear".into(),
                 "allowed".into(),
                 Some(r#"rule spo2_low: {"level":88.0} -> defaults"#.into())
@@ -939,7 +947,7 @@ async fn fhir_observations_are_valid_r4_coded_from_the_catalogue_and_page_stably
         .expect("audit");
     assert_eq!(
         (allowed, denied),
-        (1 + 7 + 4 + 3, 1), // search, 7 reads, 4 filtered searches, 3 pages; one refusal
+        (1 + 7 + 4 + 3, 2), // search, 7 reads, 4 filtered searches, 3 pages; no token, another team
         "every read and search of the patient is audited"
     );
 }
@@ -1260,6 +1268,79 @@ async fn bad_input_gets_a_clear_4xx_and_never_a_5xx() {
             400,
             "not an Observation id",
         ),
+        // Values PostgreSQL cannot hold, and chrono's far years.
+        (
+            "GET",
+            "/v1/patients/{patient_id}/thresholds",
+            "/v1/patients/a%00b/thresholds".into(),
+            "",
+            &nurse,
+            400,
+            "control",
+        ),
+        (
+            "GET",
+            "/v1/devices/{device_id}",
+            "/v1/devices/a%00b".into(),
+            "",
+            &admin,
+            400,
+            "control",
+        ),
+        (
+            "GET",
+            "/fhir/r4/Observation",
+            format!("/fhir/r4/Observation?patient={p}&date=%2B262142-12-31"),
+            "",
+            &nurse,
+            400,
+            "1970 to 9999",
+        ),
+        (
+            "GET",
+            "/fhir/r4/Observation",
+            format!("/fhir/r4/Observation?patient={p}&date=ge-5000-01-01"),
+            "",
+            &nurse,
+            400,
+            "1970 to 9999",
+        ),
+        (
+            "GET",
+            "/fhir/r4/Observation",
+            format!("/fhir/r4/Observation?patient={p}&_cursor=-200000000000000000.x.61"),
+            "",
+            &nurse,
+            400,
+            "_cursor",
+        ),
+        (
+            "GET",
+            "/fhir/r4/Observation/{id}",
+            "/fhir/r4/Observation/hr--200000000000000000-0123456789abcdef".into(),
+            "",
+            &nurse,
+            400,
+            "not an Observation id",
+        ),
+        (
+            "GET",
+            "/v1/audit",
+            "/v1/audit?from=-5000-01-01T00:00:00Z".into(),
+            "",
+            &admin,
+            400,
+            "1970 and 9999",
+        ),
+        (
+            "PUT",
+            "/v1/patients/{patient_id}/thresholds/{rule}",
+            format!("/v1/patients/{p}/thresholds/spo2_low"),
+            r#"{"params": {"level": 88, "clera": 90}, "reason": "typo"}"#,
+            &nurse,
+            400,
+            "clera",
+        ),
     ];
     for (method, template, uri, body, bearer, want, says) in &cases {
         let (status, answer) = api.call(method, template, uri, Some(bearer), body).await;
@@ -1273,6 +1354,9 @@ async fn bad_input_gets_a_clear_4xx_and_never_a_5xx() {
             "{method} {uri}: the message should say {says:?}: {answer}"
         );
     }
+    // A path that is not UTF-8 never reaches a handler: problem details all the same.
+    let (s, b) = call(&api.app, "GET", "/v1/patients/%FF/latest", Some(&nurse), "").await;
+    assert_eq!((s.as_u16(), b["status"].clone()), (400, json!(400)), "{b}");
     // Off the map: problem details too.
     let (s, b) = call(&api.app, "GET", "/v1/nothing-here", Some(&nurse), "").await;
     assert_eq!((s.as_u16(), b["status"].clone()), (404, json!(404)), "{b}");
