@@ -220,11 +220,12 @@ async fn a_reading_travels_from_device_to_trend() {
     let want = vec![
         ("nurse-test".to_owned(), p.clone(), "allowed".to_owned()),
         ("nurse-test".to_owned(), p.clone(), "allowed".to_owned()),
-        ("nurse-test".to_owned(), None, "failed".to_owned()),
-        ("nurse-test".to_owned(), None, "failed".to_owned()),
-        ("nurse-elsewhere".to_owned(), p, "denied".to_owned()),
-        ("nurse-test".to_owned(), None, "denied".to_owned()),
-        ("anonymous".to_owned(), None, "denied".to_owned()),
+        // Refusals name the patient the request was about, too.
+        ("nurse-test".to_owned(), p.clone(), "failed".to_owned()),
+        ("nurse-test".to_owned(), p.clone(), "failed".to_owned()),
+        ("nurse-elsewhere".to_owned(), p.clone(), "denied".to_owned()),
+        ("nurse-test".to_owned(), p.clone(), "denied".to_owned()),
+        ("anonymous".to_owned(), p, "denied".to_owned()),
     ];
     assert_eq!(audit, want);
 
