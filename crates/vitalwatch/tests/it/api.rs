@@ -1363,3 +1363,89 @@ async fn bad_input_gets_a_clear_4xx_and_never_a_5xx() {
     let (s, b) = call(&api.app, "PATCH", "/v1/alerts", Some(&nurse), "").await;
     assert_eq!((s.as_u16(), b["status"].clone()), (405, json!(405)), "{b}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panel_pages_by_patient_without_gaps_or_repeats_while_it_changes() {
+    let cfg = config().await;
+    let api = Documented::new(&cfg).await;
+    let admin = token("admin-ada", &["admin"]);
+    let panel = "/v1/care-teams/{team_id}/patients";
+    let on_panel = "/v1/care-teams/{team_id}/patients/{patient_id}";
+    let (s, _) = api
+        .call(
+            "POST",
+            "/v1/care-teams",
+            "/v1/care-teams",
+            Some(&admin),
+            r#"{"team_id": "paging", "name": "Paging"}"#,
+        )
+        .await;
+    assert_eq!(s, 201);
+    let mut all: Vec<String> = (0..7).map(|i| format!("pg-{i:02}")).collect();
+    for p in &all {
+        let (s, _) = api
+            .call(
+                "POST",
+                "/v1/patients",
+                "/v1/patients",
+                Some(&admin),
+                &json!({"patient_id": p}).to_string(),
+            )
+            .await;
+        assert_eq!(s, 201);
+        let (s, _) = api
+            .call(
+                "PUT",
+                on_panel,
+                &format!("/v1/care-teams/paging/patients/{p}"),
+                Some(&admin),
+                "",
+            )
+            .await;
+        assert_eq!(s, 200);
+    }
+    let mut seen = Vec::new();
+    let mut uri = "/v1/care-teams/paging/patients?limit=3".to_owned();
+    let mut pages = 0;
+    loop {
+        let (s, page) = api.call("GET", panel, &uri, Some(&admin), "").await;
+        assert_eq!(s, 200, "{page}");
+        pages += 1;
+        seen.extend(
+            page["patients"]
+                .as_array()
+                .expect("patients")
+                .iter()
+                .filter_map(|p| p["patient_id"].as_str().map(str::to_owned)),
+        );
+        if pages == 1 {
+            // A patient joins behind the cursor and one ahead of it: the
+            // pages after it show the one ahead, and nothing twice.
+            for p in ["pg-00a", "pg-99"] {
+                api.call(
+                    "POST",
+                    "/v1/patients",
+                    "/v1/patients",
+                    Some(&admin),
+                    &json!({"patient_id": p}).to_string(),
+                )
+                .await;
+                api.call(
+                    "PUT",
+                    on_panel,
+                    &format!("/v1/care-teams/paging/patients/{p}"),
+                    Some(&admin),
+                    "",
+                )
+                .await;
+            }
+            all.push("pg-99".into());
+        }
+        match page["next"].as_str() {
+            Some(next) => uri = format!("/v1/care-teams/paging/patients?limit=3&after={next}"),
+            None => break,
+        }
+    }
+    assert_eq!(seen, all, "in order, each once");
+    assert_eq!(pages, 3);
+}
