@@ -13,6 +13,10 @@
 //! for the same timestamps.
 #![forbid(unsafe_code)]
 
+pub mod generate;
+pub mod model;
+pub mod scenario;
+
 use chrono::{DateTime, SecondsFormat, Utc};
 use prost::Message;
 use rand::rngs::SmallRng;
