@@ -8,8 +8,8 @@
 //! read or skipped, and a 30-day cohort is generated lazily, never held in
 //! memory.
 //!
-//! Habits: a cuff at about 08:00 and 20:00 (hourly while a hypertensive
-//! crisis gives headaches, every 4 h in sepsis), a scale at about 07:00, a
+//! Habits: a cuff at about 08:00 and 20:00 (every quarter hour while a
+//! hypertensive crisis gives headaches, every 4 h in sepsis), a scale at about 07:00, a
 //! pulse oximeter a few times a day (hourly while breathless), a
 //! thermometer weekly (every 3 h with a fever), wearables every
 //! `wearable_interval_seconds`. Scheduled measurements are skipped now and
@@ -497,7 +497,9 @@ impl Stream {
             DeviceKind::BpCuff => {
                 let habit = self.habit(t, &[8.0, 20.0], 0.5);
                 if Self::unwell(plan, self.patient, t, &[HypertensiveCrisis]) {
-                    (habit.min(t + 1.0), true)
+                    // A headache: measured again every quarter hour, as
+                    // patients are told to confirm a high reading.
+                    (habit.min(t + 0.25), true)
                 } else if Self::unwell(plan, self.patient, t, &[Sepsis]) {
                     (habit.min(t + 4.0), true)
                 } else {
@@ -765,7 +767,13 @@ mod tests {
         let mut last = plan.start - Duration::days(1);
         let mut kinds = std::collections::HashMap::new();
         for send in plan.sends() {
-            assert!(send.at >= last, "in order: {} after {last}: {:?} {}", send.at, send.kind, send.device_id);
+            assert!(
+                send.at >= last,
+                "in order: {} after {last}: {:?} {}",
+                send.at,
+                send.kind,
+                send.device_id
+            );
             last = send.at;
             *kinds.entry(format!("{:?}", send.kind)).or_insert(0) += 1;
             let decoded = decode(&send.payload, PayloadFormat::detect(false, &send.payload));

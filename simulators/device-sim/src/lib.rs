@@ -15,7 +15,9 @@
 
 pub mod generate;
 pub mod model;
+pub mod replay;
 pub mod scenario;
+pub mod score;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use prost::Message;

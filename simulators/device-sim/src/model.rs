@@ -236,8 +236,8 @@ impl Event {
                 ..Effect::default()
             },
             EventKind::HypertensiveCrisis => Effect {
-                systolic: 62.0 * k * shape,
-                diastolic: 32.0 * k * shape,
+                systolic: 72.0 * k * shape,
+                diastolic: 36.0 * k * shape,
                 heart_rate: 8.0 * shape,
                 ..Effect::default()
             },

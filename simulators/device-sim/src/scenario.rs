@@ -282,3 +282,12 @@ mod tests {
         }
     }
 }
+
+/// A generated run: its scenario and when it starts, so that replaying and
+/// scoring regenerate exactly what was planned (`run.toml`).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RunFile {
+    pub start: chrono::DateTime<chrono::Utc>,
+    pub scenario: Scenario,
+}

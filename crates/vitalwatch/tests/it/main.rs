@@ -7,5 +7,6 @@ mod alerts;
 mod api;
 mod ingest;
 mod pipeline;
+mod sim;
 mod util;
 mod writer;

@@ -1,0 +1,137 @@
+//! The simulator's cohort through the real pipeline: every injected kind
+//! of clinical event is caught, and the scoring report is produced.
+
+use chrono::Utc;
+use vitalwatch::Service;
+use vitalwatch_sim::generate::Plan;
+use vitalwatch_sim::model::EventKind;
+use vitalwatch_sim::replay::{Broker, pipeline_alerts, replay};
+use vitalwatch_sim::scenario::{Conditions, EventRates, Faults, PlacedEvent, Scenario};
+use vitalwatch_sim::score::{naive, score};
+use vitalwatch_test_support as ts;
+
+use crate::util::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_accelerated_cohort_has_every_event_kind_detected_and_scored() {
+    let mut cfg = config().await;
+    cfg.alerts.missing_check_seconds = 5;
+    let placed = |patient, kind, start_hours| PlacedEvent {
+        patient,
+        kind,
+        start_hours,
+    };
+    let scenario = Scenario {
+        seed: 42,
+        patients: 5,
+        days: 6.0,
+        prefix: ts::unique("sim").replace('_', "-"),
+        // Heart failure: every patient has every device.
+        conditions: Conditions {
+            healthy: 0.0,
+            hypertension: 0.0,
+            heart_failure: 1.0,
+            copd: 0.0,
+            post_surgical: 0.0,
+        },
+        events: EventRates {
+            hypoxaemia: 0.0,
+            hypertensive_crisis: 0.0,
+            heart_failure_decompensation: 0.0,
+            sepsis: 0.0,
+            tachycardia: 0.0,
+        },
+        event: vec![
+            placed(0, EventKind::Hypoxaemia, 30.0),
+            placed(1, EventKind::HypertensiveCrisis, 40.0),
+            placed(2, EventKind::HeartFailureDecompensation, 14.0),
+            placed(3, EventKind::Sepsis, 50.0),
+            placed(4, EventKind::Tachycardia, 60.0),
+        ],
+        faults: Faults {
+            silent: 0.0,
+            ..Faults::default()
+        },
+        ..Scenario::default()
+    };
+    let plan = Plan::new(&scenario, Utc::now() - chrono::Duration::days(6));
+    let entries: Vec<vitalwatch::devices::Entry> =
+        vitalwatch::devices::parse_csv(&plan.registry_csv()).expect("the registry CSV parses");
+    vitalwatch::devices::register(&cfg.database, &entries)
+        .await
+        .expect("register");
+    let running = start(&[Service::Ingest, Service::Writer, Service::Alerts], &cfg);
+    wait_until_ingest_subscribed(&cfg).await;
+
+    let (host, port) = ts::mqtt_host_port();
+    let broker = Broker {
+        host,
+        port,
+        username: Some("sim-gateway".into()),
+        password: ts::mqtt_password(),
+        topic_root: cfg.mqtt.topic_root.clone(),
+    };
+    let replayed = replay(&plan, &broker, 0.0, |_| {}).await.expect("replayed");
+    assert!(
+        replayed.published > 5_000 && replayed.duplicates > 0 && replayed.unknown > 0,
+        "{replayed:?}"
+    );
+    ts::eventually(
+        WAIT * 3,
+        "writer and engine to take every record",
+        || async {
+            let (w, we) = committed_and_end(&cfg.kafka, &cfg.writer.group_id);
+            let (a, ae) = committed_and_end(&cfg.kafka, &cfg.alerts.group_id);
+            (w == we && a == ae && we.iter().sum::<i64>() > 0).then_some(())
+        },
+    )
+    .await;
+
+    let c = vitalwatch_store::connect(&cfg.database.url)
+        .await
+        .expect("db");
+    let alerts = pipeline_alerts(&c, &scenario.prefix).await.expect("alerts");
+    let patient_days = 5.0 * 6.0;
+    let report = score(&plan.truth, &alerts, patient_days);
+    let baseline = score(&plan.truth, &naive(plan.sends()), patient_days);
+    let text = format!(
+        "{}\n{}",
+        report.render("vitalwatch"),
+        baseline.render("naive")
+    );
+    for kind in [
+        EventKind::Hypoxaemia,
+        EventKind::HypertensiveCrisis,
+        EventKind::HeartFailureDecompensation,
+        EventKind::Sepsis,
+        EventKind::Tachycardia,
+    ] {
+        let k = report
+            .kinds
+            .iter()
+            .find(|k| k.kind == kind)
+            .unwrap_or_else(|| panic!("{kind:?} scored\n{text}"));
+        assert_eq!((k.events, k.detected), (1, 1), "{kind:?} detected\n{text}");
+        assert!(k.median_minutes.is_some_and(|m| m >= 0.0), "{text}");
+    }
+    assert!(report.alerts >= 5 && report.true_alerts >= 5, "{text}");
+    assert!(
+        (0.0..=1.0).contains(&report.precision) && report.alerts_per_patient_day > 0.0,
+        "{text}"
+    );
+    let json = serde_json::to_value(&report).expect("json");
+    for field in [
+        "kinds",
+        "alerts",
+        "true_alerts",
+        "precision",
+        "patient_days",
+        "alerts_per_patient_day",
+        "unneeded_by_rule",
+    ] {
+        assert!(json.get(field).is_some(), "{field} in the report");
+    }
+    assert!(baseline.alerts > 0, "the naive baseline alarms too\n{text}");
+    println!("{text}");
+    running.stop().await;
+}

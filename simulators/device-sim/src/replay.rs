@@ -1,0 +1,148 @@
+//! Publishing a plan's batches over MQTT (QoS 1) through one gateway
+//! connection, in real time or accelerated, and reading back what the
+//! pipeline raised.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use vitalwatch_core::topics;
+
+use crate::generate::{Plan, SendKind};
+use crate::score::Alert;
+
+/// Where and as whom to publish.
+#[derive(Debug, Clone)]
+pub struct Broker {
+    pub host: String,
+    pub port: u16,
+    /// A gateway account allowed to publish for every device of the cohort.
+    pub username: Option<String>,
+    pub password: String,
+    /// Root of device topics.
+    pub topic_root: String,
+}
+
+/// What a replay did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Replayed {
+    pub published: u64,
+    pub acknowledged: u64,
+    pub readings: u64,
+    pub duplicates: u64,
+    pub malformed: u64,
+    pub backlogs: u64,
+    pub unknown: u64,
+    pub seconds: f64,
+}
+
+/// Publishes every batch of `plan`. `speed` is scenario seconds per wall
+/// second (1: real time); 0 publishes as fast as the broker acknowledges.
+/// `progress` is called every few seconds with the counts so far.
+pub async fn replay(
+    plan: &Plan,
+    broker: &Broker,
+    speed: f64,
+    mut progress: impl FnMut(&Replayed),
+) -> Result<Replayed, String> {
+    let mut opts = MqttOptions::new(
+        format!("{}-replay-{}", plan.scenario.prefix, std::process::id()),
+        broker.host.clone(),
+        broker.port,
+    );
+    opts.set_keep_alive(Duration::from_secs(30))
+        .set_inflight(500)
+        .set_max_packet_size(1 << 20, 1 << 20);
+    if let Some(user) = &broker.username {
+        opts.set_credentials(user.clone(), broker.password.clone());
+    }
+    let (client, mut eventloop) = AsyncClient::new(opts, 1000);
+    let acked = Arc::new(AtomicU64::new(0));
+    let acked_in_loop = acked.clone();
+    let events = tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => {
+                    acked_in_loop.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
+                Ok(_) => {}
+                Err(e) => {
+                    eprintln!("vitalwatch-sim: mqtt: {e}; reconnecting");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    });
+    let started = Instant::now();
+    let mut out = Replayed::default();
+    let mut reported = Instant::now();
+    for send in plan.sends() {
+        if speed > 0.0 {
+            let due = (send.at - plan.start).num_milliseconds().max(0) as f64 / 1000.0 / speed;
+            let wait = due - started.elapsed().as_secs_f64();
+            if wait > 0.0 {
+                tokio::time::sleep(Duration::from_secs_f64(wait)).await;
+            }
+        }
+        let topic = topics::mqtt_readings_topic(&broker.topic_root, &send.device_id);
+        client
+            .publish(topic, QoS::AtLeastOnce, false, send.payload)
+            .await
+            .map_err(|e| format!("publish: {e}"))?;
+        out.published += 1;
+        out.readings += send.readings.len() as u64;
+        match send.kind {
+            SendKind::Duplicate => out.duplicates += 1,
+            SendKind::Malformed => out.malformed += 1,
+            SendKind::Backlog => out.backlogs += 1,
+            SendKind::Unknown => out.unknown += 1,
+            SendKind::Normal => {}
+        }
+        if reported.elapsed() >= Duration::from_secs(5) {
+            out.acknowledged = acked.load(Ordering::Relaxed);
+            out.seconds = started.elapsed().as_secs_f64();
+            progress(&out);
+            reported = Instant::now();
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while acked.load(Ordering::Relaxed) < out.published && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = client.disconnect().await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), events).await;
+    out.acknowledged = acked.load(Ordering::Relaxed);
+    out.seconds = started.elapsed().as_secs_f64();
+    if out.acknowledged < out.published {
+        return Err(format!(
+            "{} of {} publishes were not acknowledged by the broker",
+            out.published - out.acknowledged,
+            out.published
+        ));
+    }
+    Ok(out)
+}
+
+/// The alerts the pipeline raised for the cohort (patients `{prefix}-p…`).
+pub async fn pipeline_alerts(
+    client: &tokio_postgres::Client,
+    prefix: &str,
+) -> Result<Vec<Alert>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT patient_id, rule, raised_at FROM alerts
+              WHERE starts_with(patient_id, $1) ORDER BY raised_at, alert_id",
+            &[&format!("{prefix}-p")],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| Alert {
+            patient_id: r.get(0),
+            rule: r.get(1),
+            raised_at: r.get(2),
+        })
+        .collect())
+}
