@@ -8,11 +8,14 @@
 //! read or skipped, and a 30-day cohort is generated lazily, never held in
 //! memory.
 //!
-//! Habits: a cuff at about 08:00 and 20:00 (every quarter hour while a
-//! hypertensive crisis gives headaches, every 4 h in sepsis), a scale at about 07:00, a
-//! pulse oximeter a few times a day (hourly while breathless), a
-//! thermometer weekly (every 3 h with a fever), wearables every
-//! `wearable_interval_seconds`. Scheduled measurements are skipped now and
+//! Habits: a cuff at about 08:00 and 20:00, a scale at about 07:00, a
+//! pulse oximeter a few times a day, a thermometer weekly, wearables every
+//! `wearable_interval_seconds`. Symptoms change habits: a quarter hour into
+//! an event the patient reaches for the relevant device, and keeps
+//! measuring while it lasts (the cuff every quarter hour in a hypertensive
+//! crisis and every 4 h in sepsis, cuff and oximeter every 5 minutes with
+//! palpitations, the oximeter every 10 minutes while breathless, the
+//! thermometer every 3 h with a fever). Scheduled measurements are skipped now and
 //! then (`devices.skip`). Times are UTC.
 
 use std::collections::{BinaryHeap, VecDeque};
@@ -427,6 +430,22 @@ impl Stream {
         })
     }
 
+    /// A quarter hour after the next start of one of the patient's events
+    /// of these kinds after `t`: when symptoms send the patient to the
+    /// device, whatever the habit says.
+    fn onset(plan: &Plan, patient: Option<usize>, t: f64, kinds: &[EventKind]) -> f64 {
+        patient
+            .and_then(|p| {
+                plan.patients[p]
+                    .events
+                    .iter()
+                    .filter(|e| kinds.contains(&e.kind) && e.start + 0.25 > t)
+                    .map(|e| e.start + 0.25)
+                    .min_by(f64::total_cmp)
+            })
+            .unwrap_or(f64::INFINITY)
+    }
+
     /// The next time a habit says to measure, after `t` (hours), with
     /// `slots` the usual hours of the day and `jitter` their spread (hours).
     fn habit(&mut self, t: f64, slots: &[f64], jitter: f64) -> f64 {
@@ -489,6 +508,9 @@ impl Stream {
     fn schedule(&mut self, plan: &Plan, t: f64) -> (f64, bool) {
         use EventKind::*;
         let devices = &plan.scenario.devices;
+        let p = self.patient;
+        let unwell = |kinds: &[EventKind]| Self::unwell(plan, p, t, kinds);
+        let onset = |kinds: &[EventKind]| Self::onset(plan, p, t, kinds);
         match self.kind {
             DeviceKind::Wearable => (
                 t + f64::from(devices.wearable_interval_seconds) / 3600.0,
@@ -496,12 +518,18 @@ impl Stream {
             ),
             DeviceKind::BpCuff => {
                 let habit = self.habit(t, &[8.0, 20.0], 0.5);
-                if Self::unwell(plan, self.patient, t, &[HypertensiveCrisis]) {
+                let first = onset(&[HypertensiveCrisis, Sepsis, Tachycardia]);
+                if unwell(&[Tachycardia]) {
+                    // Palpitations: the pulse checked again and again.
+                    (habit.min(t + 5.0 / 60.0), true)
+                } else if unwell(&[HypertensiveCrisis]) {
                     // A headache: measured again every quarter hour, as
                     // patients are told to confirm a high reading.
                     (habit.min(t + 0.25), true)
-                } else if Self::unwell(plan, self.patient, t, &[Sepsis]) {
-                    (habit.min(t + 4.0), true)
+                } else if unwell(&[Sepsis]) {
+                    (habit.min(t + 4.0).min(first), true)
+                } else if first < habit {
+                    (first, true)
                 } else {
                     (habit, false)
                 }
@@ -513,22 +541,31 @@ impl Stream {
                     .map(|k| 8.0 + 14.0 * f64::from(k) / f64::from(n))
                     .collect();
                 let habit = self.habit(t, &slots, 0.75);
-                if Self::unwell(
-                    plan,
-                    self.patient,
-                    t,
-                    &[Hypoxaemia, Sepsis, HeartFailureDecompensation],
-                ) {
-                    (habit.min(t + 1.0), true)
+                let first = onset(&[Hypoxaemia, Sepsis, Tachycardia]);
+                if unwell(&[Tachycardia]) {
+                    (habit.min(t + 5.0 / 60.0), true)
+                } else if unwell(&[Hypoxaemia]) {
+                    // Breathless: checked every ten minutes.
+                    (habit.min(t + 10.0 / 60.0), true)
+                } else if unwell(&[Sepsis, HeartFailureDecompensation]) {
+                    (habit.min(t + 1.0).min(first), true)
+                } else if first < habit {
+                    (first, true)
                 } else {
                     (habit, false)
                 }
             }
             DeviceKind::Thermometer => {
-                if Self::unwell(plan, self.patient, t, &[Sepsis]) {
+                if unwell(&[Sepsis]) {
                     (t + 3.0, true)
                 } else {
-                    (t + self.rng.random_range(100.0..236.0), false)
+                    let habit = t + self.rng.random_range(100.0..236.0);
+                    let first = onset(&[Sepsis]);
+                    if first < habit {
+                        (first, true)
+                    } else {
+                        (habit, false)
+                    }
                 }
             }
         }

@@ -81,6 +81,10 @@ enum Command {
         /// Overrides the scenario's seed.
         #[arg(long)]
         seed: Option<u64>,
+        /// Overrides the scenario's id prefix (a fresh one per run keeps
+        /// runs on one database apart).
+        #[arg(long)]
+        prefix: Option<String>,
         /// When patient time starts (RFC 3339); default: `days` before now,
         /// so an accelerated replay ends about now.
         #[arg(long)]
@@ -155,6 +159,7 @@ async fn main() -> anyhow::Result<()> {
             patients,
             days,
             seed,
+            prefix,
             start,
             out,
         } => {
@@ -166,6 +171,7 @@ async fn main() -> anyhow::Result<()> {
             s.patients = patients.unwrap_or(s.patients);
             s.days = days.unwrap_or(s.days);
             s.seed = seed.unwrap_or(s.seed);
+            s.prefix = prefix.unwrap_or(s.prefix);
             s.check().map_err(anyhow::Error::msg)?;
             let start = start.unwrap_or_else(|| {
                 chrono::Utc::now() - chrono::Duration::milliseconds((s.days * 86_400_000.0) as i64)
