@@ -382,6 +382,9 @@ struct Stream {
     queue: VecDeque<Send>,
     /// The last send's time: a device sends one batch after another.
     last_at: Option<DateTime<Utc>>,
+    /// A wearable's readings waiting for the next upload, and since when.
+    unsent: Vec<SimReading>,
+    unsent_since: Option<f64>,
 }
 
 impl Stream {
@@ -417,6 +420,8 @@ impl Stream {
             backlog: Vec::new(),
             queue: VecDeque::new(),
             last_at: None,
+            unsent: Vec::new(),
+            unsent_since: None,
         }
     }
 
@@ -471,6 +476,11 @@ impl Stream {
                     self.flush(plan, until.min(span));
                     continue;
                 }
+                if self.unsent_since.take().is_some() {
+                    let held = std::mem::take(&mut self.unsent);
+                    self.emit(plan, t.min(span), held, SendKind::Normal);
+                    continue;
+                }
                 return;
             }
             // Symptom-driven measurements are never skipped; habits are, sometimes.
@@ -498,6 +508,17 @@ impl Stream {
             if self.rng.random_range(0.0..1.0) < per_hour * gap {
                 self.offline_until = Some(t + self.rng.random_range(2.0..12.0));
                 self.backlog.extend(readings);
+                continue;
+            }
+            let upload = f64::from(plan.scenario.devices.wearable_upload_minutes) / 60.0;
+            if self.kind == DeviceKind::Wearable && upload > 0.0 {
+                let since = *self.unsent_since.get_or_insert(t);
+                self.unsent.extend(readings);
+                if t - since >= upload - 1e-6 {
+                    self.unsent_since = None;
+                    let held = std::mem::take(&mut self.unsent);
+                    self.emit(plan, t, held, SendKind::Normal);
+                }
                 continue;
             }
             self.emit(plan, t, readings, SendKind::Normal);
@@ -903,5 +924,42 @@ mod tests {
                 "{k:?} changed nothing: {out_of_range:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_wearable_uploads_what_it_measured_in_bursts() {
+        let s = Scenario {
+            devices: crate::scenario::Devices {
+                wearable_interval_seconds: 900,
+                wearable_upload_minutes: 45,
+                ..Default::default()
+            },
+            faults: crate::scenario::Faults {
+                offline_per_day: 0.0,
+                malformed: 0.0,
+                duplicate: 0.0,
+                ..Default::default()
+            },
+            ..scenario(5)
+        };
+        let plan = Plan::new(&s, start());
+        let mut sizes = std::collections::BTreeMap::new();
+        for send in plan
+            .sends()
+            .filter(|s| s.device_id.ends_with("-wearable") && s.kind == SendKind::Normal)
+        {
+            // Three readings (heart rate, SpO2, respiration) per measurement.
+            *sizes.entry(send.readings.len() / 3).or_insert(0) += 1;
+            let oldest = send.readings.iter().map(|r| r.at).min().expect("readings");
+            assert!(
+                send.at - oldest <= Duration::minutes(46),
+                "held at most one upload interval: {} at {} ({:?})",
+                send.at - oldest,
+                send.at,
+                send.device_id
+            );
+        }
+        let (most, _) = sizes.iter().max_by_key(|(_, n)| **n).expect("sizes");
+        assert_eq!(*most, 4, "measurements per upload: {sizes:?}");
     }
 }

@@ -1,16 +1,17 @@
-//! The device simulator: a first version.
+//! The device simulator: cohorts that behave like home-monitored patients,
+//! and a score for how well the alert engine served them.
 //!
-//! - [`Cohort`]: N simulated patients, each with one wearable device that
-//!   measures heart rate and SpO2, and a blood-pressure cuff reading carried
-//!   every tenth batch. Each patient has a personal baseline; readings add
-//!   measurement noise. (Realistic physiology, clinical events and faults
-//!   are a later issue.)
-//! - [`Cohort::registry_csv`]: the cohort as `device_id,patient_id,kind`
-//!   lines for `vitalwatch devices import`.
-//! - [`Cohort::next_batch`]: the next batch of a device, as JSON or protobuf.
-//!
-//! Deterministic: the same seed gives the same cohort and the same readings
-//! for the same timestamps.
+//! - [`scenario`]: what a run is (cohort, devices, events, faults), from TOML.
+//! - [`model`]: baselines by condition, circadian rhythm, noise, what each
+//!   kind of clinical event does to the values.
+//! - [`generate`]: the plan (patients, devices, events, ground truth) and
+//!   the batches the devices send, lazily, in send order, byte-identical
+//!   for a seed.
+//! - [`replay`]: publishing a plan over MQTT, accelerated; reading back the
+//!   pipeline's alerts.
+//! - [`score`]: alerts against the ground truth, and the naive baseline.
+//! - [`Cohort`]: the simple live cohort `deploy/local/up` and the latency
+//!   bench publish (one wearable per patient, a baseline and noise).
 #![forbid(unsafe_code)]
 
 pub mod generate;

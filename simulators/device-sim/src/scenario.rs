@@ -87,6 +87,9 @@ pub struct Devices {
     /// respiratory rate (real wearables: a few seconds; long accelerated
     /// cohorts: minutes).
     pub wearable_interval_seconds: u32,
+    /// Minutes a wearable collects readings before uploading them in one
+    /// batch (phones sync wearables in bursts); 0 uploads each at once.
+    pub wearable_upload_minutes: u32,
     /// Spot checks a day on a pulse oximeter.
     pub oximeter_checks_per_day: u32,
     /// Chance a patient skips a scheduled measurement (forgets, travels).
@@ -97,6 +100,7 @@ impl Default for Devices {
     fn default() -> Self {
         Devices {
             wearable_interval_seconds: 300,
+            wearable_upload_minutes: 0,
             oximeter_checks_per_day: 3,
             skip: 0.05,
         }
