@@ -146,3 +146,37 @@ pub async fn pipeline_alerts(
         })
         .collect())
 }
+
+/// The cohort's readings as the pipeline stored them, for the naive
+/// baseline: `(measured at, patient, metric or component, value)`, flagged
+/// readings included (a bedside device with limits does not know better).
+pub async fn stored_readings(
+    client: &tokio_postgres::Client,
+    prefix: &str,
+) -> Result<Vec<(chrono::DateTime<chrono::Utc>, String, &'static str, f64)>, tokio_postgres::Error>
+{
+    let rows = client
+        .query(
+            "SELECT time, patient_id, CASE WHEN component = '' THEN metric ELSE component END, value
+               FROM readings WHERE starts_with(patient_id, $1)
+                AND metric IN ('spo2', 'heart_rate', 'blood_pressure', 'respiratory_rate', 'body_temperature')",
+            &[&format!("{prefix}-p")],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .filter_map(|r| {
+            let what: String = r.get(2);
+            let what: &'static str = match what.as_str() {
+                "spo2" => "spo2",
+                "heart_rate" => "heart_rate",
+                "systolic" => "systolic",
+                "diastolic" => "diastolic",
+                "respiratory_rate" => "respiratory_rate",
+                "body_temperature" => "body_temperature",
+                _ => return None,
+            };
+            Some((r.get(0), r.get(1), what, r.get(3)))
+        })
+        .collect())
+}

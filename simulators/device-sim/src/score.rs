@@ -140,8 +140,6 @@ pub fn score(truth: &[Truth], alerts: &[Alert], patient_days: f64) -> Report {
 /// The naive baseline's alerts over the readings `sends` carry: an alarm
 /// whenever a reading crosses a fixed limit from the normal side.
 pub fn naive(sends: impl Iterator<Item = Send>) -> Vec<Alert> {
-    let mut abnormal: HashMap<(String, &'static str), bool> = HashMap::new();
-    let mut out = Vec::new();
     let mut readings: Vec<(DateTime<Utc>, String, &'static str, f64)> = Vec::new();
     for s in sends {
         let Some(p) = s.patient_id.clone() else {
@@ -157,6 +155,14 @@ pub fn naive(sends: impl Iterator<Item = Send>) -> Vec<Alert> {
             }
         }
     }
+    naive_over(readings)
+}
+
+/// The naive baseline over readings as `(measured at, patient, metric or
+/// blood-pressure component, value)`, in any order.
+pub fn naive_over(mut readings: Vec<(DateTime<Utc>, String, &'static str, f64)>) -> Vec<Alert> {
+    let mut abnormal: HashMap<(String, &'static str), bool> = HashMap::new();
+    let mut out = Vec::new();
     // Judged in measurement order, as a device at the bedside would.
     readings.sort_by(|a, b| (a.0, &a.1, a.2).cmp(&(b.0, &b.1, b.2)));
     for (at, patient, what, v) in readings {
@@ -203,7 +209,7 @@ impl Report {
             ));
         }
         s.push_str(&format!(
-            "alerts {}, true {}, precision {:.1}%, {:.2} alerts per patient-day ({:.0} patient-days)\n",
+            "alerts {}, true {}, precision {:.1}%, {:.3} alerts per patient-day ({:.0} patient-days)\n",
             self.alerts,
             self.true_alerts,
             self.precision * 100.0,
