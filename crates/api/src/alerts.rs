@@ -33,7 +33,7 @@ use vitalwatch_store::alerts::Event;
 
 use crate::AppState;
 use crate::audit::{self, Outcome};
-use crate::auth::{Access, Caller, carer, deny_patient, refused};
+use crate::auth::{Access, Caller, carer, checked, deny_patient};
 use crate::error::{ApiError, Problem};
 
 /// Changes read per query while streaming.
@@ -384,13 +384,11 @@ pub async fn list(
 ) -> Result<Json<AlertPage>, ApiError> {
     const ACTION: &str = "alerts.list";
     let caller = carer(&state, &access, ACTION).await?;
-    let checked = query
+    let request = query
         .map_err(|e| ApiError::BadRequest(e.body_text()))
         .and_then(|Query(q)| check_list(q));
-    let (states, severity, patient, limit, cursor) = match checked {
-        Ok(c) => c,
-        Err(e) => return Err(refused(&state, &access, ACTION, e).await),
-    };
+    let (states, severity, patient, limit, cursor) =
+        checked(&state, &access, ACTION, request).await?;
     let client = state.pool.get().await?;
     let mut patients = caller.patients(&**client).await?;
     if let Some(p) = &patient {
@@ -459,9 +457,7 @@ pub async fn get_alert(
     Path(alert_id): Path<String>,
 ) -> Result<Json<AlertBody>, ApiError> {
     let caller = carer(&state, &access, "alert.read").await?;
-    if let Err(e) = check_id(&alert_id) {
-        return Err(refused(&state, &access, "alert.read", e).await);
-    }
+    checked(&state, &access, "alert.read", check_id(&alert_id)).await?;
     let client = state.pool.get().await?;
     let alert = visible(&**client, &access, &caller, &alert_id, "alert.read").await?;
     audit::record(
@@ -606,13 +602,15 @@ async fn act(
         Action::Resolve => "alert.resolve",
     };
     let caller = carer(&state, &access, name).await?;
-    let body = match check_id(&alert_id)
-        .and_then(|()| crate::error::body(body))
-        .and_then(|b| parse_action(&b))
-    {
-        Ok(b) => b,
-        Err(e) => return Err(refused(&state, &access, name, e).await),
-    };
+    let body = checked(
+        &state,
+        &access,
+        name,
+        check_id(&alert_id)
+            .and_then(|()| crate::error::body(body))
+            .and_then(|b| parse_action(&b)),
+    )
+    .await?;
     let mut client = state.pool.get().await?;
     let tx = client
         .transaction()

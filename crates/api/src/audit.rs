@@ -5,7 +5,7 @@
 
 use vitalwatch_store::tokio_postgres::GenericClient;
 
-use crate::auth::Access;
+use crate::auth::{Access, checked};
 use crate::error::ApiError;
 
 /// What became of an attempt.
@@ -180,7 +180,7 @@ pub async fn list(
         "the audit log is for admins",
     )
     .await?;
-    let checked = query
+    let request = query
         .map_err(|e| ApiError::BadRequest(e.body_text()))
         .and_then(|axum::extract::Query(q)| {
             let limit = q.limit.unwrap_or(100);
@@ -220,10 +220,7 @@ pub async fn list(
             }
             Ok((q, limit))
         });
-    let (q, limit) = match checked {
-        Ok(c) => c,
-        Err(e) => return Err(crate::auth::refused(&state, &access, ACTION, e).await),
-    };
+    let (q, limit) = checked(&state, &access, ACTION, request).await?;
     let client = state.pool.get().await?;
     let rows = client
         .query(

@@ -549,6 +549,20 @@ pub async fn refused(state: &AppState, access: &Access, action: &str, e: ApiErro
     }
 }
 
+/// `r`'s value, or its problem refused as [`refused`] does (audited as
+/// failed before the answer): every handler checks its request this way.
+pub async fn checked<T>(
+    state: &AppState,
+    access: &Access,
+    action: &str,
+    r: Result<T, ApiError>,
+) -> Result<T, ApiError> {
+    match r {
+        Ok(v) => Ok(v),
+        Err(e) => Err(refused(state, access, action, e).await),
+    }
+}
+
 /// Checks the shape of a patient id in a path (the registry's bound).
 pub fn check_patient_id(patient_id: &str) -> Result<(), ApiError> {
     if patient_id.is_empty() || patient_id.len() > 128 || patient_id.chars().any(char::is_control) {

@@ -31,7 +31,7 @@ use vitalwatch_store::StoreError;
 
 use crate::AppState;
 use crate::audit::{self, Outcome};
-use crate::auth::{Access, Caller, carer, check_patient_id, refused, require_patient};
+use crate::auth::{Access, Caller, carer, check_patient_id, checked, refused, require_patient};
 use crate::error::ApiError;
 
 const FHIR_JSON: &str = "application/fhir+json";
@@ -511,12 +511,11 @@ fn unhex(s: &str) -> Option<String> {
     String::from_utf8(bytes?).ok()
 }
 
-fn parse_search(raw: Option<&str>) -> Result<Search, ApiError> {
+fn parse_search(pairs: &[(String, String)]) -> Result<Search, ApiError> {
     let bad = |m: String| ApiError::BadRequest(m);
-    let pairs: Vec<(String, String)> = serde_urlencoded_pairs(raw.unwrap_or_default())?;
     let (mut patient, mut metrics, mut window, mut count, mut cursor) =
         (None, Vec::new(), (None, None), 50, None);
-    for (k, v) in &pairs {
+    for (k, v) in pairs {
         match k.as_str() {
             "patient" | "subject" => {
                 let id = v.strip_prefix("Patient/").unwrap_or(v);
@@ -599,8 +598,9 @@ fn parse_search(raw: Option<&str>) -> Result<Search, ApiError> {
     })
 }
 
-/// `application/x-www-form-urlencoded` pairs, percent-decoded.
-fn serde_urlencoded_pairs(raw: &str) -> Result<Vec<(String, String)>, ApiError> {
+/// A query's `key=value` pairs, percent-decoded; a malformed escape or
+/// bytes that are not UTF-8 are refused (400), not guessed at.
+fn query_pairs(raw: &str) -> Result<Vec<(String, String)>, ApiError> {
     raw.split('&')
         .filter(|p| !p.is_empty())
         .map(|p| {
@@ -672,23 +672,26 @@ pub async fn search(
     RawQuery(raw): RawQuery,
 ) -> Result<Fhir, FhirError> {
     const ACTION: &str = "fhir.observation.search";
-    let patient = serde_urlencoded_pairs(raw.as_deref().unwrap_or_default())
-        .ok()
-        .and_then(|pairs| {
-            pairs
-                .into_iter()
-                .find(|(k, _)| k == "patient" || k == "subject")
-                .map(|(_, v)| v.strip_prefix("Patient/").map_or(v.clone(), str::to_owned))
-        });
+    // Decoded once: for the audit's patient, the search, and the links.
+    let pairs = query_pairs(raw.as_deref().unwrap_or_default());
+    let patient = pairs.as_ref().ok().and_then(|pairs| {
+        pairs
+            .iter()
+            .find(|(k, _)| k == "patient" || k == "subject")
+            .map(|(_, v)| v.strip_prefix("Patient/").unwrap_or(v).to_owned())
+    });
     let access = match &patient {
         Some(p) => access.about(p),
         None => access,
     };
     let caller = carer(&state, &access, ACTION).await?;
-    let s = match parse_search(raw.as_deref()) {
-        Ok(s) => s,
-        Err(e) => return Err(refused(&state, &access, ACTION, e).await.into()),
-    };
+    let (pairs, s) = checked(
+        &state,
+        &access,
+        ACTION,
+        pairs.and_then(|p| parse_search(&p).map(|s| (p, s))),
+    )
+    .await?;
     let client = state.pool.get().await?;
     require_patient(&**client, &access, &caller, ACTION, &s.patient_id).await?;
     let names: Vec<&str> = s.metrics.iter().map(|m| m.name()).collect();
@@ -715,12 +718,11 @@ pub async fn search(
     let more = readings.len() as i64 > s.count;
     readings.truncate(s.count as usize);
     let base = base_url(&state, &headers);
-    let query_without_cursor: Vec<String> =
-        serde_urlencoded_pairs(raw.as_deref().unwrap_or_default())?
-            .into_iter()
-            .filter(|(k, _)| k != "_cursor")
-            .map(|(k, v)| format!("{}={}", encode(&k), encode(&v)))
-            .collect();
+    let query_without_cursor: Vec<String> = pairs
+        .iter()
+        .filter(|(k, _)| k != "_cursor")
+        .map(|(k, v)| format!("{}={}", encode(k), encode(v)))
+        .collect();
     let self_url = format!("{base}/Observation?{}", raw.as_deref().unwrap_or_default());
     let mut links = vec![json!({"relation": "self", "url": self_url})];
     if more && let Some(last) = readings.last() {
@@ -908,9 +910,13 @@ mod tests {
         }
     }
 
+    fn search_of(raw: Option<&str>) -> Result<Search, ApiError> {
+        query_pairs(raw.unwrap_or_default()).and_then(|p| parse_search(&p))
+    }
+
     #[test]
     fn searches_are_checked() {
-        let ok = parse_search(Some(
+        let ok = search_of(Some(
             "patient=Patient%2Fp-1&code=http%3A%2F%2Floinc.org%7C8480-6,59408-5&_count=10",
         ))
         .map_err(|e| e.to_string());
@@ -930,7 +936,7 @@ mod tests {
             ("patient=p&_cursor=zzz", "_cursor"),
             ("patient=p&patient=q", "once"),
         ] {
-            let e = parse_search(Some(bad))
+            let e = search_of(Some(bad))
                 .err()
                 .map(|e| e.to_string())
                 .unwrap_or_default();

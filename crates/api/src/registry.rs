@@ -22,7 +22,7 @@ use vitalwatch_store::tokio_postgres::GenericClient;
 
 use crate::AppState;
 use crate::audit::{self, Outcome, begin, finish};
-use crate::auth::{ADMIN, Access, Caller, DEVICES, check_patient_id, refused, with_role};
+use crate::auth::{ADMIN, Access, Caller, DEVICES, check_patient_id, checked, with_role};
 use crate::error::{ApiError, Problem, json};
 
 const ADMINS_ONLY: &str = "patients and care teams are managed by admins";
@@ -70,20 +70,6 @@ fn check_subject(s: &str) -> Result<(), ApiError> {
         ));
     }
     Ok(())
-}
-
-/// Checks a request before any database work; a malformed one is audited
-/// as failed and answered 400 (or 413).
-async fn checked<T>(
-    state: &AppState,
-    access: &Access,
-    action: &str,
-    r: Result<T, ApiError>,
-) -> Result<T, ApiError> {
-    match r {
-        Ok(v) => Ok(v),
-        Err(e) => Err(refused(state, access, action, e).await),
-    }
 }
 
 // ---------------------------------------------------------------- patients

@@ -25,7 +25,7 @@ use vitalwatch_store::tokio_postgres::GenericClient;
 
 use crate::AppState;
 use crate::audit::{self, Outcome, begin, finish};
-use crate::auth::{Access, carer, check_patient_id, refused, require_patient};
+use crate::auth::{Access, carer, check_patient_id, checked, require_patient};
 use crate::error::{ApiError, Problem, json};
 
 /// A rule's adjustable settings.
@@ -191,9 +191,7 @@ pub async fn get_thresholds(
     const ACTION: &str = "thresholds.read";
     let access = access.about(&patient_id);
     let caller = carer(&state, &access, ACTION).await?;
-    if let Err(e) = check_patient_id(&patient_id) {
-        return Err(refused(&state, &access, ACTION, e).await);
-    }
+    checked(&state, &access, ACTION, check_patient_id(&patient_id)).await?;
     let client = state.pool.get().await?;
     require_patient(&**client, &access, &caller, ACTION, &patient_id).await?;
     let mut overrides = stored(&**client, &patient_id, None).await?;
@@ -263,7 +261,7 @@ pub async fn set_override(
     const ACTION: &str = "thresholds.override";
     let access = access.about(&patient_id);
     let caller = carer(&state, &access, ACTION).await?;
-    let checked = check_patient_id(&patient_id)
+    let request = check_patient_id(&patient_id)
         .and_then(|()| json::<NewOverride>(body))
         .and_then(|o| {
             let reason = o.reason.trim().to_owned();
@@ -277,10 +275,7 @@ pub async fn set_override(
             ov.apply(r).map_err(ApiError::BadRequest)?;
             Ok((r, params, reason))
         });
-    let (r, params, reason) = match checked {
-        Ok(c) => c,
-        Err(e) => return Err(refused(&state, &access, ACTION, e).await),
-    };
+    let (r, params, reason) = checked(&state, &access, ACTION, request).await?;
     let mut client = state.pool.get().await?;
     require_patient(&**client, &access, &caller, ACTION, &patient_id).await?;
     let tx = begin(&mut client).await?;
@@ -333,10 +328,13 @@ pub async fn clear_override(
     const ACTION: &str = "thresholds.clear";
     let access = access.about(&patient_id);
     let caller = carer(&state, &access, ACTION).await?;
-    let r = match check_patient_id(&patient_id).and_then(|()| check_rule(&state, &rule)) {
-        Ok(r) => r,
-        Err(e) => return Err(refused(&state, &access, ACTION, e).await),
-    };
+    let r = checked(
+        &state,
+        &access,
+        ACTION,
+        check_patient_id(&patient_id).and_then(|()| check_rule(&state, &rule)),
+    )
+    .await?;
     let mut client = state.pool.get().await?;
     require_patient(&**client, &access, &caller, ACTION, &patient_id).await?;
     let tx = begin(&mut client).await?;

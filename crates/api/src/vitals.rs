@@ -12,7 +12,7 @@ use vitalwatch_store::trends::{self, Bucket};
 
 use crate::AppState;
 use crate::audit::{self, Outcome};
-use crate::auth::{Access, carer, check_patient_id, refused, require_patient};
+use crate::auth::{Access, carer, check_patient_id, checked, refused, require_patient};
 use crate::error::{ApiError, Problem};
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -138,10 +138,13 @@ pub async fn get_vitals(
     const ACTION: &str = "vitals.read";
     let access = access.about(&patient_id);
     let caller = carer(&state, &access, ACTION).await?;
-    let request = match check_request(&state, &patient_id, query) {
-        Ok(r) => r,
-        Err(e) => return Err(refused(&state, &access, ACTION, e).await),
-    };
+    let request = checked(
+        &state,
+        &access,
+        ACTION,
+        check_request(&state, &patient_id, query),
+    )
+    .await?;
     let (metric, bucket, bucket_seconds, from, to) = request;
     let client = state.pool.get().await?;
     require_patient(&**client, &access, &caller, ACTION, &patient_id).await?;
@@ -229,9 +232,7 @@ pub async fn get_latest(
     const ACTION: &str = "vitals.latest";
     let access = access.about(&patient_id);
     let caller = carer(&state, &access, ACTION).await?;
-    if let Err(e) = check_patient_id(&patient_id) {
-        return Err(refused(&state, &access, ACTION, e).await);
-    }
+    checked(&state, &access, ACTION, check_patient_id(&patient_id)).await?;
     let client = state.pool.get().await?;
     require_patient(&**client, &access, &caller, ACTION, &patient_id).await?;
     let mut metrics = Vec::new();
@@ -356,7 +357,7 @@ pub async fn get_monitoring_days(
     const ACTION: &str = "monitoring_days.read";
     let access = access.about(&patient_id);
     let caller = carer(&state, &access, ACTION).await?;
-    let checked = query
+    let request = query
         .map_err(|e| ApiError::BadRequest(e.body_text()))
         .and_then(|Query(q)| {
             check_patient_id(&patient_id)?;
@@ -381,10 +382,7 @@ pub async fn get_monitoring_days(
             }
             Ok((from, to, tz))
         });
-    let (from, to, tz) = match checked {
-        Ok(c) => c,
-        Err(e) => return Err(refused(&state, &access, ACTION, e).await),
-    };
+    let (from, to, tz) = checked(&state, &access, ACTION, request).await?;
     let client = state.pool.get().await?;
     let known: bool = client
         .query_one(
