@@ -1,14 +1,14 @@
 //! `vitalwatch-sim`: simulated home devices. See `vitalwatch-sim --help`.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::QoS;
 use vitalwatch_core::topics;
 use vitalwatch_sim::generate::Plan;
-use vitalwatch_sim::replay::{Broker as SimBroker, pipeline_alerts, replay, stored_readings};
+use vitalwatch_sim::replay::{
+    Broker as SimBroker, Publisher, pipeline_alerts, replay, stored_readings,
+};
 use vitalwatch_sim::scenario::{RunFile, Scenario};
 use vitalwatch_sim::score::{naive_over, score};
 use vitalwatch_sim::{Cohort, Format};
@@ -295,70 +295,35 @@ async fn main() -> anyhow::Result<()> {
             username,
             password,
         } => {
-            let broker = Broker {
+            let broker = SimBroker {
                 host,
                 port,
                 username,
                 password,
+                topic_root,
             };
-            run(cohort, rate, duration, broker, topic_root, format).await
+            run(cohort, rate, duration, broker, format).await
         }
     }
-}
-
-struct Broker {
-    host: String,
-    port: u16,
-    username: Option<String>,
-    password: String,
 }
 
 async fn run(
     c: CohortArgs,
     rate: f64,
     duration: u64,
-    broker: Broker,
-    root: String,
+    broker: SimBroker,
     format: Format,
 ) -> anyhow::Result<()> {
-    let Broker {
-        host,
-        port,
-        username,
-        password,
-    } = broker;
     anyhow::ensure!(c.patients > 0, "--patients must be at least 1");
     anyhow::ensure!(rate > 0.0 && rate.is_finite(), "--rate must be positive");
     let mut cohort = Cohort::new(c.patients, &c.prefix, c.seed);
-    let mut opts = MqttOptions::new(
+    let publisher = Publisher::connect(
+        &broker,
         format!("{}-sim-{}", c.prefix, std::process::id()),
-        host.clone(),
-        port,
+        1000,
+        2000,
     );
-    opts.set_keep_alive(Duration::from_secs(30))
-        .set_inflight(1000)
-        .set_max_packet_size(1 << 20, 1 << 20);
-    if let Some(user) = username {
-        opts.set_credentials(user, password);
-    }
-    let (client, mut eventloop) = AsyncClient::new(opts, 2000);
-    let acked = Arc::new(AtomicU64::new(0));
-    let acked_in_loop = acked.clone();
-    let events = tokio::spawn(async move {
-        loop {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::PubAck(_))) => {
-                    acked_in_loop.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
-                Ok(_) => {}
-                Err(e) => {
-                    eprintln!("vitalwatch-sim: mqtt: {e}; reconnecting");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-            }
-        }
-    });
+    let (host, port, root) = (&broker.host, broker.port, &broker.topic_root);
 
     println!(
         "vitalwatch-sim: {} patients, {rate} batches/s, to {host}:{port} under {root}/",
@@ -385,9 +350,9 @@ async fn run(
         let due = (started.elapsed().as_secs_f64() * rate) as u64;
         while published < due {
             let (payload, n) = cohort.next_batch(next_patient, chrono::Utc::now(), format);
-            let topic =
-                topics::mqtt_readings_topic(&root, &cohort.patients[next_patient].device_id);
-            client
+            let topic = topics::mqtt_readings_topic(root, &cohort.patients[next_patient].device_id);
+            publisher
+                .client
                 .publish(topic, QoS::AtLeastOnce, false, payload)
                 .await?;
             published += 1;
@@ -397,19 +362,13 @@ async fn run(
         if last_report.elapsed() >= Duration::from_secs(10) {
             println!(
                 "vitalwatch-sim: published {published} batches ({readings} readings), acknowledged {}",
-                acked.load(Ordering::Relaxed)
+                publisher.acknowledged()
             );
             last_report = Instant::now();
         }
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while acked.load(Ordering::Relaxed) < published && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let _ = client.disconnect().await;
-    let _ = tokio::time::timeout(Duration::from_secs(5), events).await;
+    let acked = publisher.finish(published, Duration::from_secs(30)).await;
     let secs = started.elapsed().as_secs_f64();
-    let acked = acked.load(Ordering::Relaxed);
     println!(
         "vitalwatch-sim: done: published={published} acknowledged={acked} readings={readings} seconds={secs:.1} rate={:.1} batches/s",
         published as f64 / secs

@@ -24,6 +24,74 @@ pub struct Broker {
     pub topic_root: String,
 }
 
+/// An MQTT connection publishing at QoS 1, counting the broker's
+/// acknowledgements; it reconnects on errors.
+#[derive(Debug)]
+pub struct Publisher {
+    pub client: AsyncClient,
+    acked: Arc<AtomicU64>,
+    events: tokio::task::JoinHandle<()>,
+}
+
+impl Publisher {
+    /// Connects as `client_id`, with at most `inflight` unacknowledged
+    /// publishes and `capacity` requests queued before `publish` waits.
+    pub fn connect(
+        broker: &Broker,
+        client_id: String,
+        inflight: u16,
+        capacity: usize,
+    ) -> Publisher {
+        let mut opts = MqttOptions::new(client_id, broker.host.clone(), broker.port);
+        opts.set_keep_alive(Duration::from_secs(30))
+            .set_inflight(inflight)
+            .set_max_packet_size(1 << 20, 1 << 20);
+        if let Some(user) = &broker.username {
+            opts.set_credentials(user.clone(), broker.password.clone());
+        }
+        let (client, mut eventloop) = AsyncClient::new(opts, capacity);
+        let acked = Arc::new(AtomicU64::new(0));
+        let acked_in_loop = acked.clone();
+        let events = tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::PubAck(_))) => {
+                        acked_in_loop.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
+                    Ok(_) => {}
+                    Err(e) => {
+                        eprintln!("vitalwatch-sim: mqtt: {e}; reconnecting");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        });
+        Publisher {
+            client,
+            acked,
+            events,
+        }
+    }
+
+    /// Publishes the broker has acknowledged so far.
+    pub fn acknowledged(&self) -> u64 {
+        self.acked.load(Ordering::Relaxed)
+    }
+
+    /// Waits up to `patience` for `published` acknowledgements, then
+    /// disconnects; returns how many came.
+    pub async fn finish(self, published: u64, patience: Duration) -> u64 {
+        let deadline = Instant::now() + patience;
+        while self.acknowledged() < published && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = self.client.disconnect().await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.events).await;
+        self.acked.load(Ordering::Relaxed)
+    }
+}
+
 /// What a replay did.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Replayed {
@@ -46,35 +114,12 @@ pub async fn replay(
     speed: f64,
     mut progress: impl FnMut(&Replayed),
 ) -> Result<Replayed, String> {
-    let mut opts = MqttOptions::new(
+    let publisher = Publisher::connect(
+        broker,
         format!("{}-replay-{}", plan.scenario.prefix, std::process::id()),
-        broker.host.clone(),
-        broker.port,
+        500,
+        1000,
     );
-    opts.set_keep_alive(Duration::from_secs(30))
-        .set_inflight(500)
-        .set_max_packet_size(1 << 20, 1 << 20);
-    if let Some(user) = &broker.username {
-        opts.set_credentials(user.clone(), broker.password.clone());
-    }
-    let (client, mut eventloop) = AsyncClient::new(opts, 1000);
-    let acked = Arc::new(AtomicU64::new(0));
-    let acked_in_loop = acked.clone();
-    let events = tokio::spawn(async move {
-        loop {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::PubAck(_))) => {
-                    acked_in_loop.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
-                Ok(_) => {}
-                Err(e) => {
-                    eprintln!("vitalwatch-sim: mqtt: {e}; reconnecting");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-            }
-        }
-    });
     let started = Instant::now();
     let mut out = Replayed::default();
     let mut reported = Instant::now();
@@ -87,7 +132,8 @@ pub async fn replay(
             }
         }
         let topic = topics::mqtt_readings_topic(&broker.topic_root, &send.device_id);
-        client
+        publisher
+            .client
             .publish(topic, QoS::AtLeastOnce, false, send.payload)
             .await
             .map_err(|e| format!("publish: {e}"))?;
@@ -101,19 +147,15 @@ pub async fn replay(
             SendKind::Normal => {}
         }
         if reported.elapsed() >= Duration::from_secs(5) {
-            out.acknowledged = acked.load(Ordering::Relaxed);
+            out.acknowledged = publisher.acknowledged();
             out.seconds = started.elapsed().as_secs_f64();
             progress(&out);
             reported = Instant::now();
         }
     }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while acked.load(Ordering::Relaxed) < out.published && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let _ = client.disconnect().await;
-    let _ = tokio::time::timeout(Duration::from_secs(5), events).await;
-    out.acknowledged = acked.load(Ordering::Relaxed);
+    out.acknowledged = publisher
+        .finish(out.published, Duration::from_secs(60))
+        .await;
     out.seconds = started.elapsed().as_secs_f64();
     if out.acknowledged < out.published {
         return Err(format!(
