@@ -91,3 +91,35 @@ export_stack_env() {
     export VITALWATCH_TEST_MQTT_TLS="127.0.0.1:$MQTT_TLS_PORT"
     export VITALWATCH_TEST_MQTT_CA="$STATE/tls/ca.crt"
 }
+
+# own_pipeline NAME: for a harness (score, load) that runs a release
+# `vitalwatch all` of its own: the local PostgreSQL and Mosquitto under the
+# topic root NAME/rpm/v1/devices, and the tests' in-memory tansu, which
+# takes records far faster than the pipeline's sqlite one. Builds the
+# release binaries (BIN), migrates and creates the topics.
+own_pipeline() {
+    "$REPO/deploy/local/setup" --tests
+    export_stack_env
+    export VITALWATCH_KAFKA__BROKERS="127.0.0.1:$KAFKA_TEST_PORT"
+    export VITALWATCH_MQTT__TOPIC_ROOT="$1/rpm/v1/devices"
+    export VITALWATCH_MQTT__SHARE_GROUP="vitalwatch-$1"
+    export VITALWATCH_MQTT__CLIENT_ID="vitalwatch-$1"
+    export VITALWATCH_API__LISTEN="127.0.0.1:0"
+    export VITALWATCH_CONFIG="$REPO/deploy/local/vitalwatch.toml"
+    log "building vitalwatch (release)"
+    (cd "$REPO" && cargo build --quiet --release --bin vitalwatch --bin vitalwatch-sim)
+    BIN="${CARGO_TARGET_DIR:-$REPO/target}/release"
+    "$BIN/vitalwatch" migrate >/dev/null
+    "$BIN/vitalwatch" topics
+}
+
+# start_own_pipeline LOG: starts the release `vitalwatch all` in the
+# background (PIPELINE), stopped when the script exits.
+start_own_pipeline() {
+    log "starting vitalwatch all (release; log: $1)"
+    nohup "$BIN/vitalwatch" all >>"$1" 2>&1 &
+    PIPELINE=$!
+    trap 'kill $PIPELINE 2>/dev/null; wait $PIPELINE 2>/dev/null' EXIT
+    sleep 10 # subscribed, and the registry loaded
+    kill -0 $PIPELINE 2>/dev/null || die "vitalwatch exited at start-up; see $1"
+}

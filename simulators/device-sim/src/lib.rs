@@ -10,11 +10,15 @@
 //! - [`replay`]: publishing a plan over MQTT, accelerated; reading back the
 //!   pipeline's alerts.
 //! - [`score`]: alerts against the ground truth, and the naive baseline.
+//! - [`load`]: many devices at a target rate over many connections, with
+//!   reconnect storms; publish-to-row and publish-to-alert latency read
+//!   from the pipeline's database; stored against acknowledged readings.
 //! - [`Cohort`]: the simple live cohort `deploy/local/up` and the latency
 //!   bench publish (one wearable per patient, a baseline and noise).
 #![forbid(unsafe_code)]
 
 pub mod generate;
+pub mod load;
 pub mod model;
 pub mod replay;
 pub mod scenario;

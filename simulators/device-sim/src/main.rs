@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 use rumqttc::QoS;
 use vitalwatch_core::topics;
 use vitalwatch_sim::generate::Plan;
+use vitalwatch_sim::load::Load;
 use vitalwatch_sim::replay::{
     Broker as SimBroker, Publisher, pipeline_alerts, replay, stored_readings,
 };
@@ -119,6 +120,63 @@ enum Command {
         /// whose readings all start out days old.
         #[arg(long, value_delimiter = ',')]
         exclude_rules: Vec<String>,
+    },
+    /// Load mode: many wearables at a target rate, over one connection
+    /// each or a few gateways, with reconnect storms on demand; reports
+    /// the rate achieved, acknowledgements, and (with --database-url)
+    /// publish-to-row and publish-to-alert latency and the readings stored.
+    Load {
+        /// Simulated wearables (heart rate and SpO2).
+        #[arg(long, default_value_t = 1000)]
+        devices: usize,
+        /// Readings per second across them.
+        #[arg(long, default_value_t = 2000.0)]
+        rate: f64,
+        /// Readings per upload (even).
+        #[arg(long, default_value_t = 10)]
+        batch: usize,
+        /// Gateway connections sharing the devices.
+        #[arg(long, default_value_t = 4, conflicts_with = "connection_per_device")]
+        connections: usize,
+        /// One MQTT connection per device instead of gateways.
+        #[arg(long)]
+        connection_per_device: bool,
+        /// Seconds to run.
+        #[arg(long, default_value_t = 60)]
+        duration: u64,
+        /// Ids: devices {prefix}-d000001…, patients {prefix}-p000001…
+        #[arg(long, default_value = "load")]
+        prefix: String,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, value_enum, default_value_t = Format::Protobuf)]
+        format: Format,
+        /// Every this many seconds, drop --storm-share of the connections
+        /// at once (no DISCONNECT) and let them reconnect together.
+        #[arg(long)]
+        storm_every: Option<u64>,
+        #[arg(long, default_value_t = 0.5)]
+        storm_share: f64,
+        /// Patients with thermometers timing publish to alert (0: none).
+        #[arg(long, default_value_t = 4)]
+        alert_probes: usize,
+        /// Milliseconds between alert probes.
+        #[arg(long, default_value_t = 1000)]
+        alert_probe_ms: u64,
+        /// One upload per this many milliseconds is timed from publish to row.
+        #[arg(long, default_value_t = 100)]
+        row_probe_ms: u64,
+        /// The pipeline's database: latency probes and the stored count.
+        #[arg(long, env = "VITALWATCH_DATABASE__URL")]
+        database_url: Option<String>,
+        /// Also write the report as JSON here.
+        #[arg(long)]
+        json: Option<std::path::PathBuf>,
+        /// Print the devices as `vitalwatch devices import` CSV and exit.
+        #[arg(long)]
+        registry: bool,
+        #[command(flatten)]
+        broker: BrokerArgs,
     },
     /// Print the cohort as `device_id,patient_id,kind` CSV for `vitalwatch devices import`.
     Cohort(CohortArgs),
@@ -282,6 +340,83 @@ async fn main() -> anyhow::Result<()> {
                 let both = serde_json::json!({"vitalwatch": ours, "naive": base});
                 std::fs::write(path, serde_json::to_string_pretty(&both)?)?;
             }
+            Ok(())
+        }
+        Command::Load {
+            devices,
+            rate,
+            batch,
+            connections,
+            connection_per_device,
+            duration,
+            prefix,
+            seed,
+            format,
+            storm_every,
+            storm_share,
+            alert_probes,
+            alert_probe_ms,
+            row_probe_ms,
+            database_url,
+            json,
+            registry,
+            broker,
+        } => {
+            let load = Load {
+                devices,
+                rate,
+                batch,
+                connections: (!connection_per_device).then_some(connections),
+                duration: Duration::from_secs(duration),
+                prefix,
+                seed,
+                format,
+                storm_every: storm_every.map(Duration::from_secs),
+                storm_share,
+                alert_probes,
+                alert_probe_interval: Duration::from_millis(alert_probe_ms),
+                row_probe_interval: Duration::from_millis(row_probe_ms),
+                ..Load::default()
+            };
+            load.check().map_err(anyhow::Error::msg)?;
+            if registry {
+                print!("{}", load.registry_csv());
+                return Ok(());
+            }
+            let b = SimBroker {
+                host: broker.host,
+                port: broker.port,
+                username: broker.username,
+                password: broker.password,
+                topic_root: broker.topic_root,
+            };
+            println!(
+                "vitalwatch-sim: load: {} devices, {:.0} readings/s ({} per upload, each device every {} ms), {} s",
+                load.devices,
+                load.effective_rate(),
+                load.batch,
+                load.interval_ms(),
+                duration
+            );
+            let report = vitalwatch_sim::load::run(&load, &b, database_url.as_deref(), |line| {
+                println!("vitalwatch-sim: {line}");
+            })
+            .await
+            .map_err(anyhow::Error::msg)?;
+            print!("{}", report.render());
+            if let Some(path) = json {
+                std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
+            }
+            anyhow::ensure!(
+                report.uploads_acknowledged == report.uploads_published,
+                "{} uploads were not acknowledged by the broker",
+                report.uploads_published - report.uploads_acknowledged
+            );
+            anyhow::ensure!(
+                report.lost.unwrap_or(0) == 0,
+                "{} acknowledged readings are not in the database",
+                report.lost.unwrap_or(0)
+            );
             Ok(())
         }
         Command::Run {

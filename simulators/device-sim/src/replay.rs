@@ -3,7 +3,7 @@
 //! pipeline raised.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -29,39 +29,92 @@ pub struct Broker {
 #[derive(Debug)]
 pub struct Publisher {
     pub client: AsyncClient,
-    acked: Arc<AtomicU64>,
+    link: Arc<Link>,
     events: tokio::task::JoinHandle<()>,
+}
+
+/// What a connection's event loop shares with its owner.
+#[derive(Debug, Default)]
+struct Link {
+    acked: AtomicU64,
+    /// CONNACKs received: 1 after the first connect, more after reconnects.
+    connects: AtomicU64,
+    up: AtomicBool,
+    sever: tokio::sync::Notify,
 }
 
 impl Publisher {
     /// Connects as `client_id`, with at most `inflight` unacknowledged
     /// publishes and `capacity` requests queued before `publish` waits.
+    /// A clean session: publishes in flight when the link breaks are not
+    /// sent again.
     pub fn connect(
         broker: &Broker,
         client_id: String,
         inflight: u16,
         capacity: usize,
     ) -> Publisher {
+        Self::open(broker, client_id, inflight, capacity, true)
+    }
+
+    /// As [`Publisher::connect`], but with a persistent session (clean
+    /// session off), as a device that keeps a reading until the broker
+    /// acknowledges it: after a reconnect, what was in flight is sent again.
+    /// The broker keeps the session after the run (Mosquitto until
+    /// `persistent_client_expiration`).
+    pub fn persistent(
+        broker: &Broker,
+        client_id: String,
+        inflight: u16,
+        capacity: usize,
+    ) -> Publisher {
+        Self::open(broker, client_id, inflight, capacity, false)
+    }
+
+    fn open(
+        broker: &Broker,
+        client_id: String,
+        inflight: u16,
+        capacity: usize,
+        clean: bool,
+    ) -> Publisher {
         let mut opts = MqttOptions::new(client_id, broker.host.clone(), broker.port);
         opts.set_keep_alive(Duration::from_secs(30))
             .set_inflight(inflight)
+            .set_clean_session(clean)
             .set_max_packet_size(1 << 20, 1 << 20);
         if let Some(user) = &broker.username {
             opts.set_credentials(user.clone(), broker.password.clone());
         }
         let (client, mut eventloop) = AsyncClient::new(opts, capacity);
-        let acked = Arc::new(AtomicU64::new(0));
-        let acked_in_loop = acked.clone();
+        let link = Arc::new(Link::default());
+        let shared = link.clone();
         let events = tokio::spawn(async move {
             loop {
-                match eventloop.poll().await {
+                let polled = tokio::select! {
+                    polled = eventloop.poll() => polled,
+                    () = shared.sever.notified() => {
+                        // The link drops without a DISCONNECT, as when a
+                        // network fails; the next poll connects again.
+                        eventloop.clean();
+                        shared.up.store(false, Ordering::Relaxed);
+                        continue;
+                    }
+                };
+                match polled {
                     Ok(Event::Incoming(Packet::PubAck(_))) => {
-                        acked_in_loop.fetch_add(1, Ordering::Relaxed);
+                        shared.acked.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        shared.connects.fetch_add(1, Ordering::Relaxed);
+                        shared.up.store(true, Ordering::Relaxed);
                     }
                     Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
                     Ok(_) => {}
                     Err(e) => {
-                        eprintln!("vitalwatch-sim: mqtt: {e}; reconnecting");
+                        if shared.up.swap(false, Ordering::Relaxed) {
+                            eprintln!("vitalwatch-sim: mqtt: {e}; reconnecting");
+                        }
                         tokio::time::sleep(Duration::from_secs(1)).await;
                     }
                 }
@@ -69,14 +122,30 @@ impl Publisher {
         });
         Publisher {
             client,
-            acked,
+            link,
             events,
         }
     }
 
+    /// Whether the connection is up.
+    pub fn is_up(&self) -> bool {
+        self.link.up.load(Ordering::Relaxed)
+    }
+
+    /// Times the connection has been (re)established.
+    pub fn connects(&self) -> u64 {
+        self.link.connects.load(Ordering::Relaxed)
+    }
+
+    /// Drops the connection at once, without a DISCONNECT; it reconnects
+    /// straight away.
+    pub fn sever(&self) {
+        self.link.sever.notify_one();
+    }
+
     /// Publishes the broker has acknowledged so far.
     pub fn acknowledged(&self) -> u64 {
-        self.acked.load(Ordering::Relaxed)
+        self.link.acked.load(Ordering::Relaxed)
     }
 
     /// Waits up to `patience` for `published` acknowledgements, then
@@ -88,7 +157,7 @@ impl Publisher {
         }
         let _ = self.client.disconnect().await;
         let _ = tokio::time::timeout(Duration::from_secs(5), self.events).await;
-        self.acked.load(Ordering::Relaxed)
+        self.link.acked.load(Ordering::Relaxed)
     }
 }
 

@@ -1,9 +1,13 @@
-//! The simulator's cohort through the real pipeline: every injected kind
-//! of clinical event is caught, and the scoring report is produced.
+//! The simulator through the real pipeline: every injected kind of
+//! clinical event is caught and the scoring report is produced; load mode
+//! loses nothing through a reconnect storm and times what it measures.
+
+use std::time::Duration;
 
 use chrono::Utc;
 use vitalwatch::Service;
 use vitalwatch_sim::generate::Plan;
+use vitalwatch_sim::load::Load;
 use vitalwatch_sim::model::EventKind;
 use vitalwatch_sim::replay::{Broker, pipeline_alerts, replay};
 use vitalwatch_sim::scenario::{Conditions, EventRates, Faults, PlacedEvent, Scenario};
@@ -133,5 +137,77 @@ async fn an_accelerated_cohort_has_every_event_kind_detected_and_scored() {
     }
     assert!(baseline.alerts > 0, "the naive baseline alarms too\n{text}");
     println!("{text}");
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_mode_over_one_connection_per_device_survives_a_reconnect_storm_without_loss() {
+    let cfg = config().await;
+    let load = Load {
+        devices: 40,
+        rate: 400.0,
+        batch: 4,
+        connections: None,
+        duration: Duration::from_secs(12),
+        prefix: ts::unique("load").replace('_', "-"),
+        storm_every: Some(Duration::from_secs(5)),
+        storm_share: 0.5,
+        alert_probes: 2,
+        alert_probe_interval: Duration::from_millis(300),
+        row_probe_interval: Duration::from_millis(50),
+        ..Load::default()
+    };
+    let entries = vitalwatch::devices::parse_csv(&load.registry_csv()).expect("registry CSV");
+    vitalwatch::devices::register(&cfg.database, &entries)
+        .await
+        .expect("register");
+    let running = start(&[Service::Ingest, Service::Writer, Service::Alerts], &cfg);
+    wait_until_ingest_subscribed(&cfg).await;
+    let (host, port) = ts::mqtt_host_port();
+    let broker = Broker {
+        host,
+        port,
+        username: Some("sim-gateway".into()),
+        password: ts::mqtt_password(),
+        topic_root: cfg.mqtt.topic_root.clone(),
+    };
+    let mut lines = 0;
+    let report = vitalwatch_sim::load::run(&load, &broker, Some(&cfg.database.url), |_| lines += 1)
+        .await
+        .expect("the load ran");
+    let text = report.render();
+    println!("{text}");
+    assert_eq!(report.connections, 40, "{text}");
+    assert!(lines >= 2, "a progress line every 5 s");
+    // 40 devices × 4 readings every 400 ms for 12 s.
+    assert_eq!(
+        report.readings_published,
+        report.uploads_published * 4,
+        "{text}"
+    );
+    assert!((1000..=1300).contains(&report.uploads_published), "{text}");
+    assert!(report.achieved_rate > 300.0, "{text}");
+    assert_eq!(
+        report.uploads_acknowledged, report.uploads_published,
+        "{text}"
+    );
+    assert_eq!(report.storms, 2, "{text}");
+    assert!(report.reconnects >= 20, "half of 40 links, twice: {text}");
+    assert_eq!(report.stored, Some(report.readings_acknowledged), "{text}");
+    assert_eq!(report.lost, Some(0), "{text}");
+    let rows = report.row_latency.clone().expect("row probes timed");
+    assert!(
+        rows.samples >= 100 && report.row_probes_unseen == 0,
+        "{text}"
+    );
+    assert!(
+        rows.p50_ms > 0.0 && rows.p50_ms <= rows.p99_ms && rows.p99_ms <= rows.max_ms,
+        "{text}"
+    );
+    let alerts = report.alert_latency.clone().expect("alert probes timed");
+    assert!(
+        alerts.samples >= 5 && report.alert_probes_unseen == 0,
+        "{text}"
+    );
     running.stop().await;
 }
