@@ -174,6 +174,35 @@ impl Load {
         format!("{}-alert{:03}", self.prefix, i + 1)
     }
 
+    /// The wearables, each with its baseline and its moment in the interval.
+    fn cohort(&self, topic_root: &str) -> Vec<Device> {
+        let mut rng = SmallRng::seed_from_u64(self.seed);
+        let conditions = [Condition::Healthy, Condition::Hypertension];
+        let interval = self.interval_ms();
+        (0..self.devices)
+            .map(|i| {
+                let id = self.device_id(i);
+                Device {
+                    topic: topics::mqtt_readings_topic(topic_root, &id),
+                    id,
+                    baseline: Baseline::draw(conditions[i % 2], &mut rng),
+                    phase_ms: (i as u64 * interval) / self.devices as u64,
+                    seq: 1,
+                }
+            })
+            .collect()
+    }
+
+    /// The measurement instants of an upload whose newest is `newest_ms`
+    /// (Unix milliseconds), oldest first, one spacing apart.
+    fn instants(&self, newest_ms: i64) -> Vec<DateTime<Utc>> {
+        let spacing = self.spacing_ms() as i64;
+        (0..(self.batch / 2) as i64)
+            .rev()
+            .filter_map(|k| DateTime::from_timestamp_millis(newest_ms - k * spacing))
+            .collect()
+    }
+
     /// `device_id,patient_id,kind` lines for `vitalwatch devices import`.
     pub fn registry_csv(&self) -> String {
         let mut s = String::from("# device_id,patient_id,kind\n");
@@ -397,22 +426,8 @@ pub async fn run(
 ) -> Result<LoadReport, String> {
     load.check()?;
     let interval = load.interval_ms();
-    let spacing = load.spacing_ms();
     let instants = load.batch / 2;
-    let mut rng = SmallRng::seed_from_u64(load.seed);
-    let conditions = [Condition::Healthy, Condition::Hypertension];
-    let devices: Vec<Device> = (0..load.devices)
-        .map(|i| {
-            let id = load.device_id(i);
-            Device {
-                topic: topics::mqtt_readings_topic(&broker.topic_root, &id),
-                id,
-                baseline: Baseline::draw(conditions[i % 2], &mut rng),
-                phase_ms: (i as u64 * interval) / load.devices as u64,
-                seq: 1,
-            }
-        })
-        .collect();
+    let devices = load.cohort(&broker.topic_root);
     let links = load.connections.unwrap_or(load.devices).min(load.devices);
     // Connection c takes devices c, c + links, …: every link's devices
     // spread over the whole interval.
@@ -456,6 +471,7 @@ pub async fn run(
         let row_tx = row_tx.clone();
         let format = load.format;
         let probe_every = load.row_probe_interval.as_millis() as u64;
+        let load = load.clone();
         let mut rng = SmallRng::seed_from_u64(load.seed ^ (c as u64 + 1).wrapping_mul(0x9E37_79B9));
         let mut group = group;
         tasks.push(tokio::spawn(async move {
@@ -474,13 +490,7 @@ pub async fn run(
                         let behind = now.saturating_duration_since(due).as_millis() as u64;
                         counters.behind_ms.fetch_max(behind, Ordering::Relaxed);
                     }
-                    let newest = wall_ms + due_ms as i64;
-                    let times: Vec<DateTime<Utc>> = (0..instants as i64)
-                        .rev()
-                        .filter_map(|k| {
-                            DateTime::from_timestamp_millis(newest - k * spacing as i64)
-                        })
-                        .collect();
+                    let times = load.instants(wall_ms + due_ms as i64);
                     let seq = d.seq;
                     d.seq += 1;
                     let payload = encode(d, seq, &times, &mut rng, format);
@@ -982,5 +992,130 @@ fn thermometer(
             ..Default::default()
         }
         .encode_to_vec(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vitalwatch_core::payload::{PayloadFormat, decode};
+    use vitalwatch_core::validate::{TimePolicy, validate};
+
+    #[test]
+    fn uploads_decode_validate_and_never_measure_the_same_instant_twice() {
+        let load = Load {
+            devices: 30,
+            rate: 600.0,
+            batch: 6,
+            ..Load::default()
+        };
+        load.check().expect("valid");
+        assert_eq!(load.interval_ms(), 300);
+        let now = Utc::now().timestamp_millis();
+        let mut rng = SmallRng::seed_from_u64(3);
+        let mut cohort = load.cohort("rpm/v1/devices");
+        for (i, d) in cohort.iter_mut().enumerate() {
+            let mut last: Option<DateTime<Utc>> = None;
+            for round in 0..5u64 {
+                let newest = now - 10_000 + (round * load.interval_ms() + d.phase_ms) as i64;
+                let times = load.instants(newest);
+                assert_eq!(times.len(), 3);
+                assert!(times.windows(2).all(|w| w[0] < w[1]), "{times:?}");
+                assert!(last.is_none_or(|l| l < times[0]), "uploads do not overlap");
+                last = times.last().copied();
+                let format = if i % 2 == 0 {
+                    Format::Json
+                } else {
+                    Format::Protobuf
+                };
+                let bytes = encode(d, round + 1, &times, &mut rng, format);
+                let batch = decode(&bytes, PayloadFormat::detect(false, &bytes)).expect("decodes");
+                assert_eq!(batch.device_id.as_deref(), Some(d.id.as_str()));
+                assert_eq!(batch.readings.len(), load.batch);
+                for r in &batch.readings {
+                    validate(r, Utc::now(), &TimePolicy::default()).expect("a valid reading");
+                }
+            }
+        }
+        let csv = load.registry_csv();
+        assert_eq!(csv.lines().filter(|l| l.ends_with(",wearable")).count(), 30);
+        assert_eq!(
+            csv.lines().filter(|l| l.ends_with(",thermometer")).count(),
+            4
+        );
+    }
+
+    #[test]
+    fn load_refuses_what_cannot_run() {
+        let ok = Load::default();
+        ok.check().expect("the defaults run");
+        for (bad, why) in [
+            (
+                Load {
+                    batch: 3,
+                    ..ok.clone()
+                },
+                "odd batch",
+            ),
+            (
+                Load {
+                    devices: 0,
+                    ..ok.clone()
+                },
+                "no devices",
+            ),
+            (
+                Load {
+                    rate: f64::NAN,
+                    ..ok.clone()
+                },
+                "NaN rate",
+            ),
+            (
+                Load {
+                    connections: Some(0),
+                    ..ok.clone()
+                },
+                "no connections",
+            ),
+            (
+                Load {
+                    storm_share: 1.5,
+                    ..ok.clone()
+                },
+                "share above 1",
+            ),
+            (
+                Load {
+                    prefix: "a/b".into(),
+                    ..ok.clone()
+                },
+                "a topic separator in ids",
+            ),
+            // 10 devices × 10 readings at 1,000,000/s: a measurement every 0.5 µs.
+            (
+                Load {
+                    devices: 10,
+                    rate: 1_000_000.0,
+                    ..ok.clone()
+                },
+                "sub-millisecond spacing",
+            ),
+        ] {
+            assert!(bad.check().is_err(), "{why}");
+        }
+    }
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        assert_eq!(Percentiles::of(&[]), None);
+        let ms: Vec<Duration> = (1..=1000).map(Duration::from_millis).collect();
+        let p = Percentiles::of(&ms).expect("some");
+        assert_eq!(
+            (p.samples, p.p50_ms, p.p99_ms, p.p999_ms, p.max_ms),
+            (1000, 500.0, 990.0, 999.0, 1000.0)
+        );
+        let one = Percentiles::of(&[Duration::from_millis(7)]).expect("one");
+        assert_eq!((one.p50_ms, one.p999_ms), (7.0, 7.0));
     }
 }

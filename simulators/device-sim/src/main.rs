@@ -1,18 +1,15 @@
 //! `vitalwatch-sim`: simulated home devices. See `vitalwatch-sim --help`.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use rumqttc::QoS;
 use vitalwatch_core::topics;
+use vitalwatch_sim::Format;
 use vitalwatch_sim::generate::Plan;
 use vitalwatch_sim::load::Load;
-use vitalwatch_sim::replay::{
-    Broker as SimBroker, Publisher, pipeline_alerts, replay, stored_readings,
-};
+use vitalwatch_sim::replay::{Broker as SimBroker, Pace, pipeline_alerts, replay, stored_readings};
 use vitalwatch_sim::scenario::{RunFile, Scenario};
 use vitalwatch_sim::score::{naive_over, score};
-use vitalwatch_sim::{Cohort, Format};
 
 /// The plan of a run directory `generate` wrote.
 fn load(dir: &std::path::Path) -> anyhow::Result<Plan> {
@@ -34,19 +31,6 @@ fn load(dir: &std::path::Path) -> anyhow::Result<Plan> {
 struct Cli {
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(clap::Args)]
-struct CohortArgs {
-    /// Number of simulated patients (one device each).
-    #[arg(long, default_value_t = 20)]
-    patients: usize,
-    /// Prefix of patient and device ids.
-    #[arg(long, default_value = "sim")]
-    prefix: String,
-    /// Random seed: the same seed gives the same cohort and readings.
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
 }
 
 #[derive(clap::Args)]
@@ -99,8 +83,12 @@ enum Command {
         #[arg(long)]
         run: std::path::PathBuf,
         /// Scenario seconds per wall second; 0: as fast as the broker acknowledges.
-        #[arg(long, default_value_t = 0.0)]
+        #[arg(long, default_value_t = 0.0, conflicts_with = "live")]
         speed: f64,
+        /// Live: each batch when the clock reaches its own time (those
+        /// already due at once); for a run generated with --start now.
+        #[arg(long)]
+        live: bool,
         #[command(flatten)]
         broker: BrokerArgs,
     },
@@ -178,45 +166,11 @@ enum Command {
         #[command(flatten)]
         broker: BrokerArgs,
     },
-    /// Print the cohort as `device_id,patient_id,kind` CSV for `vitalwatch devices import`.
-    Cohort(CohortArgs),
-    /// Publish readings over MQTT (QoS 1) and report how many the broker acknowledged.
-    Run {
-        #[command(flatten)]
-        cohort: CohortArgs,
-        /// Batches per second across the cohort (each carries 2-3 readings).
-        #[arg(long, default_value_t = 10.0)]
-        rate: f64,
-        /// Seconds to run; 0 runs until interrupted.
-        #[arg(long, default_value_t = 60)]
-        duration: u64,
-        #[arg(long, default_value = "127.0.0.1", env = "VITALWATCH_MQTT__HOST")]
-        host: String,
-        #[arg(long, default_value_t = 18830, env = "VITALWATCH_MQTT__PORT")]
-        port: u16,
-        /// Root of device topics.
-        #[arg(long, default_value = topics::MQTT_DEVICE_ROOT)]
-        topic_root: String,
-        #[arg(long, value_enum, default_value_t = Format::Json)]
-        format: Format,
-        /// MQTT user name (a gateway account allowed to publish for the cohort).
-        #[arg(long, env = "VITALWATCH_SIM_USERNAME")]
-        username: Option<String>,
-        #[arg(long, env = "VITALWATCH_SIM_PASSWORD", default_value = "")]
-        password: String,
-    },
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Cohort(c) => {
-            print!(
-                "{}",
-                Cohort::new(c.patients, &c.prefix, c.seed).registry_csv()
-            );
-            Ok(())
-        }
         Command::Generate {
             scenario,
             patients,
@@ -262,7 +216,12 @@ async fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Replay { run, speed, broker } => {
+        Command::Replay {
+            run,
+            speed,
+            live,
+            broker,
+        } => {
             let plan = load(&run)?;
             let b = SimBroker {
                 host: broker.host,
@@ -272,7 +231,12 @@ async fn main() -> anyhow::Result<()> {
                 topic_root: broker.topic_root,
             };
             anyhow::ensure!(speed >= 0.0 && speed.is_finite(), "--speed is 0 or more");
-            let r = replay(&plan, &b, speed, |r| {
+            let pace = match (live, speed) {
+                (true, _) => Pace::WallClock,
+                (false, 0.0) => Pace::Fast,
+                (false, x) => Pace::Speed(x),
+            };
+            let r = replay(&plan, &b, pace, |r| {
                 println!(
                     "vitalwatch-sim: published {} batches ({} readings), acknowledged {}, {:.0} batches/s",
                     r.published,
@@ -419,99 +383,5 @@ async fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Run {
-            cohort,
-            rate,
-            duration,
-            host,
-            port,
-            topic_root,
-            format,
-            username,
-            password,
-        } => {
-            let broker = SimBroker {
-                host,
-                port,
-                username,
-                password,
-                topic_root,
-            };
-            run(cohort, rate, duration, broker, format).await
-        }
     }
-}
-
-async fn run(
-    c: CohortArgs,
-    rate: f64,
-    duration: u64,
-    broker: SimBroker,
-    format: Format,
-) -> anyhow::Result<()> {
-    anyhow::ensure!(c.patients > 0, "--patients must be at least 1");
-    anyhow::ensure!(rate > 0.0 && rate.is_finite(), "--rate must be positive");
-    let mut cohort = Cohort::new(c.patients, &c.prefix, c.seed);
-    let publisher = Publisher::connect(
-        &broker,
-        format!("{}-sim-{}", c.prefix, std::process::id()),
-        1000,
-        2000,
-    );
-    let (host, port, root) = (&broker.host, broker.port, &broker.topic_root);
-
-    println!(
-        "vitalwatch-sim: {} patients, {rate} batches/s, to {host}:{port} under {root}/",
-        c.patients
-    );
-    let started = Instant::now();
-    let stop_at = (duration > 0).then(|| started + Duration::from_secs(duration));
-    let (mut published, mut readings) = (0u64, 0u64);
-    let mut next_patient = 0;
-    let mut tick = tokio::time::interval(Duration::from_millis(10));
-    let mut last_report = Instant::now();
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = &mut ctrl_c => break,
-            _ = sigterm.recv() => break,
-        }
-        if stop_at.is_some_and(|t| Instant::now() >= t) {
-            break;
-        }
-        let due = (started.elapsed().as_secs_f64() * rate) as u64;
-        while published < due {
-            let (payload, n) = cohort.next_batch(next_patient, chrono::Utc::now(), format);
-            let topic = topics::mqtt_readings_topic(root, &cohort.patients[next_patient].device_id);
-            publisher
-                .client
-                .publish(topic, QoS::AtLeastOnce, false, payload)
-                .await?;
-            published += 1;
-            readings += n as u64;
-            next_patient = (next_patient + 1) % cohort.patients.len();
-        }
-        if last_report.elapsed() >= Duration::from_secs(10) {
-            println!(
-                "vitalwatch-sim: published {published} batches ({readings} readings), acknowledged {}",
-                publisher.acknowledged()
-            );
-            last_report = Instant::now();
-        }
-    }
-    let acked = publisher.finish(published, Duration::from_secs(30)).await;
-    let secs = started.elapsed().as_secs_f64();
-    println!(
-        "vitalwatch-sim: done: published={published} acknowledged={acked} readings={readings} seconds={secs:.1} rate={:.1} batches/s",
-        published as f64 / secs
-    );
-    anyhow::ensure!(
-        acked == published,
-        "{} publishes were not acknowledged by the broker",
-        published - acked
-    );
-    Ok(())
 }

@@ -174,13 +174,26 @@ pub struct Replayed {
     pub seconds: f64,
 }
 
-/// Publishes every batch of `plan`. `speed` is scenario seconds per wall
-/// second (1: real time); 0 publishes as fast as the broker acknowledges.
-/// `progress` is called every few seconds with the counts so far.
+/// How fast a replay publishes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Pace {
+    /// As fast as the broker acknowledges.
+    Fast,
+    /// Scenario seconds per wall second from the start of the replay
+    /// (1: real time, shifted to begin now).
+    Speed(f64),
+    /// Each batch when the wall clock reaches its own send time; batches
+    /// already due go at once. A plan starting now, or a little before,
+    /// runs live.
+    WallClock,
+}
+
+/// Publishes every batch of `plan` at `pace`. `progress` is called every
+/// few seconds with the counts so far.
 pub async fn replay(
     plan: &Plan,
     broker: &Broker,
-    speed: f64,
+    pace: Pace,
     mut progress: impl FnMut(&Replayed),
 ) -> Result<Replayed, String> {
     let publisher = Publisher::connect(
@@ -193,12 +206,16 @@ pub async fn replay(
     let mut out = Replayed::default();
     let mut reported = Instant::now();
     for send in plan.sends() {
-        if speed > 0.0 {
-            let due = (send.at - plan.start).num_milliseconds().max(0) as f64 / 1000.0 / speed;
-            let wait = due - started.elapsed().as_secs_f64();
-            if wait > 0.0 {
-                tokio::time::sleep(Duration::from_secs_f64(wait)).await;
+        let wait = match pace {
+            Pace::Fast => 0.0,
+            Pace::Speed(speed) => {
+                let due = (send.at - plan.start).num_milliseconds().max(0) as f64 / 1000.0 / speed;
+                due - started.elapsed().as_secs_f64()
             }
+            Pace::WallClock => (send.at - chrono::Utc::now()).num_milliseconds() as f64 / 1000.0,
+        };
+        if wait > 0.0 {
+            tokio::time::sleep(Duration::from_secs_f64(wait)).await;
         }
         let topic = topics::mqtt_readings_topic(&broker.topic_root, &send.device_id);
         publisher

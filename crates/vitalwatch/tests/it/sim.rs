@@ -9,7 +9,7 @@ use vitalwatch::Service;
 use vitalwatch_sim::generate::Plan;
 use vitalwatch_sim::load::Load;
 use vitalwatch_sim::model::EventKind;
-use vitalwatch_sim::replay::{Broker, pipeline_alerts, replay};
+use vitalwatch_sim::replay::{Broker, Pace, pipeline_alerts, replay};
 use vitalwatch_sim::scenario::{Conditions, EventRates, Faults, PlacedEvent, Scenario};
 use vitalwatch_sim::score::{naive, score};
 use vitalwatch_test_support as ts;
@@ -75,7 +75,9 @@ async fn an_accelerated_cohort_has_every_event_kind_detected_and_scored() {
         password: ts::mqtt_password(),
         topic_root: cfg.mqtt.topic_root.clone(),
     };
-    let replayed = replay(&plan, &broker, 0.0, |_| {}).await.expect("replayed");
+    let replayed = replay(&plan, &broker, Pace::Fast, |_| {})
+        .await
+        .expect("replayed");
     assert!(
         replayed.published > 5_000 && replayed.duplicates > 0 && replayed.unknown > 0,
         "{replayed:?}"
