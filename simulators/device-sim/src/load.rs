@@ -187,7 +187,7 @@ impl Load {
                     id,
                     baseline: Baseline::draw(conditions[i % 2], &mut rng),
                     phase_ms: (i as u64 * interval) / self.devices as u64,
-                    seq: 1,
+                    seq: 0,
                 }
             })
             .collect()
@@ -491,7 +491,9 @@ pub async fn run(
                         counters.behind_ms.fetch_max(behind, Ordering::Relaxed);
                     }
                     let times = load.instants(wall_ms + due_ms as i64);
-                    let seq = d.seq;
+                    // Sequence numbers carry on from run to run, as a device's
+                    // do: this run's start in Unix ms, plus the upload's round.
+                    let seq = wall_ms as u64 + d.seq;
                     d.seq += 1;
                     let payload = encode(d, seq, &times, &mut rng, format);
                     // One upload per probe interval is timed (whichever
@@ -719,7 +721,9 @@ impl Probes {
                 .map(|s| Percentiles::of(&s))
                 .unwrap_or(None);
         }
-        // Count until it reaches what the broker acknowledged, or stops moving.
+        // Count until it reaches what the broker acknowledged, or stops
+        // moving. This run's sequence numbers start at its start in Unix
+        // ms; an earlier run's, of the same devices, end before that.
         let from = wall_start - chrono::Duration::milliseconds(load.interval_ms() as i64 + 1000);
         let prefix = format!("{}-d", load.prefix);
         let mut last = None;
@@ -727,8 +731,9 @@ impl Probes {
             let n: i64 = self
                 .client
                 .query_one(
-                    "SELECT count(*) FROM readings WHERE time >= $1 AND starts_with(device_id, $2)",
-                    &[&from, &prefix],
+                    "SELECT count(*) FROM readings
+                      WHERE time >= $1 AND seq >= $2 AND starts_with(device_id, $3)",
+                    &[&from, &wall_start.timestamp_millis(), &prefix],
                 )
                 .await
                 .map_err(|e| format!("counting stored readings: {e}"))?
@@ -858,6 +863,7 @@ async fn alert_probes(
         .await
         .map_err(|e| format!("alert_events: {e}"))?
         .get(0);
+    let floor = cursor;
     let ids: Vec<String> = (0..load.alert_probes)
         .map(|i| load.probe_patient_id(i))
         .collect();
@@ -907,13 +913,14 @@ async fn alert_probes(
                 continue;
             }
         };
-        // Commit order can differ from id order: look a little behind the cursor.
+        // Commit order can differ from id order: look a little behind the
+        // cursor, never at what was there before the probes began.
         let rows = client
             .query(
                 "SELECT e.id, a.patient_id, e.state FROM alert_events e JOIN alerts a USING (alert_id)
                   WHERE e.id > $1 AND a.rule = 'fever' AND starts_with(a.patient_id, $2)
                   ORDER BY e.id",
-                &[&(cursor - 1000), &prefix],
+                &[&(cursor - 1000).max(floor), &prefix],
             )
             .await
             .map_err(|e| format!("alert_events: {e}"))?;

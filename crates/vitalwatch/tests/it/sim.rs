@@ -211,5 +211,27 @@ async fn load_mode_over_one_connection_per_device_survives_a_reconnect_storm_wit
         alerts.samples >= 5 && report.alert_probes_unseen == 0,
         "{text}"
     );
+
+    // Again, on the same devices and probe patients: what the first run
+    // left (alerts, rows, sequence numbers) neither confuses the probes nor
+    // counts as stored.
+    let again = Load {
+        duration: Duration::from_secs(5),
+        storm_every: None,
+        connections: Some(3),
+        ..load
+    };
+    let report = vitalwatch_sim::load::run(&again, &broker, Some(&cfg.database.url), |_| {})
+        .await
+        .expect("the second load ran");
+    let text = report.render();
+    println!("{text}");
+    assert_eq!(report.connections, 3, "{text}");
+    assert_eq!(report.stored, Some(report.readings_acknowledged), "{text}");
+    assert!(report.readings_acknowledged >= 1500, "{text}");
+    assert!(
+        report.alert_probes_unseen == 0 && report.alert_latency.is_some_and(|p| p.samples >= 2),
+        "{text}"
+    );
     running.stop().await;
 }
