@@ -79,6 +79,9 @@ pub struct Load {
     pub alert_probe_interval: Duration,
     /// One upload in this interval is timed from publish to row.
     pub row_probe_interval: Duration,
+    /// Nothing is timed before this much of the run has passed (the
+    /// engine's first sight of every patient rebuilds it from the store).
+    pub warmup: Duration,
     /// Unacknowledged publishes one connection may have.
     pub inflight: u16,
 }
@@ -99,6 +102,7 @@ impl Default for Load {
             alert_probes: 4,
             alert_probe_interval: Duration::from_secs(1),
             row_probe_interval: Duration::from_millis(100),
+            warmup: Duration::ZERO,
             inflight: 100,
         }
     }
@@ -135,6 +139,9 @@ impl Load {
         }
         if self.alert_probes > 0 && self.alert_probe_interval < Duration::from_millis(10) {
             return Err("alert probe interval: at least 10 ms".into());
+        }
+        if self.warmup >= self.duration {
+            return Err("warm-up: shorter than the run".into());
         }
         if self.spacing_ms() < 1 {
             return Err(format!(
@@ -277,6 +284,8 @@ pub struct LoadReport {
     pub stored: Option<u64>,
     /// Acknowledged readings not stored (`None` without a database).
     pub lost: Option<u64>,
+    /// Seconds at the start when nothing was timed.
+    pub warmup_seconds: f64,
     pub row_latency: Option<Percentiles>,
     /// Row probes whose row never appeared.
     pub row_probes_unseen: u64,
@@ -305,7 +314,7 @@ impl LoadReport {
              uploads: {} published, {} acknowledged; readings: {} published, {} acknowledged\n\
              readings in the database: {stored}\n\
              storms: {}, reconnects: {}\n\
-             publish to row: {} ({} unseen; polled every {} ms)\n\
+             publish to row: {} ({} unseen; polled every {} ms; timed after a {:.0} s warm-up)\n\
              publish to alert: {} ({} probes, {} unseen)\n",
             self.devices,
             self.connections,
@@ -322,6 +331,7 @@ impl LoadReport {
             pct(&self.row_latency),
             self.row_probes_unseen,
             ROW_POLL.as_millis(),
+            self.warmup_seconds,
             pct(&self.alert_latency),
             self.alert_probes_sent,
             self.alert_probes_unseen,
@@ -463,6 +473,9 @@ pub async fn run(
     // Whole milliseconds from here on: stored times then match exactly.
     let wall_ms = wall_start.timestamp_millis();
     let counters = Arc::new(Counters::default());
+    counters
+        .next_probe_ms
+        .store(load.warmup.as_millis() as u64, Ordering::Relaxed);
     let stop_at = started + load.duration;
     let mut tasks = Vec::with_capacity(links);
     for (c, group) in groups.into_iter().enumerate() {
@@ -614,6 +627,7 @@ pub async fn run(
         max_behind_ms: counters.behind_ms.load(Ordering::Relaxed),
         storms,
         reconnects,
+        warmup_seconds: load.warmup.as_secs_f64(),
         ..LoadReport::default()
     };
     for p in publishers {
@@ -875,6 +889,7 @@ async fn alert_probes(
     let mut fallback = tokio::time::interval(Duration::from_millis(250));
     let mut stopping: Option<Instant> = None;
     let prefix = format!("{}-alert", load.prefix);
+    let timed_from = Instant::now() + load.warmup;
     loop {
         let woke = tokio::select! {
             _ = probe_tick.tick(), if stopping.is_none() => {
@@ -943,7 +958,7 @@ async fn alert_probes(
             if let Some((_, at)) = p.awaiting.filter(|(want, _)| *want == state) {
                 p.awaiting = None;
                 p.seen += 1;
-                if p.seen > ALERT_WARMUP {
+                if p.seen > ALERT_WARMUP && at >= timed_from {
                     if let Ok(mut s) = samples.lock() {
                         s.push(woke.saturating_duration_since(at));
                     }
@@ -951,16 +966,17 @@ async fn alert_probes(
             }
         }
         for p in patients.iter_mut() {
-            if p.awaiting
-                .is_some_and(|(_, at)| at.elapsed() > ALERT_PATIENCE)
-            {
+            if let Some((_, at)) = p.awaiting.filter(|(_, at)| at.elapsed() > ALERT_PATIENCE) {
                 p.awaiting = None;
                 p.sent = 0; // start again from a normal reading
-                unseen += 1;
+                if at >= timed_from {
+                    unseen += 1;
+                }
             }
         }
         if let Some(since) = stopping {
-            if patients.iter().all(|p| p.awaiting.is_none()) || since.elapsed() > ALERT_PATIENCE {
+            let settled = patients.iter().all(|p| p.awaiting.is_none());
+            if settled || since.elapsed() > ALERT_PATIENCE {
                 unseen += patients.iter().filter(|p| p.awaiting.is_some()).count() as u64;
                 publisher.finish(sent, Duration::from_secs(5)).await;
                 return Ok((sent, unseen));

@@ -154,6 +154,10 @@ enum Command {
         /// One upload per this many milliseconds is timed from publish to row.
         #[arg(long, default_value_t = 100)]
         row_probe_ms: u64,
+        /// Seconds at the start when nothing is timed (the engine rebuilds
+        /// every patient it first sees from the store).
+        #[arg(long, default_value_t = 0)]
+        warmup: u64,
         /// The pipeline's database: latency probes and the stored count.
         #[arg(long, env = "VITALWATCH_DATABASE__URL")]
         database_url: Option<String>,
@@ -321,6 +325,7 @@ async fn main() -> anyhow::Result<()> {
             alert_probes,
             alert_probe_ms,
             row_probe_ms,
+            warmup,
             database_url,
             json,
             registry,
@@ -340,6 +345,7 @@ async fn main() -> anyhow::Result<()> {
                 alert_probes,
                 alert_probe_interval: Duration::from_millis(alert_probe_ms),
                 row_probe_interval: Duration::from_millis(row_probe_ms),
+                warmup: Duration::from_secs(warmup),
                 ..Load::default()
             };
             load.check().map_err(anyhow::Error::msg)?;
