@@ -284,6 +284,10 @@ pub struct LoadReport {
     pub stored: Option<u64>,
     /// Acknowledged readings not stored (`None` without a database).
     pub lost: Option<u64>,
+    /// Seconds from the last publish until every acknowledged reading was
+    /// counted in the database (an upper bound: the count is repeated
+    /// every 2 s, after the probes are in); `None` if they never all were.
+    pub stored_after_seconds: Option<f64>,
     /// Seconds at the start when nothing was timed.
     pub warmup_seconds: f64,
     pub row_latency: Option<Percentiles>,
@@ -305,7 +309,12 @@ impl LoadReport {
             None => "not measured".into(),
         };
         let stored = match (self.stored, self.lost) {
-            (Some(s), Some(l)) => format!("{s} stored, {l} acknowledged but not stored"),
+            (Some(s), Some(l)) => format!(
+                "{s} stored, {l} acknowledged but not stored{}",
+                self.stored_after_seconds
+                    .map(|t| format!(" (all in {t:.1} s after the last publish)"))
+                    .unwrap_or_default()
+            ),
             _ => "not counted (no database)".into(),
         };
         format!(
@@ -596,6 +605,7 @@ pub async fn run(
         let _ = t.await;
     }
     drop(row_tx); // the row prober ends once the connection tasks' copies are gone
+    let published_at = Instant::now();
     if let Some(db) = &db {
         let _ = db.stop.send(true);
     }
@@ -636,7 +646,8 @@ pub async fn run(
         }
     }
     if let Some(db) = db {
-        db.finish(load, wall_start, &mut report).await?;
+        db.finish(load, wall_start, published_at, &mut report)
+            .await?;
     }
     Ok(report)
 }
@@ -718,6 +729,7 @@ impl Probes {
         self,
         load: &Load,
         wall_start: DateTime<Utc>,
+        published_at: Instant,
         report: &mut LoadReport,
     ) -> Result<(), String> {
         drop(self.rows);
@@ -755,11 +767,13 @@ impl Probes {
             let n = n as u64;
             if n >= report.readings_acknowledged || last == Some(n) {
                 report.stored = Some(n);
+                report.stored_after_seconds = (n >= report.readings_acknowledged)
+                    .then(|| published_at.elapsed().as_secs_f64());
                 report.lost = Some(report.readings_acknowledged.saturating_sub(n));
                 return Ok(());
             }
             last = Some(n);
-            tokio::time::sleep(Duration::from_secs(5)).await;
+            tokio::time::sleep(Duration::from_secs(2)).await;
         }
     }
 }

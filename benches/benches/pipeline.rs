@@ -1,0 +1,356 @@
+//! The whole pipeline under load, end to end: the simulator's load mode
+//! publishes to Mosquitto; ingest, writer, alerts and the API run each in
+//! a process of its own (this bench's binary started again as one
+//! service), on the local stack's PostgreSQL, Mosquitto and the tests'
+//! tansu. It reports the rate sustained from publish to committed row,
+//! loss (acknowledged against stored), publish-to-row and publish-to-alert
+//! latency, and the CPU and resident memory of every process.
+//!
+//! `deploy/local/bench --bench pipeline`, with the environment:
+//! - `BENCH_RATE` readings/s (default 10,000), `BENCH_DEVICES` (default
+//!   rate / 2: wearables measuring heart rate and SpO2 once a second),
+//!   `BENCH_BATCH` readings per upload (default 10), `BENCH_CONNECTIONS`
+//!   gateway connections (default 8), `BENCH_SECONDS` (default 600),
+//!   `BENCH_WARMUP` seconds not timed (default 60), `BENCH_STORM_EVERY`
+//!   seconds between reconnect storms (default 0: none);
+//! - `BENCH_PARTITIONS` of the readings topic (default 3);
+//! - `BENCH_KEEP=1` keeps the database (dropped by default: 10 minutes at
+//!   100,000 readings/s are 60 million rows).
+//!
+//! Nothing here asserts a speed; the figures go in the README.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use vitalwatch::{Config, Service};
+use vitalwatch_benches::env;
+use vitalwatch_core::health::Readiness;
+use vitalwatch_sim::load::{Load, LoadReport};
+use vitalwatch_sim::replay::Broker;
+use vitalwatch_test_support as ts;
+
+/// Set in a child: the service it runs.
+const SERVICE_VAR: &str = "VITALWATCH_BENCH_SERVICE";
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match std::env::var(SERVICE_VAR) {
+        Ok(service) => rt.block_on(child(&service)),
+        Err(_) => rt.block_on(run()),
+    }
+}
+
+/// A child process: one service, configured by the environment the parent
+/// set, until SIGTERM.
+async fn child(service: &str) -> Result<(), Box<dyn std::error::Error>> {
+    let service = match service {
+        "ingest" => Service::Ingest,
+        "writer" => Service::Writer,
+        "alerts" => Service::Alerts,
+        "api" => Service::Api,
+        other => return Err(format!("unknown service {other}").into()),
+    };
+    let cfg = Config::load(None)?;
+    let token = CancellationToken::new();
+    let stop = token.clone();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::spawn(async move {
+        term.recv().await;
+        stop.cancel();
+    });
+    if let Err(e) = vitalwatch::run_service(service, &cfg, Readiness::new(), token).await {
+        eprintln!("  {service:?} failed: {e:#}");
+        return Err(e.into());
+    }
+    Ok(())
+}
+
+/// The environment that gives a child `cfg`.
+fn child_env(cfg: &Config) -> Vec<(&'static str, String)> {
+    let mut env = vec![
+        ("VITALWATCH_DATABASE__URL", cfg.database.url.clone()),
+        ("VITALWATCH_KAFKA__BROKERS", cfg.kafka.brokers.clone()),
+        (
+            "VITALWATCH_KAFKA__READINGS_TOPIC",
+            cfg.kafka.readings_topic.clone(),
+        ),
+        (
+            "VITALWATCH_KAFKA__DEADLETTER_TOPIC",
+            cfg.kafka.deadletter_topic.clone(),
+        ),
+        (
+            "VITALWATCH_KAFKA__ALERTS_TOPIC",
+            cfg.kafka.alerts_topic.clone(),
+        ),
+        ("VITALWATCH_MQTT__HOST", cfg.mqtt.host.clone()),
+        ("VITALWATCH_MQTT__PORT", cfg.mqtt.port.to_string()),
+        ("VITALWATCH_MQTT__TOPIC_ROOT", cfg.mqtt.topic_root.clone()),
+        ("VITALWATCH_MQTT__SHARE_GROUP", cfg.mqtt.share_group.clone()),
+        ("VITALWATCH_MQTT__CLIENT_ID", cfg.mqtt.client_id.clone()),
+        ("VITALWATCH_WRITER__GROUP_ID", cfg.writer.group_id.clone()),
+        ("VITALWATCH_ALERTS__GROUP_ID", cfg.alerts.group_id.clone()),
+        (
+            "VITALWATCH_ALERTS__WRITER_GROUP_ID",
+            cfg.alerts.writer_group_id.clone(),
+        ),
+        ("VITALWATCH_API__LISTEN", "127.0.0.1:0".into()),
+    ];
+    if let Some(u) = &cfg.mqtt.username {
+        env.push(("VITALWATCH_MQTT__USERNAME", u.clone()));
+    }
+    if let Some(p) = &cfg.mqtt.password {
+        env.push(("VITALWATCH_MQTT__PASSWORD", p.clone()));
+    }
+    env
+}
+
+/// A process watched for CPU and memory.
+struct Watched {
+    name: String,
+    pids: Vec<u32>,
+    /// CPU seconds at the last sample, and when.
+    last: Option<(f64, Instant)>,
+    cpu_percent: Vec<f64>,
+    rss_mib: Vec<f64>,
+}
+
+/// Clock ticks per second of /proc/*/stat times.
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// utime + stime of a process, in ticks.
+fn cpu_ticks(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?)
+}
+
+/// Resident memory of a process, MiB.
+fn rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
+/// Pids of processes whose command name is `comm`.
+fn pids_named(comm: &str) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm)
+        })
+        .collect()
+}
+
+impl Watched {
+    fn new(name: &str, pids: Vec<u32>) -> Watched {
+        Watched {
+            name: name.into(),
+            pids,
+            last: None,
+            cpu_percent: Vec::new(),
+            rss_mib: Vec::new(),
+        }
+    }
+
+    fn sample(&mut self, ticks: f64) {
+        let cpu: f64 = self.pids.iter().filter_map(|&p| cpu_ticks(p)).sum::<f64>() / ticks;
+        let now = Instant::now();
+        if let Some((before, at)) = self.last {
+            let secs = now.duration_since(at).as_secs_f64();
+            if secs > 0.0 {
+                self.cpu_percent.push(100.0 * (cpu - before) / secs);
+            }
+        }
+        self.last = Some((cpu, now));
+        // Memory of one process; for PostgreSQL's many, their sum (shared
+        // buffers are counted in each that touched them).
+        let rss: f64 = self.pids.iter().filter_map(|&p| rss_mib(p)).sum();
+        self.rss_mib.push(rss);
+    }
+}
+
+fn spawn(service: &str, cfg: &Config) -> Result<Child, Box<dyn std::error::Error>> {
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.env(SERVICE_VAR, service)
+        .envs(child_env(cfg))
+        .stdin(Stdio::null());
+    Ok(cmd.spawn()?)
+}
+
+fn stop(children: &mut [(String, Child)]) {
+    for (_, c) in children.iter() {
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for (name, c) in children.iter_mut() {
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = c.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if !matches!(c.try_wait(), Ok(Some(_))) {
+            eprintln!("  {name} did not stop in time; killing it");
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    let rate = env("BENCH_RATE", 10_000).max(2) as f64;
+    let devices = env("BENCH_DEVICES", (rate / 2.0) as usize).max(1);
+    let seconds = env("BENCH_SECONDS", 600).max(10) as u64;
+    let warmup = (env("BENCH_WARMUP", 60) as u64).min(seconds - 5);
+    let storm_every = env("BENCH_STORM_EVERY", 0) as u64;
+    let partitions = env("BENCH_PARTITIONS", 3).max(1) as i32;
+
+    let mut cfg = Config {
+        database: ts::database().await,
+        mqtt: ts::mqtt(),
+        ..Config::default()
+    };
+    let mut kafka = ts::kafka().await;
+    kafka.readings_topic = ts::unique("t.readings");
+    kafka.partitions = partitions;
+    vitalwatch_bus::ensure_topics(&kafka, &[&kafka.readings_topic]).await?;
+    cfg.kafka = kafka;
+    cfg.writer.group_id = ts::unique("writer");
+    cfg.alerts.group_id = ts::unique("alerts");
+    cfg.alerts.writer_group_id = cfg.writer.group_id.clone();
+
+    let load = Load {
+        devices,
+        rate,
+        batch: env("BENCH_BATCH", 10).max(2),
+        connections: Some(env("BENCH_CONNECTIONS", 8).max(1)),
+        duration: Duration::from_secs(seconds),
+        prefix: "bench".into(),
+        storm_every: (storm_every > 0).then(|| Duration::from_secs(storm_every)),
+        warmup: Duration::from_secs(warmup),
+        ..Load::default()
+    };
+    load.check()?;
+    let entries = vitalwatch::devices::parse_csv(&load.registry_csv())?;
+    vitalwatch::devices::register(&cfg.database, &entries).await?;
+    eprintln!(
+        "  {} devices registered; {:.0} readings/s for {seconds} s ({warmup} s not timed), {} partitions",
+        devices,
+        load.effective_rate(),
+        partitions
+    );
+
+    let mut children = Vec::new();
+    for service in ["ingest", "writer", "alerts", "api"] {
+        children.push((service.to_owned(), spawn(service, &cfg)?));
+    }
+    // Subscribed, the registry loaded, the consumers in their groups.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    for (name, c) in children.iter_mut() {
+        if let Some(status) = c.try_wait()? {
+            return Err(format!("{name} exited at start-up: {status}").into());
+        }
+    }
+
+    let ticks = clock_ticks();
+    let mut watched: Vec<Watched> = children
+        .iter()
+        .map(|(name, c)| Watched::new(name, vec![c.id()]))
+        .collect();
+    watched.push(Watched::new("mosquitto", pids_named("mosquitto")));
+    watched.push(Watched::new("tansu", pids_named("tansu")));
+    watched.push(Watched::new("postgres (all)", pids_named("postgres")));
+    watched.push(Watched::new("load generator", vec![std::process::id()]));
+    let sampling = CancellationToken::new();
+    let sampler = {
+        let stop = sampling.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            while !stop.is_cancelled() {
+                tick.tick().await;
+                for w in watched.iter_mut() {
+                    w.sample(ticks);
+                }
+            }
+            watched
+        })
+    };
+
+    let (host, port) = ts::mqtt_host_port();
+    let broker = Broker {
+        host,
+        port,
+        username: Some("sim-gateway".into()),
+        password: ts::mqtt_password(),
+        topic_root: cfg.mqtt.topic_root.clone(),
+    };
+    let report = vitalwatch_sim::load::run(&load, &broker, Some(&cfg.database.url), |line| {
+        eprintln!("  {line}");
+    })
+    .await;
+    sampling.cancel();
+    let watched = sampler.await?;
+    stop(&mut children);
+    let report: LoadReport = report?;
+
+    println!("{}", report.render());
+    match report.stored_after_seconds {
+        Some(after) => println!(
+            "end to end: {:.0} readings/s from first publish to last committed row ({} rows in {:.0} s of publishing + {:.1} s)",
+            report.stored.unwrap_or(0) as f64 / (report.seconds + after),
+            report.stored.unwrap_or(0),
+            report.seconds,
+            after
+        ),
+        None => println!("end to end: NOT every acknowledged reading was stored"),
+    }
+    println!(
+        "\n{:<16} {:>9} {:>9} {:>13} {:>13} {:>13}",
+        "process", "CPU avg", "CPU max", "RSS first", "RSS max", "RSS last"
+    );
+    for w in &watched {
+        let avg = w.cpu_percent.iter().sum::<f64>() / w.cpu_percent.len().max(1) as f64;
+        let max = w.cpu_percent.iter().copied().fold(0.0, f64::max);
+        let first = w.rss_mib.get(1).copied().unwrap_or(0.0);
+        let rss_max = w.rss_mib.iter().copied().fold(0.0, f64::max);
+        let last = w.rss_mib.last().copied().unwrap_or(0.0);
+        println!(
+            "{:<16} {avg:>8.0}% {max:>8.0}% {first:>9.1} MiB {rss_max:>9.1} MiB {last:>9.1} MiB",
+            w.name
+        );
+    }
+    println!("(CPU: % of one core, sampled every 5 s; 200% is the whole machine)");
+
+    if std::env::var("BENCH_KEEP").is_ok_and(|v| v == "1") {
+        println!("kept the database: {}", cfg.database.url);
+    } else if let Some((_, name)) = cfg.database.url.rsplit_once('/') {
+        let admin = vitalwatch_store::connect(&ts::admin_database_url()).await?;
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await?;
+    }
+    Ok(())
+}
