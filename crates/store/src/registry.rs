@@ -80,15 +80,31 @@ pub async fn load_devices(
     Ok(out)
 }
 
-/// Registers a device (idempotent) and, when `patient_id` is given, assigns
-/// it to that patient from `since` (default: now), closing any other open
-/// assignment at that moment. The patient is created if it is new.
 /// Longest device or patient id, in bytes: both are part of the readings'
 /// unique key, whose index rows must stay well below PostgreSQL's limit.
 pub const MAX_ID_LEN: usize = 128;
 
+/// Registers a device (idempotent) and, when `patient_id` is given, assigns
+/// it to that patient from `since` (default: now), closing any other open
+/// assignment at that moment. The patient is created if it is new.
 pub async fn register_device(
     client: &mut tokio_postgres::Client,
+    device_id: &str,
+    kind: &str,
+    patient_id: Option<&str>,
+    since: Option<DateTime<Utc>>,
+) -> Result<(), StoreError> {
+    let tx = client.transaction().await?;
+    register_device_in(&tx, device_id, kind, patient_id, since).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// [`register_device`] inside the caller's transaction, so that many
+/// devices (an import) commit together: one commit, and one registry
+/// notification, instead of one each.
+pub async fn register_device_in(
+    tx: &tokio_postgres::Transaction<'_>,
     device_id: &str,
     kind: &str,
     patient_id: Option<&str>,
@@ -106,7 +122,6 @@ pub async fn register_device(
             "patient id {p:?} must be 1 to {MAX_ID_LEN} bytes"
         )));
     }
-    let tx = client.transaction().await?;
     tx.execute(
         "INSERT INTO devices (device_id, kind) VALUES ($1, $2)
          ON CONFLICT (device_id) DO UPDATE SET kind = EXCLUDED.kind",
@@ -119,9 +134,8 @@ pub async fn register_device(
             &[&patient],
         )
         .await?;
-        assign(&tx, device_id, patient, since.unwrap_or_else(Utc::now)).await?;
+        assign(tx, device_id, patient, since.unwrap_or_else(Utc::now)).await?;
     }
-    tx.commit().await?;
     Ok(())
 }
 

@@ -521,3 +521,45 @@ async fn monitoring_days_count_calendar_days_with_data_and_name_the_rpm_code() {
     .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_import_registers_all_or_nothing() {
+    let cfg = config().await;
+    let csv = "ok-1,pat-1,wearable\nok-2,pat-2,scale,2026-11-01T00:00:00Z\n";
+    let entries = vitalwatch::devices::parse_csv(csv).expect("parses");
+    assert_eq!(
+        vitalwatch::devices::register(&cfg.database, &entries)
+            .await
+            .expect("registered"),
+        2
+    );
+    // ok-2 handed to another patient before its assignment began: refused,
+    // and with it the whole file, the new device ok-3 included.
+    let bad = "ok-3,pat-3,wearable\nok-2,pat-9,scale,2026-10-01T00:00:00Z\n";
+    let entries = vitalwatch::devices::parse_csv(bad).expect("parses");
+    let err = vitalwatch::devices::register(&cfg.database, &entries)
+        .await
+        .expect_err("a hand-over before the assignment began");
+    assert!(format!("{err:#}").contains("ok-2"), "{err:#}");
+    let c = vitalwatch_store::connect(&cfg.database.url)
+        .await
+        .expect("db");
+    let n: i64 = c
+        .query_one(
+            "SELECT count(*) FROM devices WHERE device_id IN ('ok-1', 'ok-2', 'ok-3')",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(n, 2, "ok-3 was not registered");
+    let owner: String = c
+        .query_one(
+            "SELECT patient_id FROM device_assignments WHERE device_id = 'ok-2' AND unassigned_at IS NULL",
+            &[],
+        )
+        .await
+        .expect("assignment")
+        .get(0);
+    assert_eq!(owner, "pat-2");
+}
