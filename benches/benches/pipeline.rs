@@ -107,6 +107,39 @@ fn child_env(cfg: &Config) -> Vec<(&'static str, String)> {
     env
 }
 
+/// Records on the readings topic (the sum of its high watermarks) and the
+/// offsets `groups` have committed on it: where a backlog builds.
+fn kafka_positions(cfg: &Config, groups: &[&str]) -> Option<(i64, Vec<i64>)> {
+    use rdkafka::consumer::Consumer;
+    let topic = &cfg.kafka.readings_topic;
+    let mut end = 0;
+    let mut committed = Vec::new();
+    for (i, group) in groups.iter().enumerate() {
+        let consumer = vitalwatch_bus::consumer(&cfg.kafka, group).ok()?;
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for p in 0..cfg.kafka.partitions {
+            tpl.add_partition(topic, p);
+        }
+        let got = consumer
+            .committed_offsets(tpl, Duration::from_secs(5))
+            .ok()?;
+        let mut sum = 0;
+        for e in got.elements() {
+            if let rdkafka::Offset::Offset(o) = e.offset() {
+                sum += o;
+            }
+            if i == 0 {
+                end += consumer
+                    .fetch_watermarks(topic, e.partition(), Duration::from_secs(5))
+                    .ok()?
+                    .1;
+            }
+        }
+        committed.push(sum);
+    }
+    Some((end, committed))
+}
+
 /// A process watched for CPU and memory.
 struct Watched {
     name: String,
@@ -299,6 +332,27 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         })
     };
 
+    // Where the records are: produced by ingest, taken by writer and alerts.
+    let positions = {
+        let (stop, cfg) = (sampling.clone(), cfg.clone());
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                let cfg = cfg.clone();
+                let got = tokio::task::spawn_blocking(move || {
+                    kafka_positions(&cfg, &[&cfg.writer.group_id, &cfg.alerts.group_id])
+                })
+                .await;
+                if let Ok(Some((end, c))) = got {
+                    eprintln!(
+                        "  kafka: {end} records produced; writer {} behind, alerts {} behind",
+                        end - c[0],
+                        end - c[1]
+                    );
+                }
+            }
+        })
+    };
     let (host, port) = ts::mqtt_host_port();
     let broker = Broker {
         host,
@@ -313,6 +367,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     .await;
     sampling.cancel();
     let watched = sampler.await?;
+    positions.abort();
     stop(&mut children);
     let report: LoadReport = report?;
 
@@ -347,10 +402,18 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     if std::env::var("BENCH_KEEP").is_ok_and(|v| v == "1") {
         println!("kept the database: {}", cfg.database.url);
     } else if let Some((_, name)) = cfg.database.url.rsplit_once('/') {
+        // The services are gone; the probes' connections close shortly.
         let admin = vitalwatch_store::connect(&ts::admin_database_url()).await?;
-        admin
-            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            .await?;
+        let drop = format!("DROP DATABASE IF EXISTS {name}");
+        let mut tries = 0;
+        while let Err(e) = admin.batch_execute(&drop).await {
+            tries += 1;
+            if tries == 20 {
+                eprintln!("  could not drop {name}: {e}");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
     }
     Ok(())
 }
