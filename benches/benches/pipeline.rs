@@ -14,6 +14,10 @@
 //!   `BENCH_WARMUP` seconds not timed (default 60), `BENCH_STORM_EVERY`
 //!   seconds between reconnect storms (default 0: none);
 //! - `BENCH_PARTITIONS` of the readings topic (default 3);
+//! - `BENCH_PRIME` (default 1): before the timed run, every device uploads
+//!   once (over a minute) and the bench waits until the writer and the
+//!   alerts engine have taken it all, so that the run measures the steady
+//!   state, not the engine's first sight of every patient; 0 skips it;
 //! - `BENCH_KEEP=1` keeps the database (dropped by default: 10 minutes at
 //!   100,000 readings/s are 60 million rows).
 //!
@@ -138,6 +142,51 @@ fn kafka_positions(cfg: &Config, groups: &[&str]) -> Option<(i64, Vec<i64>)> {
         committed.push(sum);
     }
     Some((end, committed))
+}
+
+/// Every device uploads once, over a minute; then waits until the writer
+/// and the alerts engine have taken every record.
+async fn prime(
+    load: &Load,
+    broker: &Broker,
+    cfg: &Config,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let once = Load {
+        rate: load.devices as f64 * 2.0 / 60.0,
+        batch: 2,
+        duration: Duration::from_secs(61),
+        alert_probes: 0,
+        storm_every: None,
+        warmup: Duration::ZERO,
+        ..load.clone()
+    };
+    let started = Instant::now();
+    eprintln!("  priming: every device uploads once");
+    vitalwatch_sim::load::run(&once, broker, None, |_| {}).await?;
+    loop {
+        let c = cfg.clone();
+        let got = tokio::task::spawn_blocking(move || {
+            kafka_positions(&c, &[&c.writer.group_id, &c.alerts.group_id])
+        })
+        .await?;
+        if let Some((end, committed)) = got {
+            if end > 0 && committed.iter().all(|&c| c == end) {
+                eprintln!(
+                    "  primed in {:.0} s: {end} records taken by the writer and the alerts engine",
+                    started.elapsed().as_secs_f64()
+                );
+                return Ok(());
+            }
+            eprintln!(
+                "  priming: {end} records; writer at {}, alerts at {}",
+                committed[0], committed[1]
+            );
+        }
+        if started.elapsed() > Duration::from_secs(1800) {
+            return Err("priming: the services did not catch up in 30 minutes".into());
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
 }
 
 /// A process watched for CPU and memory.
@@ -308,6 +357,17 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
 
+    let (host, port) = ts::mqtt_host_port();
+    let broker = Broker {
+        host,
+        port,
+        username: Some("sim-gateway".into()),
+        password: ts::mqtt_password(),
+        topic_root: cfg.mqtt.topic_root.clone(),
+    };
+    if env("BENCH_PRIME", 1) == 1 {
+        prime(&load, &broker, &cfg).await?;
+    }
     let ticks = clock_ticks();
     let mut watched: Vec<Watched> = children
         .iter()
@@ -352,14 +412,6 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
                 }
             }
         })
-    };
-    let (host, port) = ts::mqtt_host_port();
-    let broker = Broker {
-        host,
-        port,
-        username: Some("sim-gateway".into()),
-        password: ts::mqtt_password(),
-        topic_root: cfg.mqtt.topic_root.clone(),
     };
     let report = vitalwatch_sim::load::run(&load, &broker, Some(&cfg.database.url), |line| {
         eprintln!("  {line}");
