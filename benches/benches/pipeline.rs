@@ -189,12 +189,16 @@ async fn prime(
     }
 }
 
-/// A process watched for CPU and memory.
+/// A process (or every process of one name) watched for CPU and memory.
 struct Watched {
     name: String,
     pids: Vec<u32>,
-    /// CPU seconds at the last sample, and when.
-    last: Option<(f64, Instant)>,
+    /// Looked up again at every sample (PostgreSQL forks a backend per
+    /// connection).
+    comm: Option<&'static str>,
+    /// CPU ticks of each pid at the last sample, and when it was taken.
+    ticks: std::collections::HashMap<u32, f64>,
+    last: Option<Instant>,
     cpu_percent: Vec<f64>,
     rss_mib: Vec<f64>,
 }
@@ -232,6 +236,21 @@ fn rss_mib(pid: u32) -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+/// The machine's CPU time so far, in ticks: (busy, idle, iowait, total).
+fn machine_ticks() -> Option<(f64, f64, f64, f64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let f: Vec<f64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let total: f64 = f.iter().take(8).sum();
+    let (idle, iowait) = (*f.get(3)?, *f.get(4)?);
+    Some((total - idle - iowait, idle, iowait, total))
+}
+
 /// Pids of processes whose command name is `comm`.
 fn pids_named(comm: &str) -> Vec<u32> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
@@ -249,22 +268,43 @@ impl Watched {
         Watched {
             name: name.into(),
             pids,
+            comm: None,
+            ticks: Default::default(),
             last: None,
             cpu_percent: Vec::new(),
             rss_mib: Vec::new(),
         }
     }
 
+    fn named(name: &str, comm: &'static str) -> Watched {
+        Watched {
+            comm: Some(comm),
+            ..Watched::new(name, pids_named(comm))
+        }
+    }
+
     fn sample(&mut self, ticks: f64) {
-        let cpu: f64 = self.pids.iter().filter_map(|&p| cpu_ticks(p)).sum::<f64>() / ticks;
+        if let Some(comm) = self.comm {
+            self.pids = pids_named(comm);
+        }
         let now = Instant::now();
-        if let Some((before, at)) = self.last {
-            let secs = now.duration_since(at).as_secs_f64();
-            if secs > 0.0 {
-                self.cpu_percent.push(100.0 * (cpu - before) / secs);
+        // A process born since the last sample counts all its CPU.
+        let mut used = 0.0;
+        let mut seen = std::collections::HashMap::new();
+        for &p in &self.pids {
+            if let Some(t) = cpu_ticks(p) {
+                used += t - self.ticks.get(&p).copied().unwrap_or(0.0);
+                seen.insert(p, t);
             }
         }
-        self.last = Some((cpu, now));
+        self.ticks = seen;
+        if let Some(at) = self.last {
+            let secs = now.duration_since(at).as_secs_f64();
+            if secs > 0.0 {
+                self.cpu_percent.push(100.0 * used / ticks / secs);
+            }
+        }
+        self.last = Some(now);
         // Memory of one process; for PostgreSQL's many, their sum (shared
         // buffers are counted in each that touched them).
         let rss: f64 = self.pids.iter().filter_map(|&p| rss_mib(p)).sum();
@@ -373,10 +413,12 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         .iter()
         .map(|(name, c)| Watched::new(name, vec![c.id()]))
         .collect();
-    watched.push(Watched::new("mosquitto", pids_named("mosquitto")));
-    watched.push(Watched::new("tansu", pids_named("tansu")));
-    watched.push(Watched::new("postgres (all)", pids_named("postgres")));
+    watched.push(Watched::named("mosquitto", "mosquitto"));
+    watched.push(Watched::named("tansu", "tansu"));
+    watched.push(Watched::named("postgres (all)", "postgres"));
     watched.push(Watched::new("load generator", vec![std::process::id()]));
+    let machine_before = machine_ticks();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     let sampling = CancellationToken::new();
     let sampler = {
         let stop = sampling.clone();
@@ -450,6 +492,16 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     println!("(CPU: % of one core, sampled every 5 s; 200% is the whole machine)");
+    if let (Some(a), Some(b)) = (machine_before, machine_ticks()) {
+        let total = (b.3 - a.3).max(1.0);
+        println!(
+            "machine, from the start of the timed run: busy {:.0}%, idle {:.0}%, iowait {:.0}% (of {:.0}%; busy includes what no process above is charged: kernel threads, interrupts, anything else running)",
+            cores * 100.0 * (b.0 - a.0) / total,
+            cores * 100.0 * (b.1 - a.1) / total,
+            cores * 100.0 * (b.2 - a.2) / total,
+            cores * 100.0
+        );
+    }
 
     if std::env::var("BENCH_KEEP").is_ok_and(|v| v == "1") {
         println!("kept the database: {}", cfg.database.url);

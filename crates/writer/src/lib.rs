@@ -9,6 +9,10 @@
 //!                ──▶ COMMIT ──▶ commit the Kafka offsets the batch covered
 //! ```
 //!
+//! Up to `concurrent_writes` batches are written at once, each in its own
+//! transaction, while the next is collected; offsets are committed in
+//! batch order, each once its batch and every earlier one have committed.
+//!
 //! On the native layout the writer also runs [`storage::maintain`] at start
 //! and every hour: partitions ahead of time, and retention.
 //!
@@ -25,6 +29,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use futures_util::StreamExt;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 use vitalwatch_bus::rdkafka::consumer::{CommitMode, Consumer};
@@ -47,6 +52,11 @@ pub struct WriterConfig {
     pub batch_max_rows: usize,
     /// …or when its first record is this old, in milliseconds. Default 200.
     pub batch_max_wait_ms: u64,
+    /// Batches written at once, each in its own transaction on its own
+    /// connection, while the next is collected; offsets are still committed
+    /// in order, each once its batch and every earlier one are durable.
+    /// Default 2; 1 writes one batch after another.
+    pub concurrent_writes: usize,
 }
 
 impl Default for WriterConfig {
@@ -55,6 +65,7 @@ impl Default for WriterConfig {
             group_id: "vitalwatch-writer".into(),
             batch_max_rows: 5000,
             batch_max_wait_ms: 200,
+            concurrent_writes: 2,
         }
     }
 }
@@ -107,7 +118,25 @@ pub async fn run(
     tokio::spawn(maintenance(pool.clone(), db.clone(), shutdown.clone()));
     tracing::info!(group = %cfg.group_id, topic = %kafka.readings_topic, "writer started");
     let max_wait = Duration::from_millis(cfg.batch_max_wait_ms);
+    let concurrent = cfg.concurrent_writes.max(1);
     let mut last_commit: Option<TopicPartitionList> = None;
+    // Writes under way, oldest first: each yields the offsets its batch
+    // covered, or `None` when shutdown stopped it. After a `None` nothing
+    // more is committed: a later batch's offsets would skip its rows.
+    let mut writes = futures_util::stream::FuturesOrdered::new();
+    let mut gave_up = false;
+    // Commits the offsets of a write that has finished, if it has.
+    let commit = |done: Option<TopicPartitionList>, last: &mut Option<TopicPartitionList>| {
+        let Some(tpl) = done else {
+            return false;
+        };
+        if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+            // Harmless: the records are replayed and change nothing.
+            tracing::warn!(error = %e, "offset commit failed");
+        }
+        *last = Some(tpl);
+        true
+    };
 
     'outer: while !shutdown.is_cancelled() {
         let mut records = Vec::new();
@@ -121,6 +150,13 @@ pub async fn run(
                 m = consumer.recv() => m,
                 () = tokio::time::sleep_until(wait_until) => break,
                 () = shutdown.cancelled() => break,
+                Some(done) = writes.next(), if !writes.is_empty() => {
+                    if !commit(done, &mut last_commit) {
+                        gave_up = true; // shut down while the database was away
+                        break 'outer;
+                    }
+                    continue;
+                }
             };
             let msg = match msg {
                 Ok(m) => m,
@@ -178,21 +214,31 @@ pub async fn run(
         if offsets.is_empty() {
             continue;
         }
-        if write(&store, &records, &deadletter, &readiness, &shutdown)
-            .await
-            .is_err()
-        {
-            break; // shut down while the database was away: nothing committed
-        }
         let mut tpl = TopicPartitionList::new();
         for ((topic, partition), offset) in &offsets {
             tpl.add_partition_offset(topic, *partition, Offset::Offset(offset + 1))?;
         }
-        if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
-            // Harmless: the records are replayed and change nothing.
-            tracing::warn!(error = %e, "offset commit failed");
+        // Room for this write: wait for the oldest when all are busy.
+        while writes.len() >= concurrent {
+            if let Some(done) = writes.next().await
+                && !commit(done, &mut last_commit)
+            {
+                gave_up = true;
+                break 'outer;
+            }
         }
-        last_commit = Some(tpl);
+        let (store, deadletter, readiness, shutdown) = (&store, &deadletter, &readiness, &shutdown);
+        writes.push_back(async move {
+            write(store, &records, deadletter, readiness, shutdown)
+                .await
+                .ok()
+                .map(|()| tpl)
+        });
+    }
+    // The batches in hand are still written if the database is up; a write
+    // stopped by shutdown commits nothing, and neither does any after it.
+    while !gave_up && let Some(done) = writes.next().await {
+        gave_up = !commit(done, &mut last_commit);
     }
     if let Some(tpl) = last_commit
         && let Err(e) = consumer.commit(&tpl, CommitMode::Sync)
