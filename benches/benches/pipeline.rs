@@ -114,32 +114,12 @@ fn child_env(cfg: &Config) -> Vec<(&'static str, String)> {
 /// Records on the readings topic (the sum of its high watermarks) and the
 /// offsets `groups` have committed on it: where a backlog builds.
 fn kafka_positions(cfg: &Config, groups: &[&str]) -> Option<(i64, Vec<i64>)> {
-    use rdkafka::consumer::Consumer;
-    let topic = &cfg.kafka.readings_topic;
     let mut end = 0;
     let mut committed = Vec::new();
-    for (i, group) in groups.iter().enumerate() {
-        let consumer = vitalwatch_bus::consumer(&cfg.kafka, group).ok()?;
-        let mut tpl = rdkafka::TopicPartitionList::new();
-        for p in 0..cfg.kafka.partitions {
-            tpl.add_partition(topic, p);
-        }
-        let got = consumer
-            .committed_offsets(tpl, Duration::from_secs(5))
-            .ok()?;
-        let mut sum = 0;
-        for e in got.elements() {
-            if let rdkafka::Offset::Offset(o) = e.offset() {
-                sum += o;
-            }
-            if i == 0 {
-                end += consumer
-                    .fetch_watermarks(topic, e.partition(), Duration::from_secs(5))
-                    .ok()?
-                    .1;
-            }
-        }
-        committed.push(sum);
+    for group in groups {
+        let (got, ends) = ts::committed_and_end(&cfg.kafka, group).ok()?;
+        end = ends.iter().sum();
+        committed.push(got.iter().sum());
     }
     Some((end, committed))
 }

@@ -563,3 +563,37 @@ impl Drop for PrivatePostgres {
         }
     }
 }
+
+/// `group`'s committed offset of every partition of the readings topic, and
+/// the partitions' high watermarks (a partition with nothing committed: 0).
+pub fn committed_and_end(
+    kafka: &KafkaConfig,
+    group: &str,
+) -> Result<(Vec<i64>, Vec<i64>), vitalwatch_bus::BusError> {
+    use vitalwatch_bus::rdkafka::{Offset, TopicPartitionList};
+    let consumer = vitalwatch_bus::consumer(kafka, group)?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..kafka.partitions {
+        tpl.add_partition(&kafka.readings_topic, p);
+    }
+    let committed = consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .map_err(vitalwatch_bus::BusError::from)?;
+    let mut got = Vec::new();
+    let mut ends = Vec::new();
+    for e in committed.elements() {
+        got.push(match e.offset() {
+            Offset::Offset(o) => o,
+            _ => 0,
+        });
+        let (_, high) = consumer
+            .fetch_watermarks(
+                &kafka.readings_topic,
+                e.partition(),
+                Duration::from_secs(10),
+            )
+            .map_err(vitalwatch_bus::BusError::from)?;
+        ends.push(high);
+    }
+    Ok((got, ends))
+}

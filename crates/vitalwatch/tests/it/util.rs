@@ -368,31 +368,8 @@ pub fn reset_offsets(kafka: &KafkaConfig, group: &str) {
 /// The group's committed offset of every partition of the readings topic,
 /// and the partitions' high watermarks.
 pub fn committed_and_end(kafka: &KafkaConfig, group: &str) -> (Vec<i64>, Vec<i64>) {
-    let consumer = vitalwatch_bus::consumer(kafka, group).expect("consumer");
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..kafka.partitions {
-        tpl.add_partition(&kafka.readings_topic, p);
-    }
-    let committed = consumer
-        .committed_offsets(tpl, Duration::from_secs(10))
-        .expect("committed offsets");
-    let mut got = Vec::new();
-    let mut ends = Vec::new();
-    for e in committed.elements() {
-        got.push(match e.offset() {
-            Offset::Offset(o) => o,
-            _ => 0,
-        });
-        let (_, high) = consumer
-            .fetch_watermarks(
-                &kafka.readings_topic,
-                e.partition(),
-                Duration::from_secs(10),
-            )
-            .expect("watermarks");
-        ends.push(high);
-    }
-    (got, ends)
+    vitalwatch_test_support::committed_and_end(kafka, group)
+        .expect("committed offsets and watermarks")
 }
 
 /// Records on the dead-letter topic (the sum of its high watermarks).
