@@ -49,6 +49,18 @@ struct BrokerArgs {
     password: String,
 }
 
+impl From<BrokerArgs> for SimBroker {
+    fn from(b: BrokerArgs) -> SimBroker {
+        SimBroker {
+            host: b.host,
+            port: b.port,
+            username: b.username,
+            password: b.password,
+            topic_root: b.topic_root,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Plan a scenario: write run.toml, registry.csv (for `vitalwatch
@@ -227,13 +239,7 @@ async fn main() -> anyhow::Result<()> {
             broker,
         } => {
             let plan = load(&run)?;
-            let b = SimBroker {
-                host: broker.host,
-                port: broker.port,
-                username: broker.username,
-                password: broker.password,
-                topic_root: broker.topic_root,
-            };
+            let b = SimBroker::from(broker);
             anyhow::ensure!(speed >= 0.0 && speed.is_finite(), "--speed is 0 or more");
             let pace = match (live, speed) {
                 (true, _) => Pace::WallClock,
@@ -353,13 +359,7 @@ async fn main() -> anyhow::Result<()> {
                 print!("{}", load.registry_csv());
                 return Ok(());
             }
-            let b = SimBroker {
-                host: broker.host,
-                port: broker.port,
-                username: broker.username,
-                password: broker.password,
-                topic_root: broker.topic_root,
-            };
+            let b = SimBroker::from(broker);
             println!(
                 "vitalwatch-sim: load: {} devices, {:.0} readings/s ({} per upload, each device every {} ms), {} s",
                 load.devices,
