@@ -16,6 +16,26 @@ use vitalwatch_test_support as ts;
 
 use crate::util::*;
 
+/// Registers a simulated cohort's devices (`registry` CSV), starts ingest,
+/// writer and alerts, and returns them with the simulator's gateway account.
+async fn start_cohort(cfg: &vitalwatch::Config, registry: &str) -> (Running, Broker) {
+    let entries = vitalwatch::devices::parse_csv(registry).expect("the registry CSV parses");
+    vitalwatch::devices::register(&cfg.database, &entries)
+        .await
+        .expect("register");
+    let running = start(&[Service::Ingest, Service::Writer, Service::Alerts], cfg);
+    wait_until_ingest_subscribed(cfg).await;
+    let (host, port) = ts::mqtt_host_port();
+    let broker = Broker {
+        host,
+        port,
+        username: Some("sim-gateway".into()),
+        password: ts::mqtt_password(),
+        topic_root: cfg.mqtt.topic_root.clone(),
+    };
+    (running, broker)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_accelerated_cohort_has_every_event_kind_detected_and_scored() {
     let mut cfg = config().await;
@@ -59,22 +79,7 @@ async fn an_accelerated_cohort_has_every_event_kind_detected_and_scored() {
         ..Scenario::default()
     };
     let plan = Plan::new(&scenario, Utc::now() - chrono::Duration::days(6));
-    let entries: Vec<vitalwatch::devices::Entry> =
-        vitalwatch::devices::parse_csv(&plan.registry_csv()).expect("the registry CSV parses");
-    vitalwatch::devices::register(&cfg.database, &entries)
-        .await
-        .expect("register");
-    let running = start(&[Service::Ingest, Service::Writer, Service::Alerts], &cfg);
-    wait_until_ingest_subscribed(&cfg).await;
-
-    let (host, port) = ts::mqtt_host_port();
-    let broker = Broker {
-        host,
-        port,
-        username: Some("sim-gateway".into()),
-        password: ts::mqtt_password(),
-        topic_root: cfg.mqtt.topic_root.clone(),
-    };
+    let (running, broker) = start_cohort(&cfg, &plan.registry_csv()).await;
     let replayed = replay(&plan, &broker, Pace::Fast, |_| {})
         .await
         .expect("replayed");
@@ -159,20 +164,7 @@ async fn load_mode_over_one_connection_per_device_survives_a_reconnect_storm_wit
         row_probe_interval: Duration::from_millis(50),
         ..Load::default()
     };
-    let entries = vitalwatch::devices::parse_csv(&load.registry_csv()).expect("registry CSV");
-    vitalwatch::devices::register(&cfg.database, &entries)
-        .await
-        .expect("register");
-    let running = start(&[Service::Ingest, Service::Writer, Service::Alerts], &cfg);
-    wait_until_ingest_subscribed(&cfg).await;
-    let (host, port) = ts::mqtt_host_port();
-    let broker = Broker {
-        host,
-        port,
-        username: Some("sim-gateway".into()),
-        password: ts::mqtt_password(),
-        topic_root: cfg.mqtt.topic_root.clone(),
-    };
+    let (running, broker) = start_cohort(&cfg, &load.registry_csv()).await;
     let mut lines = 0;
     let report = vitalwatch_sim::load::run(&load, &broker, Some(&cfg.database.url), |_| lines += 1)
         .await
