@@ -194,7 +194,6 @@ impl Load {
                     id,
                     baseline: Baseline::draw(conditions[i % 2], &mut rng),
                     phase_ms: (i as u64 * interval) / self.devices as u64,
-                    seq: 0,
                 }
             })
             .collect()
@@ -355,7 +354,6 @@ struct Device {
     baseline: Baseline,
     /// Milliseconds into each interval at which it uploads.
     phase_ms: u64,
-    seq: u64,
 }
 
 /// Encodes one upload: heart rate and SpO2 at each of `instants`.
@@ -428,7 +426,6 @@ struct RowProbe {
 #[derive(Default)]
 struct Counters {
     uploads: AtomicU64,
-    readings: AtomicU64,
     behind_ms: AtomicU64,
     /// Milliseconds since the start at which the next row probe is due.
     next_probe_ms: AtomicU64,
@@ -445,7 +442,7 @@ pub async fn run(
 ) -> Result<LoadReport, String> {
     load.check()?;
     let interval = load.interval_ms();
-    let instants = load.batch / 2;
+    let batch = load.batch as u64;
     let devices = load.cohort(&broker.topic_root);
     let links = load.connections.unwrap_or(load.devices).min(load.devices);
     // Connection c takes devices c, c + links, …: every link's devices
@@ -491,15 +488,13 @@ pub async fn run(
         let publisher = publishers[c].clone();
         let counters = counters.clone();
         let row_tx = row_tx.clone();
-        let format = load.format;
         let probe_every = load.row_probe_interval.as_millis() as u64;
         let load = load.clone();
         let mut rng = SmallRng::seed_from_u64(load.seed ^ (c as u64 + 1).wrapping_mul(0x9E37_79B9));
-        let mut group = group;
         tasks.push(tokio::spawn(async move {
             let mut round: u64 = 0;
             'run: loop {
-                for d in group.iter_mut() {
+                for d in &group {
                     let due_ms = round * interval + d.phase_ms;
                     let due = started + Duration::from_millis(due_ms);
                     if due >= stop_at {
@@ -515,9 +510,8 @@ pub async fn run(
                     let times = load.instants(wall_ms + due_ms as i64);
                     // Sequence numbers carry on from run to run, as a device's
                     // do: this run's start in Unix ms, plus the upload's round.
-                    let seq = wall_ms as u64 + d.seq;
-                    d.seq += 1;
-                    let payload = encode(d, seq, &times, &mut rng, format);
+                    let seq = wall_ms as u64 + round;
+                    let payload = encode(d, seq, &times, &mut rng, load.format);
                     // One upload per probe interval is timed (whichever
                     // connection gets there first).
                     let elapsed = started.elapsed().as_millis() as u64;
@@ -543,9 +537,6 @@ pub async fn run(
                         return; // the event loop is gone
                     }
                     counters.uploads.fetch_add(1, Ordering::Relaxed);
-                    counters
-                        .readings
-                        .fetch_add(instants as u64 * 2, Ordering::Relaxed);
                     if probe {
                         if let (Some(tx), Some(at)) = (&row_tx, times.last()) {
                             let _ = tx.send(RowProbe {
@@ -561,7 +552,7 @@ pub async fn run(
         }));
     }
 
-    // Storms, alert probes and the display, until the time is up.
+    // Storms and the display, until the time is up.
     let mut storms = 0u64;
     let mut next_storm = load.storm_every.map(|e| started + e);
     let mut next_report = started + Duration::from_secs(5);
@@ -585,7 +576,7 @@ pub async fn run(
         if now >= next_report {
             next_report += Duration::from_secs(5);
             let secs = started.elapsed().as_secs_f64();
-            let readings = counters.readings.load(Ordering::Relaxed);
+            let readings = counters.uploads.load(Ordering::Relaxed) * batch;
             let acked: u64 = publishers.iter().map(|p| p.acknowledged()).sum();
             let up = publishers.iter().filter(|p| p.is_up()).count();
             let mut line = format!(
@@ -611,7 +602,7 @@ pub async fn run(
     }
     let seconds = started.elapsed().as_secs_f64();
     let uploads = counters.uploads.load(Ordering::Relaxed);
-    let readings = counters.readings.load(Ordering::Relaxed);
+    let readings = uploads * batch;
     // Every publish waits for its acknowledgement (a minute at most).
     let deadline = Instant::now() + Duration::from_secs(60);
     while publishers.iter().map(|p| p.acknowledged()).sum::<u64>() < uploads
@@ -633,7 +624,7 @@ pub async fn run(
         uploads_published: uploads,
         uploads_acknowledged: acked,
         readings_published: readings,
-        readings_acknowledged: acked * load.batch as u64,
+        readings_acknowledged: acked * batch,
         max_behind_ms: counters.behind_ms.load(Ordering::Relaxed),
         storms,
         reconnects,
@@ -642,7 +633,7 @@ pub async fn run(
     };
     for p in publishers {
         if let Ok(p) = Arc::try_unwrap(p) {
-            p.finish(0, Duration::ZERO).await;
+            p.close().await;
         }
     }
     if let Some(db) = db {
@@ -656,7 +647,7 @@ pub async fn run(
 struct Probes {
     client: tokio_postgres::Client,
     rows: mpsc::UnboundedSender<RowProbe>,
-    row_task: tokio::task::JoinHandle<(Vec<Duration>, u64)>,
+    row_task: tokio::task::JoinHandle<u64>,
     row_samples: Arc<std::sync::Mutex<Vec<Duration>>>,
     alert_task: Option<tokio::task::JoinHandle<Result<(u64, u64), String>>>,
     alert_samples: Arc<std::sync::Mutex<Vec<Duration>>>,
@@ -733,9 +724,12 @@ impl Probes {
         report: &mut LoadReport,
     ) -> Result<(), String> {
         drop(self.rows);
-        let (samples, unseen) = self.row_task.await.map_err(|e| e.to_string())?;
-        report.row_latency = Percentiles::of(&samples);
-        report.row_probes_unseen = unseen;
+        report.row_probes_unseen = self.row_task.await.map_err(|e| e.to_string())?;
+        report.row_latency = self
+            .row_samples
+            .lock()
+            .map(|s| Percentiles::of(&s))
+            .unwrap_or(None);
         let _ = self.stop.send(true);
         if let Some(task) = self.alert_task {
             let (sent, unseen) = task.await.map_err(|e| e.to_string())??;
@@ -778,13 +772,13 @@ impl Probes {
     }
 }
 
-/// Polls for the row probes' rows every [`ROW_POLL`]; returns the
-/// latencies and how many never appeared.
+/// Polls for the row probes' rows every [`ROW_POLL`], adding each latency
+/// to `samples`; returns how many never appeared.
 async fn poll_rows(
     client: tokio_postgres::Client,
     mut rx: mpsc::UnboundedReceiver<RowProbe>,
     samples: Arc<std::sync::Mutex<Vec<Duration>>>,
-) -> (Vec<Duration>, u64) {
+) -> u64 {
     let mut pending: Vec<RowProbe> = Vec::new();
     let mut unseen = 0u64;
     let mut open = true;
@@ -805,9 +799,7 @@ async fn poll_rows(
         }
         if !open && (pending.is_empty() || drained_at.is_some_and(|t| t.elapsed() > PROBE_PATIENCE))
         {
-            unseen += pending.len() as u64;
-            let all = samples.lock().map(|s| s.clone()).unwrap_or_default();
-            return (all, unseen);
+            return unseen + pending.len() as u64;
         }
         if !pending.is_empty() {
             let asked = Instant::now();

@@ -155,9 +155,15 @@ impl Publisher {
         while self.acknowledged() < published && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        let link = self.link.clone();
+        self.close().await; // acknowledgements still coming count too
+        link.acked.load(Ordering::Relaxed)
+    }
+
+    /// Disconnects at once, without waiting for acknowledgements.
+    pub async fn close(self) {
         let _ = self.client.disconnect().await;
         let _ = tokio::time::timeout(Duration::from_secs(5), self.events).await;
-        self.link.acked.load(Ordering::Relaxed)
     }
 }
 
