@@ -18,6 +18,10 @@
 //!   once (over a minute) and the bench waits until the writer and the
 //!   alerts engine have taken it all, so that the run measures the steady
 //!   state, not the engine's first sight of every patient; 0 skips it;
+//! - `BENCH_STAGES` (default 1): first measure each stage alone on the
+//!   same uploads (Mosquitto relay, Kafka produce, Kafka consume,
+//!   PostgreSQL binary COPY), `BENCH_STAGE_SECONDS` each (default 20), and
+//!   give the pipeline as a share of the slowest; 0 skips it;
 //! - `BENCH_KEEP=1` keeps the database (dropped by default: 10 minutes at
 //!   100,000 readings/s are 60 million rows).
 //!
@@ -33,6 +37,9 @@ use vitalwatch_core::health::Readiness;
 use vitalwatch_sim::load::{Load, LoadReport};
 use vitalwatch_sim::replay::Broker;
 use vitalwatch_test_support as ts;
+
+#[path = "pipeline/stages.rs"]
+mod stages;
 
 /// Set in a child: the service it runs.
 const SERVICE_VAR: &str = "VITALWATCH_BENCH_SERVICE";
@@ -356,6 +363,25 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         ..Load::default()
     };
     load.check()?;
+    let (host, port) = ts::mqtt_host_port();
+    let broker = Broker {
+        host,
+        port,
+        username: Some("sim-gateway".into()),
+        password: ts::mqtt_password(),
+        topic_root: cfg.mqtt.topic_root.clone(),
+    };
+    let limits = if env("BENCH_STAGES", 1) == 1 {
+        let seconds = env("BENCH_STAGE_SECONDS", 20).max(2) as u64;
+        eprintln!("  each stage alone, {seconds} s each");
+        let limits = stages::measure(&load, &broker, &cfg, seconds).await?;
+        for l in &limits {
+            eprintln!("  {:<40} {:>9.0} {}/s", l.stage, l.per_second, l.unit);
+        }
+        limits
+    } else {
+        Vec::new()
+    };
     let entries = vitalwatch::devices::parse_csv(&load.registry_csv())?;
     vitalwatch::devices::register(&cfg.database, &entries).await?;
     eprintln!(
@@ -377,14 +403,6 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
 
-    let (host, port) = ts::mqtt_host_port();
-    let broker = Broker {
-        host,
-        port,
-        username: Some("sim-gateway".into()),
-        password: ts::mqtt_password(),
-        topic_root: cfg.mqtt.topic_root.clone(),
-    };
     if env("BENCH_PRIME", 1) == 1 {
         prime(&load, &broker, &cfg).await?;
     }
@@ -456,6 +474,29 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         ),
         None => println!("end to end: NOT every acknowledged reading was stored"),
     }
+    if let Some(slowest) = limits
+        .iter()
+        .min_by(|a, b| a.readings_per_second.total_cmp(&b.readings_per_second))
+    {
+        println!(
+            "\n{:<40} {:>16} {:>13} {:>13}",
+            "each stage alone", "per second", "readings/s", "machine busy"
+        );
+        for l in &limits {
+            println!(
+                "{:<40} {:>8.0} {:<7} {:>13.0} {:>12.0}%",
+                l.stage, l.per_second, l.unit, l.readings_per_second, l.machine_busy
+            );
+        }
+        if let (Some(stored), Some(after)) = (report.stored, report.stored_after_seconds) {
+            let end_to_end = stored as f64 / (report.seconds + after);
+            println!(
+                "the pipeline: {end_to_end:.0} readings/s end to end = {:.0}% of the slowest stage alone ({})",
+                100.0 * end_to_end / slowest.readings_per_second,
+                slowest.stage
+            );
+        }
+    }
     println!(
         "\n{:<16} {:>9} {:>9} {:>13} {:>13} {:>13}",
         "process", "CPU avg", "CPU max", "RSS first", "RSS max", "RSS last"
@@ -485,19 +526,33 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
 
     if std::env::var("BENCH_KEEP").is_ok_and(|v| v == "1") {
         println!("kept the database: {}", cfg.database.url);
-    } else if let Some((_, name)) = cfg.database.url.rsplit_once('/') {
-        // The services are gone; the probes' connections close shortly.
-        let admin = vitalwatch_store::connect(&ts::admin_database_url()).await?;
-        let drop = format!("DROP DATABASE IF EXISTS {name}");
-        let mut tries = 0;
-        while let Err(e) = admin.batch_execute(&drop).await {
-            tries += 1;
-            if tries == 20 {
-                eprintln!("  could not drop {name}: {e}");
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
+    } else {
+        drop_database(&cfg.database.url).await;
     }
     Ok(())
+}
+
+/// Drops the database at `url`, retrying while connections to it close
+/// (the services are gone; the probes' connections close shortly).
+async fn drop_database(url: &str) {
+    let Some((_, name)) = url.rsplit_once('/') else {
+        return;
+    };
+    let admin = match vitalwatch_store::connect(&ts::admin_database_url()).await {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("  could not drop {name}: {e}");
+            return;
+        }
+    };
+    let drop = format!("DROP DATABASE IF EXISTS {name}");
+    let mut tries = 0;
+    while let Err(e) = admin.batch_execute(&drop).await {
+        tries += 1;
+        if tries == 20 {
+            eprintln!("  could not drop {name}: {e}");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }

@@ -199,6 +199,25 @@ impl Load {
             .collect()
     }
 
+    /// The first `count` uploads load mode would send, device after device
+    /// and then round after round, each with its MQTT topic under
+    /// `topic_root`: what the pipeline bench puts through one stage alone.
+    pub fn sample_uploads(&self, topic_root: &str, count: usize) -> Vec<(String, Vec<u8>)> {
+        let mut rng = SmallRng::seed_from_u64(self.seed);
+        let cohort = self.cohort(topic_root);
+        let rounds = count.div_ceil(cohort.len().max(1)) as u64;
+        // Ending about now, so that every reading is valid when it is read.
+        let start = Utc::now().timestamp_millis() - (rounds * self.interval_ms()) as i64;
+        (0..count)
+            .map(|k| {
+                let (d, round) = (&cohort[k % cohort.len()], (k / cohort.len()) as u64);
+                let newest = start + (round * self.interval_ms() + d.phase_ms) as i64;
+                let payload = encode(d, round + 1, &self.instants(newest), &mut rng, self.format);
+                (d.topic.clone(), payload)
+            })
+            .collect()
+    }
+
     /// The measurement instants of an upload whose newest is `newest_ms`
     /// (Unix milliseconds), oldest first, one spacing apart.
     fn instants(&self, newest_ms: i64) -> Vec<DateTime<Utc>> {
