@@ -125,12 +125,17 @@ impl News2History {
         }
     }
 
-    fn forget_before(&mut self, cutoff: DateTime<Utc>) {
+    /// Forgets what is older than `cutoff`, and all but the newest
+    /// `max_points` of each parameter.
+    fn forget_before(&mut self, cutoff: DateTime<Utc>, max_points: usize) {
         for p in &mut self.params {
             // Keep the newest reading before the cutoff: it may still be fresh.
             let keep_from = p.range(..cutoff).next_back().map(|(t, _)| *t);
             if let Some(k) = keep_from {
                 *p = p.split_off(&k);
+            }
+            while p.len() > max_points {
+                p.pop_first();
             }
         }
     }
@@ -183,6 +188,8 @@ pub struct PatientSetup {
 pub struct Engine {
     rules: Vec<Rule>,
     horizon: Duration,
+    /// Readings kept per series (and per NEWS2 parameter), at most.
+    max_points: usize,
     patients: HashMap<String, Patient>,
 }
 
@@ -204,8 +211,18 @@ impl Engine {
         Engine {
             rules,
             horizon,
+            max_points: usize::MAX,
             patients: HashMap::new(),
         }
+    }
+
+    /// The same engine keeping at most `max` readings per series and per
+    /// NEWS2 parameter: on dense streams the oldest are folded early, so a
+    /// patient's memory is bounded whatever their devices' rate; a reading
+    /// older than the oldest kept is too late.
+    pub fn with_max_points(mut self, max: usize) -> Engine {
+        self.max_points = max.max(1);
+        self
     }
 
     /// The rules, as configured.
@@ -292,12 +309,14 @@ impl Engine {
                 }
                 None => configured.clone(),
             };
-            let horizon = self.horizon_of(&rule);
+            let (horizon, max) = (self.horizon_of(&rule), self.max_points);
             let state = match &rule.compiled {
                 Compiled::Threshold { rule, .. } => {
-                    RuleState::Threshold(Series::new(*rule, horizon))
+                    RuleState::Threshold(Series::new(*rule, horizon).with_max_points(max))
                 }
-                Compiled::RateOfChange { rule, .. } => RuleState::Rate(Series::new(*rule, horizon)),
+                Compiled::RateOfChange { rule, .. } => {
+                    RuleState::Rate(Series::new(*rule, horizon).with_max_points(max))
+                }
                 Compiled::News2 { min_risk, assembly } => {
                     let level = ordinal(*min_risk) - 0.5;
                     // Hysteresis: an open NEWS2 alert clears one risk level
@@ -310,7 +329,7 @@ impl Engine {
                         persistence: Persistence::Single,
                     };
                     RuleState::News2 {
-                        series: Series::new(rule, horizon),
+                        series: Series::new(rule, horizon).with_max_points(max),
                         assembly: *assembly,
                         told: None,
                     }
@@ -373,6 +392,7 @@ impl Engine {
             .map(|r| self.horizon_of(r))
             .max()
             .unwrap_or(self.horizon);
+        let max_points = self.max_points;
         let Some(patient) = self.patients.get_mut(&batch.patient_id) else {
             return (changes, skipped);
         };
@@ -515,7 +535,9 @@ impl Engine {
             }
         }
         if let Some(newest) = batch.readings.iter().map(|r| r.measured_at).max() {
-            patient.news2.forget_before(newest - keep - keep);
+            patient
+                .news2
+                .forget_before(newest - keep - keep, max_points);
         }
         (changes, skipped)
     }

@@ -59,6 +59,18 @@ pub struct AlertsConfig {
     pub max_escalation_level: i16,
     /// How often missing-data rules are checked, in seconds. Default 60.
     pub missing_check_seconds: u64,
+    /// Readings each rule keeps per patient, at most (each NEWS2 parameter
+    /// too): a reading is judged late only against what is kept, so on a
+    /// dense stream this, not `late_minutes`, bounds how late it may be
+    /// (600 readings are 10 minutes of a 1 Hz wearable, 50 hours of a
+    /// reading every 5 minutes). It bounds the engine's memory per patient
+    /// whatever the devices' rate. Default 600.
+    pub max_points_per_series: usize,
+    /// How long a fetch of the readings waits for records, at most, in
+    /// milliseconds. Apache Kafka answers as soon as records are there;
+    /// tansu 0.6 holds every fetch this long, which is then part of every
+    /// alert's latency. Default 10.
+    pub fetch_wait_ms: u64,
     /// Records judged together (one transaction of alert changes). Default 500.
     pub batch_max_records: usize,
     /// …or when the first record is this old, in milliseconds. Default 20.
@@ -79,6 +91,8 @@ impl Default for AlertsConfig {
             escalate_after_minutes: 15,
             max_escalation_level: 2,
             missing_check_seconds: 60,
+            max_points_per_series: 600,
+            fetch_wait_ms: 10,
             batch_max_records: 500,
             batch_max_wait_ms: 20,
             rules: None,
@@ -92,6 +106,9 @@ impl AlertsConfig {
     pub fn validate(&self) -> Result<(), String> {
         if self.escalate_after_minutes == 0 {
             return Err("alerts.escalate_after_minutes must be at least 1".into());
+        }
+        if self.max_points_per_series == 0 {
+            return Err("alerts.max_points_per_series must be at least 1".into());
         }
         if self.max_escalation_level < 0 {
             return Err("alerts.max_escalation_level must not be negative".into());

@@ -19,6 +19,10 @@
 //! So an episode is raised once and cleared once however its readings
 //! arrive, and nothing told is retracted. A reading older than the horizon
 //! is refused ([`TooLate`]): the caller counts it; the store still has it.
+//! A series also keeps at most `max_points` readings: on a dense stream (a
+//! 1 Hz wearable) the oldest beyond that are folded early, as if the
+//! horizon had passed them, so memory per series is bounded whatever the
+//! rate (a reading older than the oldest kept is then too late).
 //! A reading newer than every kept
 //! one (the common case) is stepped from the state after the last one (the
 //! tip) instead of replaying the horizon; a test checks that this tells
@@ -33,7 +37,7 @@
 //! episode that overlaps one already alerted for the same patient and rule
 //! (`store::alerts::raise`), so no nurse is alerted twice for one stretch.
 
-use std::collections::BTreeMap;
+use std::collections::VecDeque;
 
 use chrono::{DateTime, Duration, Utc};
 
@@ -147,7 +151,10 @@ pub struct Series<R: Rule> {
     /// Readings are judged only after this instant; older ones were folded
     /// into `base`.
     folded_until: Option<DateTime<Utc>>,
-    points: BTreeMap<DateTime<Utc>, Point>,
+    /// The kept readings, oldest first, one per instant.
+    points: VecDeque<Point>,
+    /// At most this many are kept.
+    max_points: usize,
     /// Sorted by start; they never overlap.
     told: Vec<Told>,
     /// The state and the episodes found after the last judgement (every
@@ -169,11 +176,23 @@ impl<R: Rule> Series<R> {
             base: R::State::default(),
             base_last: None,
             folded_until: None,
-            points: BTreeMap::new(),
+            points: VecDeque::new(),
+            max_points: usize::MAX,
             told: Vec::new(),
             tip: None,
             incremental: true,
         }
+    }
+
+    /// The same series keeping at most `max` readings (at least one).
+    pub fn with_max_points(mut self, max: usize) -> Series<R> {
+        self.max_points = max.max(1);
+        self
+    }
+
+    /// How many readings it keeps now.
+    pub fn kept(&self) -> usize {
+        self.points.len()
     }
 
     /// The same series judging every reading by a full replay (for tests
@@ -213,25 +232,34 @@ impl<R: Rule> Series<R> {
 
     /// The event times of the readings kept after `after`, oldest first.
     pub fn instants_after(&self, after: DateTime<Utc>) -> impl Iterator<Item = DateTime<Utc>> + '_ {
-        self.points
-            .range((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))
-            .map(|(t, _)| *t)
+        let from = self.points.partition_point(|p| p.at <= after);
+        self.points.range(from..).map(|p| p.at)
     }
 
     /// The newest instant judged.
     pub fn newest(&self) -> Option<DateTime<Utc>> {
-        self.points.keys().next_back().copied()
+        self.points.back().map(|p| p.at)
+    }
+
+    /// Where the reading at `at` is kept (`Ok`), or would go (`Err`).
+    fn position(&self, at: DateTime<Utc>) -> Result<usize, usize> {
+        // Most readings are the newest: look at the end first.
+        match self.points.back() {
+            None => Err(0),
+            Some(last) if last.at < at => Err(self.points.len()),
+            _ => self.points.binary_search_by(|p| p.at.cmp(&at)),
+        }
     }
 
     /// Judges one reading; returns what it changed, in event-time order.
     /// The same reading twice changes nothing.
     pub fn observe(&mut self, p: Point) -> Result<Vec<Transition>, TooLate> {
         self.within_horizon(p.at)?;
-        if self.points.contains_key(&p.at) {
+        let Err(i) = self.position(p.at) else {
             return Ok(Vec::new()); // a redelivery, or a second device at the same instant: the first stands
-        }
-        let newest = self.newest().is_none_or(|n| p.at > n);
-        self.points.insert(p.at, p);
+        };
+        let newest = i == self.points.len();
+        self.points.insert(i, p);
         Ok(if newest {
             self.judge_next(p)
         } else {
@@ -244,11 +272,17 @@ impl<R: Rule> Series<R> {
     /// same instant's readings arrive).
     pub fn revise(&mut self, p: Point) -> Result<Vec<Transition>, TooLate> {
         self.within_horizon(p.at)?;
-        if self.points.get(&p.at) == Some(&p) {
-            return Ok(Vec::new());
-        }
-        let newest = self.newest().is_none_or(|n| p.at > n);
-        self.points.insert(p.at, p);
+        let newest = match self.position(p.at) {
+            Ok(i) if self.points[i] == p => return Ok(Vec::new()),
+            Ok(i) => {
+                self.points[i] = p;
+                false
+            }
+            Err(i) => {
+                self.points.insert(i, p);
+                i + 1 == self.points.len()
+            }
+        };
         Ok(if newest {
             self.judge_next(p)
         } else {
@@ -258,11 +292,11 @@ impl<R: Rule> Series<R> {
 
     /// `Err` when `at` is older than what this series keeps.
     fn within_horizon(&self, at: DateTime<Utc>) -> Result<(), TooLate> {
-        if let Some(newest) = self.points.keys().next_back()
-            && at < *newest - self.horizon
+        if let Some(newest) = self.newest()
+            && at < newest - self.horizon
         {
             return Err(TooLate {
-                oldest_kept: *newest - self.horizon,
+                oldest_kept: newest - self.horizon,
             });
         }
         match self.folded_until {
@@ -362,7 +396,7 @@ impl<R: Rule> Series<R> {
         let mut found: Vec<Found> = self.base_last.into_iter().collect();
         let facts = self.facts(self.folded_until.map(point_key));
         let mut next = 0;
-        for p in self.points.values() {
+        for p in &self.points {
             while let Some((k, fact)) = facts.get(next)
                 && *k < point_key(p.at)
             {
@@ -432,30 +466,28 @@ impl<R: Rule> Series<R> {
         out
     }
 
-    /// Folds readings older than the horizon (and the told facts before
-    /// them) into the base state, and forgets told episodes that ended
-    /// before what is kept.
+    /// Folds readings older than the horizon, or beyond `max_points` (and
+    /// the told facts before them), into the base state, and forgets told
+    /// episodes that ended before what is kept.
     fn fold(&mut self) {
-        let Some(newest) = self.points.keys().next_back().copied() else {
+        let Some(newest) = self.newest() else {
             return;
         };
         let cutoff = newest - self.horizon;
-        if self
-            .points
-            .first_key_value()
-            .is_none_or(|(at, _)| *at >= cutoff)
-        {
+        let due = |points: &VecDeque<Point>, max: usize| {
+            points.len() > max || points.front().is_some_and(|p| p.at < cutoff)
+        };
+        if !due(&self.points, self.max_points) {
             return;
         }
         let facts = self.facts(self.folded_until.map(point_key));
         let mut next = 0;
         let mut base = self.base.clone();
         let mut scratch: Vec<Found> = self.base_last.into_iter().collect();
-        while let Some(entry) = self.points.first_entry() {
-            if *entry.key() >= cutoff {
+        while due(&self.points, self.max_points) {
+            let Some(p) = self.points.pop_front() else {
                 break;
-            }
-            let p = entry.remove();
+            };
             while let Some((k, fact)) = facts.get(next)
                 && *k < point_key(p.at)
             {

@@ -49,9 +49,6 @@ const THRESHOLDS_CHANNEL: &str = "vitalwatch_thresholds";
 /// Notified on every insert into `alert_events` (migration 5).
 pub const ALERT_EVENTS_CHANNEL: &str = "vitalwatch_alert_events";
 
-/// Rows read from `readings` at most to rebuild one patient.
-const REBUILD_MAX_ROWS: i64 = 200_000;
-
 /// Runs the engine until `shutdown` fires. Readiness condition
 /// `alerts.database`: not ready while alert changes cannot be stored.
 pub async fn run(
@@ -65,7 +62,7 @@ pub async fn run(
         compile(cfg.rules.as_deref().unwrap_or(&default_rules())).map_err(AlertsError::Config)?;
     let rules_for_missing = rules.clone();
     let pool = vitalwatch_store::pool(db)?;
-    let consumer = vitalwatch_bus::low_latency_consumer(kafka, &cfg.group_id)?;
+    let consumer = vitalwatch_bus::low_latency_consumer(kafka, &cfg.group_id, cfg.fetch_wait_ms)?;
     consumer.subscribe(&[kafka.readings_topic.as_str()])?;
     // Only asked for the writer group's committed offsets; never subscribes.
     let writer = Arc::new(vitalwatch_bus::consumer(kafka, &cfg.writer_group_id)?);
@@ -143,11 +140,13 @@ pub async fn run(
         engine: Engine::new(
             rules,
             chrono::Duration::minutes(i64::from(cfg.late_minutes)),
-        ),
+        )
+        .with_max_points(cfg.max_points_per_series),
         pool: pool.clone(),
         writer,
         topic: kafka.readings_topic.clone(),
         rebuild_wait: Duration::from_millis(cfg.rebuild_wait_ms),
+        rebuild_rows: cfg.max_points_per_series.saturating_mul(2),
         next_offset: HashMap::new(),
         patients_of: HashMap::new(),
         writer_done: HashMap::new(),
@@ -260,6 +259,8 @@ struct Judge {
     writer: Arc<StreamConsumer>,
     topic: String,
     rebuild_wait: Duration,
+    /// Rows of each metric read to rebuild a patient, at most.
+    rebuild_rows: usize,
     /// The offset expected next from each partition: another one means the
     /// partition was elsewhere in between (or was rewound), and the state of
     /// its patients is rebuilt.
@@ -490,7 +491,9 @@ impl Judge {
             &**client,
             &batch.patient_id,
             &since,
-            REBUILD_MAX_ROWS,
+            // A blood pressure is two rows; more than a series keeps is
+            // folded anyway.
+            i64::try_from(self.rebuild_rows).unwrap_or(i64::MAX),
         )
         .await?;
         Ok((setup, history))

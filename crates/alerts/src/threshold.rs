@@ -325,6 +325,35 @@ mod tests {
     }
 
     #[test]
+    fn a_capped_series_keeps_at_most_its_points_and_judges_in_order_readings_alike() {
+        let mut capped = Series::new(spo2(sustained(5)), Duration::hours(1)).with_max_points(4);
+        let mut full = Series::new(spo2(sustained(5)), Duration::hours(1));
+        // Low from minute 10 to 19, normal before and after.
+        let points: Vec<Point> = (0..30)
+            .map(|m| p(m, if (10..20).contains(&m) { 85.0 } else { 97.0 }))
+            .collect();
+        let told = run(&mut full, &points);
+        assert!(!told.is_empty(), "the episode is raised and cleared");
+        assert_eq!(run(&mut capped, &points), told);
+        assert_eq!(capped.kept(), 4);
+        assert_eq!(full.kept(), 30);
+        // Ten minutes late: within the horizon, but older than the capped
+        // series keeps.
+        assert!(full.observe(p(19, 97.0)).is_ok());
+        assert!(capped.observe(p(19, 97.0)).is_err());
+        // Within what it keeps, a late reading is still judged.
+        assert!(
+            capped
+                .observe(Point {
+                    at: t(28) + Duration::seconds(30),
+                    ..p(0, 97.0)
+                })
+                .is_ok()
+        );
+        assert_eq!(capped.kept(), 4);
+    }
+
+    #[test]
     fn a_sustained_rule_waits_for_its_duration() {
         let mut s = Series::new(spo2(sustained(5)), Duration::hours(1));
         // Four minutes below, then a normal reading: the run breaks, nothing raised.

@@ -208,12 +208,17 @@ pub fn consumer(cfg: &KafkaConfig, group_id: &str) -> Result<StreamConsumer, Bus
 }
 
 /// Like [`consumer`], for a latency-sensitive reader: a fetch waits at most
-/// 50 ms for data (librdkafka's default is 500 ms). Apache Kafka answers a
-/// fetch as soon as data is there anyway; tansu 0.6 holds it for the whole
-/// wait, which measured as 0.5 s of every alert's latency. `[kafka.properties]`
-/// still overrides it.
-pub fn low_latency_consumer(cfg: &KafkaConfig, group_id: &str) -> Result<StreamConsumer, BusError> {
-    consumer_with(cfg, group_id, &[("fetch.wait.max.ms", "50")])
+/// `fetch_wait_ms` for data (librdkafka's default is 500 ms). Apache Kafka
+/// answers a fetch as soon as data is there anyway; tansu 0.6 holds it for
+/// the whole wait, which measured as 0.5 s of every alert's latency.
+/// `[kafka.properties]` still overrides it.
+pub fn low_latency_consumer(
+    cfg: &KafkaConfig,
+    group_id: &str,
+    fetch_wait_ms: u64,
+) -> Result<StreamConsumer, BusError> {
+    let wait = fetch_wait_ms.to_string();
+    consumer_with(cfg, group_id, &[("fetch.wait.max.ms", &wait)])
 }
 
 fn consumer_with(

@@ -281,8 +281,9 @@ pub async fn insert_unnest(client: &impl GenericClient, rows: &Rows) -> Result<u
 /// A patient's readings of `since`'s metrics from each one's instant on,
 /// oldest first, rebuilt as core readings (a blood pressure's two rows as
 /// one panel): what the rules engine replays to rebuild a patient's windows
-/// after a restart or a rebalance. At most `limit` rows are read (the
-/// newest are kept when there are more).
+/// after a restart or a rebalance. At most `limit` rows of each metric are
+/// read (its newest), so a dense stream (a 1 Hz wearable) costs a rebuild
+/// no more than the engine keeps.
 pub async fn history(
     client: &impl GenericClient,
     patient_id: &str,
@@ -298,11 +299,15 @@ pub async fn history(
     let rows = client
         .query(
             "SELECT * FROM (
-                 SELECT r.time, r.device_id, r.metric, r.component, r.value, r.quality
+                 SELECT r.*
                    FROM unnest($2::text[], $3::timestamptz[]) AS h(metric, since)
-                   JOIN readings r ON r.patient_id = $1 AND r.metric = h.metric AND r.time >= h.since
-                  ORDER BY r.time DESC
-                  LIMIT $4
+                  CROSS JOIN LATERAL (
+                        SELECT time, device_id, metric, component, value, quality
+                          FROM readings
+                         WHERE patient_id = $1 AND metric = h.metric AND time >= h.since
+                         ORDER BY time DESC
+                         LIMIT $4
+                  ) r
              ) newest ORDER BY time",
             &[&patient_id, &metrics, &instants, &limit],
         )

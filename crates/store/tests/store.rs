@@ -1210,9 +1210,13 @@ async fn a_patients_history_comes_back_as_readings_with_panels_whole() {
     // Heart rate was not asked for; the SpO2 of two hours before is older than asked.
     let want: Vec<Reading> = batch.readings[..4].to_vec();
     assert_eq!(got, want);
-    // The limit keeps the newest.
-    let newest = history(&c, "p", &since, 2).await.expect("limited");
-    assert_eq!(newest, batch.readings[2..4].to_vec());
+    // The limit keeps each metric's newest rows.
+    let newest = history(&c, "p", &since[..1], 1).await.expect("limited");
+    assert_eq!(newest, batch.readings[2..3].to_vec());
+    let each = history(&c, "p", &[since[0], since[2]], 1)
+        .await
+        .expect("limited per metric");
+    assert_eq!(each, batch.readings[2..4].to_vec());
     assert!(
         history(&c, "other", &since, 1000)
             .await

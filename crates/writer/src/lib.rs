@@ -102,7 +102,7 @@ pub async fn run(
 ) -> Result<(), WriterError> {
     // A 50 ms fetch wait: on tansu, which holds every fetch for the whole
     // wait, librdkafka's 500 ms default was most of publish-to-row latency.
-    let consumer = vitalwatch_bus::low_latency_consumer(kafka, &cfg.group_id)?;
+    let consumer = vitalwatch_bus::low_latency_consumer(kafka, &cfg.group_id, 50)?;
     consumer.subscribe(&[kafka.readings_topic.as_str()])?;
     let deadletter = DeadLetter::new(
         vitalwatch_bus::Producer::new(kafka)?,
