@@ -10,7 +10,9 @@
 //! wearing a monitor that measures heart rate and SpO2 every second and
 //! uploads 5 seconds of them at a time, so 2 readings/s per patient and
 //! 10,000 readings/s by default; BENCH_PROBES, default 100;
-//! BENCH_PROBE_INTERVAL_MS, default 500)
+//! BENCH_PROBE_INTERVAL_MS, default 500; BENCH_FETCH_WAIT_MS and
+//! BENCH_BATCH_WAIT_MS, the alerts engine's `fetch_wait_ms` and
+//! `batch_max_wait_ms`, default theirs)
 //!
 //! Each probe is one body-temperature reading of a patient of the nurse's
 //! care team: 39.0 °C raises the default `fever` rule, the next probe's
@@ -103,6 +105,9 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     cfg.writer.group_id = ts::unique("writer");
     cfg.alerts.group_id = ts::unique("alerts");
     cfg.alerts.writer_group_id = cfg.writer.group_id.clone();
+    cfg.alerts.fetch_wait_ms = env("BENCH_FETCH_WAIT_MS", cfg.alerts.fetch_wait_ms as usize) as u64;
+    cfg.alerts.batch_max_wait_ms =
+        env("BENCH_BATCH_WAIT_MS", cfg.alerts.batch_max_wait_ms as usize) as u64;
     cfg.api.auth.hs256_secret = Some(SECRET.into());
     let mut client = vitalwatch_store::connect(&cfg.database.url).await?;
     vitalwatch_store::registry::register_device(
@@ -303,7 +308,8 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         latencies[((latencies.len() as f64 - 1.0) * p).round() as usize].as_secs_f64() * 1e3
     };
     println!(
-        "publish-to-alert latency (device MQTT publish -> nurse's SSE event), ingest + writer + alerts + API in one process, {patients} background patients"
+        "publish-to-alert latency (device MQTT publish -> nurse's SSE event), ingest + writer + alerts + API in one process, {patients} background patients; alerts fetch wait {} ms, batch wait {} ms",
+        cfg.alerts.fetch_wait_ms, cfg.alerts.batch_max_wait_ms
     );
     println!(
         "  background load offered {rate} readings/s; ingest accepted {:.0} readings/s while probing ({sent_batches} uploads sent in all)",
