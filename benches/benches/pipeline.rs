@@ -64,6 +64,14 @@ async fn child(service: &str) -> Result<(), Box<dyn std::error::Error>> {
         "api" => Service::Api,
         other => return Err(format!("unknown service {other}").into()),
     };
+    // The services' warnings (VITALWATCH_LOG overrides), on stderr.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("VITALWATCH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
     let cfg = Config::load(None)?;
     let token = CancellationToken::new();
     let stop = token.clone();
@@ -422,10 +430,23 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         let stop = sampling.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(5));
+            let mut samples = 0u64;
             while !stop.is_cancelled() {
                 tick.tick().await;
                 for w in watched.iter_mut() {
                     w.sample(ticks);
+                }
+                // Every 5 minutes, memory so far: is it flat?
+                samples += 1;
+                if samples % 60 == 0 {
+                    let rss: Vec<String> = watched
+                        .iter()
+                        .map(|w| {
+                            let mib = w.rss_mib.last().copied().unwrap_or(0.0);
+                            format!("{} {mib:.0}", w.name)
+                        })
+                        .collect();
+                    eprintln!("  RSS (MiB) at {} min: {}", samples / 12, rss.join(", "));
                 }
             }
             watched
@@ -436,11 +457,13 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let positions = {
         let (stop, cfg) = (sampling.clone(), cfg.clone());
         tokio::spawn(async move {
+            let mut last: [Option<i64>; 2] = [None, None];
+            let mut since = [Instant::now(); 2];
             while !stop.is_cancelled() {
                 tokio::time::sleep(Duration::from_secs(5)).await;
-                let cfg = cfg.clone();
+                let c = cfg.clone();
                 let got = tokio::task::spawn_blocking(move || {
-                    kafka_positions(&cfg, &[&cfg.writer.group_id, &cfg.alerts.group_id])
+                    kafka_positions(&c, &[&c.writer.group_id, &c.alerts.group_id])
                 })
                 .await;
                 if let Ok(Some((end, c))) = got {
@@ -449,6 +472,29 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
                         end - c[0],
                         end - c[1]
                     );
+                    // A group behind whose commits have not moved for 30 s:
+                    // what does the broker say of it?
+                    for (i, group) in [&cfg.writer.group_id, &cfg.alerts.group_id]
+                        .iter()
+                        .enumerate()
+                    {
+                        let moved = last[i] != Some(c[i]);
+                        if moved {
+                            (last[i], since[i]) = (Some(c[i]), Instant::now());
+                        } else if c[i] < end && since[i].elapsed() > Duration::from_secs(30) {
+                            let (kafka, group) = (cfg.kafka.clone(), (*group).clone());
+                            let state = tokio::task::spawn_blocking(move || {
+                                ts::group_state(&kafka, &group)
+                            })
+                            .await;
+                            eprintln!(
+                                "  {} has not committed for {:.0} s: group {:?}",
+                                ["writer", "alerts"][i],
+                                since[i].elapsed().as_secs_f64(),
+                                state
+                            );
+                        }
+                    }
                 }
             }
         })
@@ -478,16 +524,37 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         .iter()
         .min_by(|a, b| a.readings_per_second.total_cmp(&b.readings_per_second))
     {
+        let rate = load.effective_rate();
         println!(
-            "\n{:<40} {:>16} {:>13} {:>13}",
-            "each stage alone", "per second", "readings/s", "machine busy"
+            "\n{:<40} {:>16} {:>13} {:>13} {:>17}",
+            "each stage alone", "per second", "readings/s", "machine busy", "CPU at the rate"
         );
+        // What each stage would take of the machine at the load's rate, if
+        // its CPU grew with the rate: the pipeline needs them all at once.
+        let mut needed = 0.0;
         for l in &limits {
+            let at_rate = l.machine_busy * rate / l.readings_per_second;
+            needed += at_rate * f64::from(l.times);
             println!(
-                "{:<40} {:>8.0} {:<7} {:>13.0} {:>12.0}%",
-                l.stage, l.per_second, l.unit, l.readings_per_second, l.machine_busy
+                "{:<40} {:>8.0} {:<7} {:>13.0} {:>12.0}% {:>10.0}%{}",
+                l.stage,
+                l.per_second,
+                l.unit,
+                l.readings_per_second,
+                l.machine_busy,
+                at_rate,
+                if l.times > 1 {
+                    format!(" x{}", l.times)
+                } else {
+                    String::new()
+                }
             );
         }
+        println!(
+            "the stages need {needed:.0}% of the machine at {rate:.0} readings/s (it has {:.0}%), before the load generator and the rules: at most {:.0} readings/s fit",
+            cores * 100.0,
+            rate * (cores * 100.0 / needed).min(1.0)
+        );
         if let (Some(stored), Some(after)) = (report.stored, report.stored_after_seconds) {
             let end_to_end = stored as f64 / (report.seconds + after);
             println!(

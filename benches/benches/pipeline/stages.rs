@@ -36,6 +36,9 @@ pub struct Limit {
     pub readings_per_second: f64,
     /// The machine's busy share while it ran (of 100% per core).
     pub machine_busy: f64,
+    /// How many times the pipeline goes through it (the readings are
+    /// consumed twice: by the writer and by the alerts engine).
+    pub times: u32,
 }
 
 /// Distinct uploads the stages cycle through.
@@ -82,6 +85,7 @@ pub async fn measure(
         unit: "uploads",
         readings_per_second: msgs * per_upload,
         machine_busy: busy,
+        times: 1,
     });
     let topic = ts::unique("t.stage");
     vitalwatch_bus::ensure_topics(&cfg.kafka, &[&topic]).await?;
@@ -93,6 +97,7 @@ pub async fn measure(
         unit: "records",
         readings_per_second: produced * per_upload,
         machine_busy: busy,
+        times: 1,
     });
     let (consumed, busy) = busy_while(kafka_consume(cfg, &topic, count)).await?;
     limits.push(Limit {
@@ -101,6 +106,7 @@ pub async fn measure(
         unit: "records",
         readings_per_second: consumed * per_upload,
         machine_busy: busy,
+        times: 2,
     });
     let (rows, busy) = busy_while(postgres_copy(cfg, &records, window)).await?;
     limits.push(Limit {
@@ -109,6 +115,7 @@ pub async fn measure(
         unit: "rows",
         readings_per_second: rows,
         machine_busy: busy,
+        times: 1,
     });
     Ok(limits)
 }

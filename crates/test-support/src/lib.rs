@@ -566,6 +566,32 @@ impl Drop for PrivatePostgres {
 
 /// `group`'s committed offset of every partition of the readings topic, and
 /// the partitions' high watermarks (a partition with nothing committed: 0).
+/// The state of consumer group `group` as the broker has it: its state and,
+/// per member, its client id and the size of its assignment in bytes (0:
+/// no partitions). For telling a stalled consumer from an unassigned one.
+pub fn group_state(kafka: &KafkaConfig, group: &str) -> Result<String, vitalwatch_bus::BusError> {
+    let consumer = vitalwatch_bus::consumer(kafka, &unique("probe"))?;
+    let groups = consumer
+        .fetch_group_list(Some(group), Duration::from_secs(10))
+        .map_err(vitalwatch_bus::BusError::from)?;
+    let mut out = Vec::new();
+    for g in groups.groups() {
+        let members: Vec<String> = g
+            .members()
+            .iter()
+            .map(|m| {
+                format!(
+                    "{} assignment {} B",
+                    m.client_id(),
+                    m.assignment().map_or(0, <[u8]>::len)
+                )
+            })
+            .collect();
+        out.push(format!("{} [{}]", g.state(), members.join("; ")));
+    }
+    Ok(out.join(", "))
+}
+
 pub fn committed_and_end(
     kafka: &KafkaConfig,
     group: &str,
