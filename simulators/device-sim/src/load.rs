@@ -760,12 +760,13 @@ impl Probes {
                 .map(|s| Percentiles::of(&s))
                 .unwrap_or(None);
         }
-        // Count until it reaches what the broker acknowledged, or stops
-        // moving. This run's sequence numbers start at its start in Unix
-        // ms; an earlier run's, of the same devices, end before that.
+        // Count until it reaches what the broker acknowledged, or has not
+        // moved for STORE_PATIENCE (a backlog drains in bursts). This
+        // run's sequence numbers start at its start in Unix ms; an earlier
+        // run's, of the same devices, end before that.
         let from = wall_start - chrono::Duration::milliseconds(load.interval_ms() as i64 + 1000);
         let prefix = format!("{}-d", load.prefix);
-        let mut last = None;
+        let mut last: Option<(u64, Instant)> = None;
         loop {
             let n: i64 = self
                 .client
@@ -778,18 +779,25 @@ impl Probes {
                 .map_err(|e| format!("counting stored readings: {e}"))?
                 .get(0);
             let n = n as u64;
-            if n >= report.readings_acknowledged || last == Some(n) {
+            let stuck = last.is_some_and(|(m, since)| m == n && since.elapsed() >= STORE_PATIENCE);
+            if n >= report.readings_acknowledged || stuck {
                 report.stored = Some(n);
                 report.stored_after_seconds = (n >= report.readings_acknowledged)
                     .then(|| published_at.elapsed().as_secs_f64());
                 report.lost = Some(report.readings_acknowledged.saturating_sub(n));
                 return Ok(());
             }
-            last = Some(n);
+            if last.is_none_or(|(m, _)| m != n) {
+                last = Some((n, Instant::now()));
+            }
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
     }
 }
+
+/// How long the stored count may stand still before the readings not yet
+/// stored are reported as lost.
+const STORE_PATIENCE: Duration = Duration::from_secs(30);
 
 /// Polls for the row probes' rows every [`ROW_POLL`], adding each latency
 /// to `samples`; returns how many never appeared.
