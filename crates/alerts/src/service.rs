@@ -481,6 +481,15 @@ impl Judge {
             .map(|r| r.measured_at)
             .min()
             .unwrap_or_else(Utc::now);
+        // Up to the record being judged: what the writer stored after it
+        // comes again from Kafka, in order, and must not crowd out the
+        // readings before it under the per-metric limit.
+        let until = batch
+            .readings
+            .iter()
+            .map(|r| r.measured_at)
+            .max()
+            .unwrap_or(from);
         let since: Vec<_> = self
             .engine
             .lookback()
@@ -491,6 +500,7 @@ impl Judge {
             &**client,
             &batch.patient_id,
             &since,
+            until,
             // A blood pressure is two rows; more than a series keeps is
             // folded anyway.
             i64::try_from(self.rebuild_rows).unwrap_or(i64::MAX),

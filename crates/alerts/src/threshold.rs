@@ -325,31 +325,41 @@ mod tests {
     }
 
     #[test]
-    fn a_capped_series_keeps_at_most_its_points_and_judges_in_order_readings_alike() {
+    fn a_capped_series_keeps_at_most_its_points_and_tells_what_full_replays_tell() {
         let mut capped = Series::new(spo2(sustained(5)), Duration::hours(1)).with_max_points(4);
-        let mut full = Series::new(spo2(sustained(5)), Duration::hours(1));
-        // Low from minute 10 to 19, normal before and after.
-        let points: Vec<Point> = (0..30)
-            .map(|m| p(m, if (10..20).contains(&m) { 85.0 } else { 97.0 }))
-            .collect();
+        let mut full = Series::new(spo2(sustained(5)), Duration::hours(1)).replaying_always();
+        // Low from minute 0 (raised at minute 5, from minute 0); at minute
+        // 10, with the episode open and its start folded out of the capped
+        // series, a late normal reading of 9:30; then normal.
+        let mut points: Vec<Point> = (0..=10).map(|m| p(m, 85.0)).collect();
+        points.push(Point {
+            at: t(9) + Duration::seconds(30),
+            ..p(0, 97.0)
+        });
+        points.extend((11..20).map(|m| p(m, 97.0)));
         let told = run(&mut full, &points);
-        assert!(!told.is_empty(), "the episode is raised and cleared");
+        assert_eq!(told.first(), Some(&raise(0, 5, 85.0)), "{told:?}");
+        assert!(
+            told.iter().any(|t| matches!(t, Transition::Clear { .. })),
+            "{told:?}"
+        );
         assert_eq!(run(&mut capped, &points), told);
         assert_eq!(capped.kept(), 4);
-        assert_eq!(full.kept(), 30);
-        // Ten minutes late: within the horizon, but older than the capped
-        // series keeps.
-        assert!(full.observe(p(19, 97.0)).is_ok());
-        assert!(capped.observe(p(19, 97.0)).is_err());
+        assert_eq!(full.kept(), 21);
+        // Five minutes late: within the horizon, but older than the capped
+        // series keeps (minutes 16 to 19).
+        let late = Point {
+            at: t(14) + Duration::seconds(30),
+            ..p(0, 97.0)
+        };
+        assert!(full.observe(late).is_ok());
+        assert!(capped.observe(late).is_err());
         // Within what it keeps, a late reading is still judged.
-        assert!(
-            capped
-                .observe(Point {
-                    at: t(28) + Duration::seconds(30),
-                    ..p(0, 97.0)
-                })
-                .is_ok()
-        );
+        let within = Point {
+            at: t(18) + Duration::seconds(30),
+            ..p(0, 97.0)
+        };
+        assert!(capped.observe(within).is_ok());
         assert_eq!(capped.kept(), 4);
     }
 

@@ -278,16 +278,20 @@ pub async fn insert_unnest(client: &impl GenericClient, rows: &Rows) -> Result<u
     Ok(n)
 }
 
-/// A patient's readings of `since`'s metrics from each one's instant on,
-/// oldest first, rebuilt as core readings (a blood pressure's two rows as
+/// A patient's readings of `since`'s metrics from each one's instant on and
+/// up to `until`, oldest first, rebuilt as core readings (a blood pressure's two rows as
 /// one panel): what the rules engine replays to rebuild a patient's windows
 /// after a restart or a rebalance. At most `limit` rows of each metric are
-/// read (its newest), so a dense stream (a 1 Hz wearable) costs a rebuild
-/// no more than the engine keeps.
+/// read (its newest up to `until`), so a dense stream (a 1 Hz wearable)
+/// costs a rebuild no more than the engine keeps. Readings after `until`
+/// are left out: the rebuild is of the history before the record being
+/// judged, whatever the writer has stored since (after a restart of the
+/// engine, Kafka delivers those again, in order).
 pub async fn history(
     client: &impl GenericClient,
     patient_id: &str,
     since: &[(vitalwatch_core::catalogue::Metric, DateTime<Utc>)],
+    until: DateTime<Utc>,
     limit: i64,
 ) -> Result<Vec<vitalwatch_core::reading::Reading>, StoreError> {
     use std::collections::BTreeMap;
@@ -304,12 +308,13 @@ pub async fn history(
                   CROSS JOIN LATERAL (
                         SELECT time, device_id, metric, component, value, quality
                           FROM readings
-                         WHERE patient_id = $1 AND metric = h.metric AND time >= h.since
+                         WHERE patient_id = $1 AND metric = h.metric
+                           AND time >= h.since AND time <= $5
                          ORDER BY time DESC
                          LIMIT $4
                   ) r
              ) newest ORDER BY time",
-            &[&patient_id, &metrics, &instants, &limit],
+            &[&patient_id, &metrics, &instants, &limit, &until],
         )
         .await?;
     let mut out = Vec::with_capacity(rows.len());

@@ -1206,19 +1206,27 @@ async fn a_patients_history_comes_back_as_readings_with_panels_whole() {
         (Metric::BloodPressure, now - Duration::minutes(30)),
         (Metric::Consciousness, now - Duration::minutes(30)),
     ];
-    let got = history(&c, "p", &since, 1000).await.expect("history");
+    let end = now + Duration::minutes(10);
+    let got = history(&c, "p", &since, end, 1000).await.expect("history");
     // Heart rate was not asked for; the SpO2 of two hours before is older than asked.
     let want: Vec<Reading> = batch.readings[..4].to_vec();
     assert_eq!(got, want);
     // The limit keeps each metric's newest rows.
-    let newest = history(&c, "p", &since[..1], 1).await.expect("limited");
+    let newest = history(&c, "p", &since[..1], end, 1)
+        .await
+        .expect("limited");
     assert_eq!(newest, batch.readings[2..3].to_vec());
-    let each = history(&c, "p", &[since[0], since[2]], 1)
+    let each = history(&c, "p", &[since[0], since[2]], end, 1)
         .await
         .expect("limited per metric");
     assert_eq!(each, batch.readings[2..4].to_vec());
+    // Nothing after `until`: the newest SpO2 up to minute 1 is minute 0's.
+    let before = history(&c, "p", &since[..1], now + Duration::minutes(1), 1)
+        .await
+        .expect("until");
+    assert_eq!(before, batch.readings[..1].to_vec());
     assert!(
-        history(&c, "other", &since, 1000)
+        history(&c, "other", &since, end, 1000)
             .await
             .expect("other")
             .is_empty()
