@@ -218,7 +218,8 @@ impl Engine {
 
     /// The same engine keeping at most `max` readings per series and per
     /// NEWS2 parameter: on dense streams the oldest are folded early, so a
-    /// patient's memory is bounded whatever their devices' rate; a reading
+    /// patient's memory is bounded whatever their devices' rate (but for a
+    /// rate-of-change rule's state, which holds its window); a reading
     /// older than the oldest kept is too late.
     pub fn with_max_points(mut self, max: usize) -> Engine {
         self.max_points = max.max(1);

@@ -64,7 +64,8 @@ pub struct AlertsConfig {
     /// dense stream this, not `late_minutes`, bounds how late it may be
     /// (600 readings are 10 minutes of a 1 Hz wearable, 50 hours of a
     /// reading every 5 minutes). It bounds the engine's memory per patient
-    /// whatever the devices' rate. Default 600.
+    /// whatever the devices' rate (but for a rate-of-change rule's state,
+    /// which holds its window's readings). Default 600.
     pub max_points_per_series: usize,
     /// How long a fetch of the readings waits for records, at most, in
     /// milliseconds. Apache Kafka answers as soon as records are there;
