@@ -40,10 +40,16 @@ async fn start_cohort(cfg: &vitalwatch::Config, registry: &str) -> (Running, Bro
 async fn an_accelerated_cohort_has_every_event_kind_detected_and_scored() {
     let mut cfg = config().await;
     cfg.alerts.missing_check_seconds = 5;
-    let placed = |patient, kind, start_hours| PlacedEvent {
+    let start = Utc::now() - chrono::Duration::days(6);
+    // Events at fixed hours of the patients' day, whatever the time the
+    // test runs: values follow the circadian rhythm (systolic ±7 mmHg), so
+    // an event placed by scenario hour alone crossed its rule's threshold
+    // at some times of day and not at others.
+    let start_of_day = start.timestamp().rem_euclid(86_400) as f64 / 3600.0;
+    let placed = |patient, kind, day: f64, hour_of_day: f64| PlacedEvent {
         patient,
         kind,
-        start_hours,
+        start_hours: day * 24.0 + (hour_of_day - start_of_day).rem_euclid(24.0),
     };
     let scenario = Scenario {
         seed: 42,
@@ -66,11 +72,11 @@ async fn an_accelerated_cohort_has_every_event_kind_detected_and_scored() {
             tachycardia: 0.0,
         },
         event: vec![
-            placed(0, EventKind::Hypoxaemia, 30.0),
-            placed(1, EventKind::HypertensiveCrisis, 40.0),
-            placed(2, EventKind::HeartFailureDecompensation, 14.0),
-            placed(3, EventKind::Sepsis, 50.0),
-            placed(4, EventKind::Tachycardia, 60.0),
+            placed(0, EventKind::Hypoxaemia, 1.0, 4.0),
+            placed(1, EventKind::HypertensiveCrisis, 1.0, 12.0),
+            placed(2, EventKind::HeartFailureDecompensation, 0.0, 12.0),
+            placed(3, EventKind::Sepsis, 2.0, 0.0),
+            placed(4, EventKind::Tachycardia, 2.0, 12.0),
         ],
         faults: Faults {
             silent: 0.0,
@@ -78,7 +84,7 @@ async fn an_accelerated_cohort_has_every_event_kind_detected_and_scored() {
         },
         ..Scenario::default()
     };
-    let plan = Plan::new(&scenario, Utc::now() - chrono::Duration::days(6));
+    let plan = Plan::new(&scenario, start);
     let (running, broker) = start_cohort(&cfg, &plan.registry_csv()).await;
     let replayed = replay(&plan, &broker, Pace::Fast, |_| {})
         .await
