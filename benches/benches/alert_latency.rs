@@ -12,7 +12,8 @@
 //! 10,000 readings/s by default; BENCH_PROBES, default 100;
 //! BENCH_PROBE_INTERVAL_MS, default 500; BENCH_FETCH_WAIT_MS and
 //! BENCH_BATCH_WAIT_MS, the alerts engine's `fetch_wait_ms` and
-//! `batch_max_wait_ms`, default theirs)
+//! `batch_max_wait_ms`, default theirs; BENCH_LINGER_MS, the producers'
+//! `linger.ms`, default 5)
 //!
 //! Each probe is one body-temperature reading of a patient of the nurse's
 //! care team: 39.0 °C raises the default `fever` rule, the next probe's
@@ -92,9 +93,22 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let rate = patients * 2;
     let probes = env("BENCH_PROBES", 100).max(6);
     let interval = Duration::from_millis(env("BENCH_PROBE_INTERVAL_MS", 500) as u64);
-    let recorder = PrometheusBuilder::new().build_recorder();
+    // Summaries over the last 30 s (3 buckets of 10 s), kept up to date
+    // every second, so the hop figures are those of the probing.
+    let recorder = PrometheusBuilder::new()
+        .set_bucket_duration(Duration::from_secs(10))?
+        .build_recorder();
     let metrics = recorder.handle();
     metrics::set_global_recorder(recorder)?;
+    {
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                metrics.run_upkeep();
+            }
+        });
+    }
 
     let mut cfg = Config {
         database: ts::database().await,
@@ -108,6 +122,10 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     cfg.alerts.fetch_wait_ms = env("BENCH_FETCH_WAIT_MS", cfg.alerts.fetch_wait_ms as usize) as u64;
     cfg.alerts.batch_max_wait_ms =
         env("BENCH_BATCH_WAIT_MS", cfg.alerts.batch_max_wait_ms as usize) as u64;
+    if let Ok(linger) = std::env::var("BENCH_LINGER_MS") {
+        // Every producer's, ingest's among them.
+        cfg.kafka.properties.insert("linger.ms".into(), linger);
+    }
     cfg.api.auth.hs256_secret = Some(SECRET.into());
     let mut client = vitalwatch_store::connect(&cfg.database.url).await?;
     vitalwatch_store::registry::register_device(
@@ -258,6 +276,36 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         tokio::time::sleep_until((sent + interval).into()).await;
     }
     let measured = load_started.elapsed();
+    // Where the time goes, over the background load's records too, during
+    // the last 30 s of probing.
+    let hops = {
+        let text = metrics.render();
+        let q = |name: &str, p: &str| {
+            metric(&text, &format!("{name}{{quantile=\"{p}\"}}")).map_or(f64::NAN, |s| s * 1e3)
+        };
+        [
+            (
+                "device publish -> Kafka ack (ingest)",
+                "vitalwatch_ingest_mqtt_to_kafka_seconds",
+            ),
+            (
+                "ingest receipt -> engine's fetch",
+                "vitalwatch_alerts_record_lag_seconds",
+            ),
+            (
+                "storing a batch's changes",
+                "vitalwatch_alerts_store_seconds",
+            ),
+        ]
+        .map(|(what, name)| {
+            format!(
+                "{what}: p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms",
+                q(name, "0.5"),
+                q(name, "0.99"),
+                q(name, "0.999")
+            )
+        })
+    };
     let accepted = metric(
         &metrics.render(),
         "vitalwatch_ingest_accepted_readings_total",
@@ -322,6 +370,9 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         q(0.99),
         q(1.0)
     );
+    for hop in hops {
+        println!("  {hop}");
+    }
     println!(
         "  engine restarted under load: all {patients} patients rebuilt from the store in {:.1} s ({replayed_readings:.0} readings replayed, {:.0} per patient; each patient's first upload after the restart waits for its rebuild)",
         rebuilt_in.as_secs_f64(),

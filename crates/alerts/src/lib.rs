@@ -72,9 +72,13 @@ pub struct AlertsConfig {
     /// tansu 0.6 holds every fetch this long, which is then part of every
     /// alert's latency. Default 10.
     pub fetch_wait_ms: u64,
-    /// Records judged together (one transaction of alert changes). Default 500.
+    /// Records judged together (one transaction of alert changes), at
+    /// most. A batch takes the records that have arrived by the time it
+    /// starts (so under load batches grow by themselves). Default 500.
     pub batch_max_records: usize,
-    /// …or when the first record is this old, in milliseconds. Default 20.
+    /// How long a batch waits for more records after its first, in
+    /// milliseconds. Default 0: none, since every millisecond here is part
+    /// of every alert's latency.
     pub batch_max_wait_ms: u64,
     /// The rules (`[[alerts.rules]]`); [`rules::default_rules`] when absent.
     pub rules: Option<Vec<rules::RuleConfig>>,
@@ -95,7 +99,7 @@ impl Default for AlertsConfig {
             max_points_per_series: 600,
             fetch_wait_ms: 10,
             batch_max_records: 500,
-            batch_max_wait_ms: 20,
+            batch_max_wait_ms: 0,
             rules: None,
             webhooks: Vec::new(),
         }

@@ -160,7 +160,12 @@ pub async fn run(
     };
     tracing::info!(group = %cfg.group_id, rules = judge.engine.rules().len(), "alerts engine started");
     let max_wait = Duration::from_millis(cfg.batch_max_wait_ms);
-    let mut last_commit: Option<TopicPartitionList> = None;
+    // Judged offsets not yet committed (next to read, by partition), and
+    // the last ones committed: commits go out at most every COMMIT_EVERY,
+    // since batches can be a handful of records each.
+    let mut uncommitted: HashMap<i32, i64> = HashMap::new();
+    let mut last_commit: HashMap<i32, i64> = HashMap::new();
+    let mut committed_at = tokio::time::Instant::now();
 
     'outer: while !shutdown.is_cancelled() {
         let mut records: Vec<(i32, i64, Option<Batch>)> = Vec::new();
@@ -169,10 +174,18 @@ pub async fn run(
         while records.len() < cfg.batch_max_records.max(1) {
             let wait_until =
                 deadline.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+            // After the first record: whatever has arrived with it (the
+            // rest of its fetch, what came in while the last batch was
+            // judged), and then, with a batch wait, more until the deadline.
+            let waiting = deadline.is_some_and(|d| d > tokio::time::Instant::now());
+            let idle_commit = deadline.is_none() && !uncommitted.is_empty();
             let msg = tokio::select! {
-                m = consumer.recv() => m,
-                () = tokio::time::sleep_until(wait_until) => break,
+                biased;
                 () = shutdown.cancelled() => break,
+                m = consumer.recv() => m,
+                () = std::future::ready(()), if deadline.is_some() && !waiting => break,
+                () = tokio::time::sleep_until(wait_until) => break,
+                () = tokio::time::sleep_until(committed_at + COMMIT_EVERY), if idle_commit => break,
             };
             let msg = match msg {
                 Ok(m) => m,
@@ -185,7 +198,15 @@ pub async fn run(
             let (partition, offset) = (msg.partition(), msg.offset());
             offsets.insert(partition, offset);
             match Batch::decode(msg.payload().unwrap_or_default()) {
-                Ok(batch) => records.push((partition, offset, Some(batch))),
+                Ok(batch) => {
+                    // Ingest's receipt to here: the Kafka hop and any backlog.
+                    let lag = (Utc::now() - batch.received_at)
+                        .num_microseconds()
+                        .unwrap_or(0);
+                    metrics::histogram!("vitalwatch_alerts_record_lag_seconds")
+                        .record(lag.max(0) as f64 / 1e6);
+                    records.push((partition, offset, Some(batch)));
+                }
                 // The writer dead-letters it; nothing here to judge.
                 Err(e) => {
                     tracing::warn!(partition, offset, error = %e, "record is not a valid batch; skipped");
@@ -194,6 +215,14 @@ pub async fn run(
             }
         }
         if offsets.is_empty() {
+            commit(
+                &consumer,
+                &kafka.readings_topic,
+                &mut uncommitted,
+                &mut last_commit,
+                CommitMode::Async,
+            );
+            committed_at = tokio::time::Instant::now();
             continue;
         }
         // Between batches, so that no change of a forgotten patient is
@@ -221,24 +250,29 @@ pub async fn run(
         if !changes.is_empty() {
             wake.notify_one();
         }
-        let mut tpl = TopicPartitionList::new();
-        for (partition, offset) in &offsets {
-            tpl.add_partition_offset(
+        uncommitted.extend(offsets.iter().map(|(p, o)| (*p, o + 1)));
+        if committed_at.elapsed() >= COMMIT_EVERY {
+            commit(
+                &consumer,
                 &kafka.readings_topic,
-                *partition,
-                Offset::Offset(offset + 1),
-            )?;
+                &mut uncommitted,
+                &mut last_commit,
+                CommitMode::Async,
+            );
+            committed_at = tokio::time::Instant::now();
         }
-        if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
-            tracing::warn!(error = %e, "offset commit failed"); // replayed: changes nothing
-        }
-        last_commit = Some(tpl);
     }
-    if let Some(tpl) = last_commit
-        && let Err(e) = consumer.commit(&tpl, CommitMode::Sync)
-    {
-        tracing::warn!(error = %e, "final offset commit failed");
-    }
+    // The last commit again, synchronously (an async one may not have
+    // landed), with what was judged since.
+    let mut last = std::mem::take(&mut last_commit);
+    last.extend(uncommitted.drain());
+    commit(
+        &consumer,
+        &kafka.readings_topic,
+        &mut last,
+        &mut last_commit,
+        CommitMode::Sync,
+    );
     shutdown.cancel();
     let _ = relay_task.await;
     let _ = escalation_task.await;
@@ -250,6 +284,35 @@ pub async fn run(
     }
     tracing::info!("alerts engine stopped");
     Ok(())
+}
+
+/// How often the engine commits the offsets it has judged, at most. A
+/// crash replays what it judged since; replays change nothing.
+const COMMIT_EVERY: Duration = Duration::from_millis(200);
+
+/// Commits `offsets` (the next offset to read, by partition) and takes them
+/// as `last`. A failed commit is logged: what it covered is replayed, which
+/// changes nothing.
+fn commit(
+    consumer: &StreamConsumer,
+    topic: &str,
+    offsets: &mut HashMap<i32, i64>,
+    last: &mut HashMap<i32, i64>,
+    mode: CommitMode,
+) {
+    if offsets.is_empty() {
+        return;
+    }
+    let mut tpl = TopicPartitionList::new();
+    for (partition, next) in offsets.iter() {
+        if let Err(e) = tpl.add_partition_offset(topic, *partition, Offset::Offset(*next)) {
+            tracing::warn!(error = %e, partition, "cannot commit this offset");
+        }
+    }
+    if let Err(e) = consumer.commit(&tpl, mode) {
+        tracing::warn!(error = %e, "offset commit failed"); // replayed: changes nothing
+    }
+    *last = std::mem::take(offsets);
 }
 
 /// The engine and what it needs to rebuild patients.
@@ -576,8 +639,11 @@ async fn store_changes(
     }
     let mut backoff = Duration::from_millis(100);
     loop {
+        let started = std::time::Instant::now();
         match try_store(pool, changes).await {
             Ok(()) => {
+                metrics::histogram!("vitalwatch_alerts_store_seconds")
+                    .record(started.elapsed().as_secs_f64());
                 readiness.set_ready("alerts.database");
                 return Ok(());
             }
