@@ -5,7 +5,7 @@
 //! (Wall-clock missing-data rules are judged by [`crate::missing`] from the
 //! registry's expectations; they are not fed readings here.)
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use chrono::{DateTime, Duration, Utc};
 use vitalwatch_core::catalogue::Metric;
@@ -14,7 +14,7 @@ use vitalwatch_core::reading::{Batch, Quality};
 use crate::news2::{self, Assembly, Latest, Risk};
 use crate::rate::RateOfChange;
 use crate::rules::{Compiled, Override, Rule, Severity, alert_id};
-use crate::series::{Point, Series, Transition};
+use crate::series::{Point, Series, Transition, micros, reserve_one};
 use crate::threshold::{Direction, Persistence, Threshold};
 
 /// A change of an alert, for the alert store and the alerts topic.
@@ -89,7 +89,52 @@ fn risk_of(ordinal: f64) -> Risk {
 /// what was true then, not with newer values).
 #[derive(Debug, Default, Clone)]
 struct News2History {
-    params: [BTreeMap<DateTime<Utc>, f64>; 7],
+    params: [Param; 7],
+}
+
+/// One NEWS2 parameter's readings, oldest first, one per instant (the
+/// first stands), 16 bytes each: the instant in microseconds, the value.
+#[derive(Debug, Default, Clone)]
+struct Param(VecDeque<(i64, f64)>);
+
+impl Param {
+    /// Room for a batch beyond the cap before the end of the batch forgets.
+    const SLACK: usize = 64;
+
+    fn insert(&mut self, at: DateTime<Utc>, value: f64, max_points: usize) {
+        let t = at.timestamp_micros();
+        let i = match self.0.back() {
+            Some(&(last, _)) if last < t => self.0.len(),
+            _ => match self.0.binary_search_by_key(&t, |e| e.0) {
+                Ok(_) => return,
+                Err(i) => i,
+            },
+        };
+        reserve_one(&mut self.0, max_points.saturating_add(Self::SLACK));
+        self.0.insert(i, (t, value));
+    }
+
+    fn latest_as_of(&self, at: DateTime<Utc>) -> Option<(DateTime<Utc>, f64)> {
+        let t = at.timestamp_micros();
+        let n = self.0.partition_point(|e| e.0 <= t);
+        let (t, v) = self.0.get(n.checked_sub(1)?)?;
+        Some((micros(*t), *v))
+    }
+
+    /// Forgets what is older than `cutoff` but the newest reading before
+    /// it (it may still be fresh), and all but the newest `max_points`.
+    fn forget_before(&mut self, cutoff: DateTime<Utc>, max_points: usize) {
+        let before = self.0.partition_point(|e| e.0 < cutoff.timestamp_micros());
+        let drop = before
+            .saturating_sub(1)
+            .max(self.0.len().saturating_sub(max_points));
+        self.0.drain(..drop);
+        // A burst grew it past its cap and slack: give the room back.
+        let limit = max_points.saturating_add(Self::SLACK);
+        if self.0.capacity() > limit && self.0.len() <= limit {
+            self.0.shrink_to(limit);
+        }
+    }
 }
 
 impl News2History {
@@ -108,12 +153,7 @@ impl News2History {
     }
 
     fn latest_as_of(&self, at: DateTime<Utc>) -> Latest {
-        let get = |i: usize| {
-            self.params[i]
-                .range(..=at)
-                .next_back()
-                .map(|(t, v)| (*t, *v))
-        };
+        let get = |i: usize| self.params[i].latest_as_of(at);
         Latest {
             respiration: get(0),
             spo2: get(1),
@@ -129,14 +169,7 @@ impl News2History {
     /// `max_points` of each parameter.
     fn forget_before(&mut self, cutoff: DateTime<Utc>, max_points: usize) {
         for p in &mut self.params {
-            // Keep the newest reading before the cutoff: it may still be fresh.
-            let keep_from = p.range(..cutoff).next_back().map(|(t, _)| *t);
-            if let Some(k) = keep_from {
-                *p = p.split_off(&k);
-            }
-            while p.len() > max_points {
-                p.pop_first();
-            }
+            p.forget_before(cutoff, max_points);
         }
     }
 }
@@ -409,7 +442,7 @@ impl Engine {
             let at = to_micros(reading.measured_at);
             for (component, value) in reading.values() {
                 if !is_artifact && let Some(slot) = News2History::slot(reading.metric, component) {
-                    patient.news2.params[slot].entry(at).or_insert(value);
+                    patient.news2.params[slot].insert(at, value, max_points);
                     news2_instants.insert(at);
                 }
                 let point = Point {
@@ -588,6 +621,33 @@ mod tests {
             measured_at: t(min),
             quality: Quality::default(),
         }
+    }
+
+    #[test]
+    fn a_news2_parameter_keeps_the_first_reading_of_an_instant_and_forgets_the_old() {
+        let mut p = Param::default();
+        for (min, v) in [(5, 95.0), (1, 91.0), (3, 93.0), (3, 80.0), (9, 99.0)] {
+            p.insert(t(min), v, 3);
+        }
+        assert_eq!(p.latest_as_of(t(0)), None);
+        assert_eq!(p.latest_as_of(t(3)), Some((t(3), 93.0)), "the first stands");
+        assert_eq!(p.latest_as_of(t(4)), Some((t(3), 93.0)));
+        assert_eq!(p.latest_as_of(t(20)), Some((t(9), 99.0)));
+        // The newest before the cutoff stays (it may still be fresh), and
+        // no more than the cap.
+        p.forget_before(t(4), 3);
+        assert_eq!(p.latest_as_of(t(2)), None, "minute 1 forgotten");
+        assert_eq!(p.latest_as_of(t(4)), Some((t(3), 93.0)));
+        p.forget_before(t(0), 2);
+        assert_eq!(p.latest_as_of(t(4)), None, "beyond the cap of 2");
+        assert_eq!(p.latest_as_of(t(6)), Some((t(5), 95.0)));
+        // A burst past cap and slack gives its room back once forgotten.
+        for s in 0..1000 {
+            p.insert(t(10) + Duration::seconds(s), 90.0, 10);
+        }
+        p.forget_before(t(0), 10);
+        assert!(p.0.capacity() <= 10 + Param::SLACK, "{}", p.0.capacity());
+        assert_eq!(p.0.len(), 10);
     }
 
     fn batch(patient: &str, readings: Vec<Reading>) -> Batch {

@@ -79,6 +79,63 @@ pub struct Point {
     pub artifact: bool,
 }
 
+/// A kept reading in 16 bytes (a [`Point`] takes 24): its instant in
+/// microseconds, as the store keeps it, and its value, NaN for a reading
+/// the rule ignores (an artifact: rules skip artifacts and non-finite
+/// values alike).
+#[derive(Debug, Clone, Copy)]
+struct Kept {
+    at: i64,
+    value: f64,
+}
+
+impl Kept {
+    fn of(p: &Point) -> Kept {
+        Kept {
+            at: p.at.timestamp_micros(),
+            value: if p.artifact { f64::NAN } else { p.value },
+        }
+    }
+
+    fn at(self) -> DateTime<Utc> {
+        micros(self.at)
+    }
+
+    fn point(self) -> Point {
+        Point {
+            at: self.at(),
+            value: self.value,
+            artifact: self.value.is_nan(),
+        }
+    }
+
+    fn same(self, other: Kept) -> bool {
+        self.at == other.at && self.value.to_bits() == other.value.to_bits()
+    }
+}
+
+/// The instant `t` microseconds after the epoch (every kept `t` came from
+/// one).
+pub(crate) fn micros(t: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(t).unwrap_or_default()
+}
+
+/// Makes room in `d` for one more element. It grows by doubling, as a
+/// `Vec` does, but not past `limit`, so that a deque that stays at its cap
+/// has no spare room (doubling would leave up to half of it unused); past
+/// `limit` (a burst), by an eighth.
+pub(crate) fn reserve_one<T>(d: &mut VecDeque<T>, limit: usize) {
+    if d.len() < d.capacity() {
+        return;
+    }
+    let want = if d.capacity() < limit {
+        d.capacity().saturating_mul(2).clamp(4, limit)
+    } else {
+        d.len() + d.len() / 8 + 1
+    };
+    d.reserve_exact(want.max(d.len() + 1) - d.len());
+}
+
 /// What a reading changed.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Transition {
@@ -152,7 +209,7 @@ pub struct Series<R: Rule> {
     /// into `base`.
     folded_until: Option<DateTime<Utc>>,
     /// The kept readings, oldest first, one per instant.
-    points: VecDeque<Point>,
+    points: VecDeque<Kept>,
     /// At most this many are kept.
     max_points: usize,
     /// Sorted by start; they never overlap.
@@ -232,17 +289,19 @@ impl<R: Rule> Series<R> {
 
     /// The event times of the readings kept after `after`, oldest first.
     pub fn instants_after(&self, after: DateTime<Utc>) -> impl Iterator<Item = DateTime<Utc>> + '_ {
+        let after = after.timestamp_micros();
         let from = self.points.partition_point(|p| p.at <= after);
-        self.points.range(from..).map(|p| p.at)
+        self.points.range(from..).map(|p| p.at())
     }
 
     /// The newest instant judged.
     pub fn newest(&self) -> Option<DateTime<Utc>> {
-        self.points.back().map(|p| p.at)
+        self.points.back().map(|p| p.at())
     }
 
-    /// Where the reading at `at` is kept (`Ok`), or would go (`Err`).
-    fn position(&self, at: DateTime<Utc>) -> Result<usize, usize> {
+    /// Where the reading at `at` (microseconds) is kept (`Ok`), or would go
+    /// (`Err`).
+    fn position(&self, at: i64) -> Result<usize, usize> {
         // Most readings are the newest: look at the end first.
         match self.points.back() {
             None => Err(0),
@@ -251,15 +310,24 @@ impl<R: Rule> Series<R> {
         }
     }
 
+    /// Keeps `k` at `i`.
+    fn keep(&mut self, i: usize, k: Kept) {
+        // One over the cap: a reading is kept, then the oldest folded.
+        reserve_one(&mut self.points, self.max_points.saturating_add(1));
+        self.points.insert(i, k);
+    }
+
     /// Judges one reading; returns what it changed, in event-time order.
     /// The same reading twice changes nothing.
     pub fn observe(&mut self, p: Point) -> Result<Vec<Transition>, TooLate> {
+        let k = Kept::of(&p);
+        let p = k.point();
         self.within_horizon(p.at)?;
-        let Err(i) = self.position(p.at) else {
+        let Err(i) = self.position(k.at) else {
             return Ok(Vec::new()); // a redelivery, or a second device at the same instant: the first stands
         };
         let newest = i == self.points.len();
-        self.points.insert(i, p);
+        self.keep(i, k);
         Ok(if newest {
             self.judge_next(p)
         } else {
@@ -271,15 +339,17 @@ impl<R: Rule> Series<R> {
     /// replaces it: for derived series (a score recomputed as more of the
     /// same instant's readings arrive).
     pub fn revise(&mut self, p: Point) -> Result<Vec<Transition>, TooLate> {
+        let k = Kept::of(&p);
+        let p = k.point();
         self.within_horizon(p.at)?;
-        let newest = match self.position(p.at) {
-            Ok(i) if self.points[i] == p => return Ok(Vec::new()),
+        let newest = match self.position(k.at) {
+            Ok(i) if self.points[i].same(k) => return Ok(Vec::new()),
             Ok(i) => {
-                self.points[i] = p;
+                self.points[i] = k;
                 false
             }
             Err(i) => {
-                self.points.insert(i, p);
+                self.keep(i, k);
                 i + 1 == self.points.len()
             }
         };
@@ -396,14 +466,14 @@ impl<R: Rule> Series<R> {
         let mut found: Vec<Found> = self.base_last.into_iter().collect();
         let facts = self.facts(self.folded_until.map(point_key));
         let mut next = 0;
-        for p in &self.points {
+        for p in self.points.iter().map(|k| k.point()) {
             while let Some((k, fact)) = facts.get(next)
                 && *k < point_key(p.at)
             {
                 self.apply(&mut state, *fact, &mut found);
                 next += 1;
             }
-            self.step(&mut state, p, &mut found);
+            self.step(&mut state, &p, &mut found);
         }
         // A told fact after the newest reading (an adopted alert raised
         // later than the history replayed so far) must not be applied
@@ -473,8 +543,8 @@ impl<R: Rule> Series<R> {
         let Some(newest) = self.newest() else {
             return;
         };
-        let cutoff = newest - self.horizon;
-        let due = |points: &VecDeque<Point>, max: usize| {
+        let cutoff = (newest - self.horizon).timestamp_micros();
+        let due = |points: &VecDeque<Kept>, max: usize| {
             points.len() > max || points.front().is_some_and(|p| p.at < cutoff)
         };
         if !due(&self.points, self.max_points) {
@@ -485,7 +555,7 @@ impl<R: Rule> Series<R> {
         let mut base = self.base.clone();
         let mut scratch: Vec<Found> = self.base_last.into_iter().collect();
         while due(&self.points, self.max_points) {
-            let Some(p) = self.points.pop_front() else {
+            let Some(p) = self.points.pop_front().map(Kept::point) else {
                 break;
             };
             while let Some((k, fact)) = facts.get(next)
@@ -508,5 +578,52 @@ impl<R: Rule> Series<R> {
                 found.retain(|e| e.end.is_none_or(|end| end >= f));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_deque_that_stops_at_its_cap_has_no_spare_room() {
+        let mut d: VecDeque<(i64, f64)> = VecDeque::new();
+        for i in 0..601 {
+            reserve_one(&mut d, 601);
+            d.push_back((i, 0.0));
+            assert!(
+                d.capacity() <= 601,
+                "capacity {} at {}",
+                d.capacity(),
+                d.len()
+            );
+        }
+        assert_eq!(d.capacity(), 601);
+        // Past the limit (a burst) it still grows, by an eighth at a time.
+        reserve_one(&mut d, 601);
+        d.push_back((601, 0.0));
+        assert!((602..=700).contains(&d.capacity()), "{}", d.capacity());
+    }
+
+    #[test]
+    fn a_kept_reading_is_the_reading_to_the_microsecond() {
+        let at = DateTime::from_timestamp(1_800_000_000, 123_456_789).unwrap_or_default();
+        let p = Kept::of(&Point {
+            at,
+            value: 37.3,
+            artifact: false,
+        })
+        .point();
+        assert_eq!(p.at.timestamp_micros(), at.timestamp_micros());
+        assert_eq!(p.at.timestamp_subsec_nanos(), 123_456_000);
+        assert_eq!(p.value, 37.3);
+        assert!(!p.artifact);
+        let artifact = Kept::of(&Point {
+            at,
+            value: 70.0,
+            artifact: true,
+        });
+        assert!(artifact.point().artifact, "an artifact stays one");
+        assert!(artifact.same(artifact) && !artifact.same(Kept::of(&p)));
     }
 }
