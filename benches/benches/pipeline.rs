@@ -372,13 +372,8 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     };
     load.check()?;
     let (host, port) = ts::mqtt_host_port();
-    let broker = Broker {
-        host,
-        port,
-        username: Some("sim-gateway".into()),
-        password: ts::mqtt_password(),
-        topic_root: cfg.mqtt.topic_root.clone(),
-    };
+    let broker =
+        Broker::local_gateway(host, port, ts::mqtt_password(), cfg.mqtt.topic_root.clone());
     let limits = if env("BENCH_STAGES", 1) == 1 {
         let seconds = env("BENCH_STAGE_SECONDS", 20).max(2) as u64;
         eprintln!("  each stage alone, {seconds} s each");

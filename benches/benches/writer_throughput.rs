@@ -21,16 +21,15 @@
 //! 5000; BENCH_READINGS_PER_RECORD, default 20)
 
 use std::time::{Duration, Instant};
-use vitalwatch_benches::env;
+use vitalwatch_benches::{copy_straight, env};
 
 use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 use vitalwatch_core::catalogue::Metric;
 use vitalwatch_core::health::Readiness;
 use vitalwatch_core::reading::{Batch, Measurement, Quality, Reading};
-use vitalwatch_store::readings::{self, COLUMN_TYPES, COLUMNS, Rows};
+use vitalwatch_store::readings::{self, Rows};
 use vitalwatch_store::storage::{self, Layout, TimescaleMode};
-use vitalwatch_store::tokio_postgres::binary_copy::BinaryCopyInWriter;
 use vitalwatch_store::{DatabaseConfig, Pool};
 use vitalwatch_test_support as ts;
 use vitalwatch_writer::WriterConfig;
@@ -145,11 +144,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         let started = Instant::now();
         for c in &chunks {
             let tx = client.transaction().await?;
-            let sink = tx
-                .copy_in(&format!("COPY readings ({COLUMNS}) FROM STDIN BINARY"))
-                .await?;
-            c.copy_into(BinaryCopyInWriter::new(sink, COLUMN_TYPES))
-                .await?;
+            copy_straight(&tx, c).await?;
             tx.commit().await?;
         }
         let limit = report(layout, "copy (limit)", total, started.elapsed(), None);

@@ -47,6 +47,23 @@ pub fn env(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+/// PostgreSQL's own limit, what the writer is measured against: `rows` by
+/// binary COPY straight into `readings` in `tx`, with no staging and no
+/// conflict handling. Returns the rows written.
+pub async fn copy_straight(
+    tx: &vitalwatch_store::tokio_postgres::Transaction<'_>,
+    rows: &vitalwatch_store::readings::Rows,
+) -> Result<u64, vitalwatch_store::StoreError> {
+    use vitalwatch_store::readings::{COLUMN_TYPES, COLUMNS};
+    let sink = tx
+        .copy_in(&format!("COPY readings ({COLUMNS}) FROM STDIN BINARY"))
+        .await?;
+    rows.copy_into(
+        vitalwatch_store::tokio_postgres::binary_copy::BinaryCopyInWriter::new(sink, COLUMN_TYPES),
+    )
+    .await
+}
+
 /// The value of one series in Prometheus text (`name{labels} value`).
 pub fn metric(text: &str, series: &str) -> Option<f64> {
     text.lines().find_map(|l| {

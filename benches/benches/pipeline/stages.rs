@@ -21,8 +21,7 @@ use vitalwatch_core::reading::Batch;
 use vitalwatch_core::validate::{TimePolicy, validate};
 use vitalwatch_sim::load::Load;
 use vitalwatch_sim::replay::Broker;
-use vitalwatch_store::readings::{COLUMN_TYPES, COLUMNS, Rows};
-use vitalwatch_store::tokio_postgres::binary_copy::BinaryCopyInWriter;
+use vitalwatch_store::readings::Rows;
 use vitalwatch_test_support as ts;
 
 type Error = Box<dyn std::error::Error>;
@@ -78,7 +77,7 @@ pub async fn measure(
     }
 
     let mut limits = Vec::new();
-    let (msgs, busy) = busy_while(mqtt_relay(load, broker, &uploads, window)).await?;
+    let (msgs, busy) = busy_while(mqtt_relay(load, broker, &topic_root, &uploads, window)).await?;
     limits.push(Limit {
         stage: "MQTT relay (Mosquitto, QoS 1)",
         per_second: msgs,
@@ -135,9 +134,11 @@ async fn busy_while<T>(f: impl Future<Output = Result<T, Error>>) -> Result<(T, 
 /// The load's gateways publish its uploads as fast as Mosquitto takes them
 /// (QoS 1, as load mode does) to one QoS 1 subscriber, as ingest is one:
 /// uploads/s the subscriber received over `window`, after a second's start.
+/// The uploads are under `topic_root`.
 async fn mqtt_relay(
     load: &Load,
     broker: &Broker,
+    topic_root: &str,
     uploads: &[(String, Vec<u8>)],
     window: Duration,
 ) -> Result<f64, Error> {
@@ -148,12 +149,7 @@ async fn mqtt_relay(
         .set_max_packet_size(1 << 20, 1 << 20)
         .set_credentials("vitalwatch-ingest", ts::mqtt_password());
     let (sub, mut events) = AsyncClient::new(opts, 100);
-    let root = uploads
-        .first()
-        .and_then(|(t, _)| t.split_once("/rpm/"))
-        .map(|(r, _)| r.to_owned())
-        .ok_or("no uploads")?;
-    sub.subscribe(format!("{root}/rpm/v1/devices/#"), QoS::AtLeastOnce)
+    sub.subscribe(format!("{topic_root}/#"), QoS::AtLeastOnce)
         .await?;
     let subscribed = Arc::new(AtomicBool::new(false));
     let subscriber = {
@@ -334,12 +330,7 @@ async fn postgres_copy(cfg: &Config, records: &[Batch], window: Duration) -> Res
                         chunk.push(&b);
                         if chunk.len() >= cfg.writer.batch_max_rows {
                             let tx = client.transaction().await?;
-                            let sink = tx
-                                .copy_in(&format!("COPY readings ({COLUMNS}) FROM STDIN BINARY"))
-                                .await?;
-                            chunk
-                                .copy_into(BinaryCopyInWriter::new(sink, COLUMN_TYPES))
-                                .await?;
+                            vitalwatch_benches::copy_straight(&tx, &chunk).await?;
                             tx.commit().await?;
                             rows += chunk.len();
                             chunk = Rows::default();

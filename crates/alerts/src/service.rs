@@ -160,12 +160,7 @@ pub async fn run(
     };
     tracing::info!(group = %cfg.group_id, rules = judge.engine.rules().len(), "alerts engine started");
     let max_wait = Duration::from_millis(cfg.batch_max_wait_ms);
-    // Judged offsets not yet committed (next to read, by partition), and
-    // the last ones committed: commits go out at most every COMMIT_EVERY,
-    // since batches can be a handful of records each.
-    let mut uncommitted: HashMap<i32, i64> = HashMap::new();
-    let mut last_commit: HashMap<i32, i64> = HashMap::new();
-    let mut committed_at = tokio::time::Instant::now();
+    let mut commits = Commits::new(&consumer, &kafka.readings_topic);
 
     'outer: while !shutdown.is_cancelled() {
         let mut records: Vec<(i32, i64, Option<Batch>)> = Vec::new();
@@ -178,14 +173,14 @@ pub async fn run(
             // rest of its fetch, what came in while the last batch was
             // judged), and then, with a batch wait, more until the deadline.
             let waiting = deadline.is_some_and(|d| d > tokio::time::Instant::now());
-            let idle_commit = deadline.is_none() && !uncommitted.is_empty();
+            let idle_commit = deadline.is_none() && commits.pending();
             let msg = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
                 m = consumer.recv() => m,
                 () = std::future::ready(()), if deadline.is_some() && !waiting => break,
                 () = tokio::time::sleep_until(wait_until) => break,
-                () = tokio::time::sleep_until(committed_at + COMMIT_EVERY), if idle_commit => break,
+                () = tokio::time::sleep_until(commits.next_due()), if idle_commit => break,
             };
             let msg = match msg {
                 Ok(m) => m,
@@ -215,14 +210,7 @@ pub async fn run(
             }
         }
         if offsets.is_empty() {
-            commit(
-                &consumer,
-                &kafka.readings_topic,
-                &mut uncommitted,
-                &mut last_commit,
-                CommitMode::Async,
-            );
-            committed_at = tokio::time::Instant::now();
+            commits.commit(CommitMode::Async);
             continue;
         }
         // Between batches, so that no change of a forgotten patient is
@@ -250,29 +238,12 @@ pub async fn run(
         if !changes.is_empty() {
             wake.notify_one();
         }
-        uncommitted.extend(offsets.iter().map(|(p, o)| (*p, o + 1)));
-        if committed_at.elapsed() >= COMMIT_EVERY {
-            commit(
-                &consumer,
-                &kafka.readings_topic,
-                &mut uncommitted,
-                &mut last_commit,
-                CommitMode::Async,
-            );
-            committed_at = tokio::time::Instant::now();
+        commits.judged(&offsets);
+        if commits.due() {
+            commits.commit(CommitMode::Async);
         }
     }
-    // The last commit again, synchronously (an async one may not have
-    // landed), with what was judged since.
-    let mut last = std::mem::take(&mut last_commit);
-    last.extend(uncommitted.drain());
-    commit(
-        &consumer,
-        &kafka.readings_topic,
-        &mut last,
-        &mut last_commit,
-        CommitMode::Sync,
-    );
+    commits.finish();
     shutdown.cancel();
     let _ = relay_task.await;
     let _ = escalation_task.await;
@@ -290,29 +261,77 @@ pub async fn run(
 /// crash replays what it judged since; replays change nothing.
 const COMMIT_EVERY: Duration = Duration::from_millis(200);
 
-/// Commits `offsets` (the next offset to read, by partition) and takes them
-/// as `last`. A failed commit is logged: what it covered is replayed, which
-/// changes nothing.
-fn commit(
-    consumer: &StreamConsumer,
-    topic: &str,
-    offsets: &mut HashMap<i32, i64>,
-    last: &mut HashMap<i32, i64>,
-    mode: CommitMode,
-) {
-    if offsets.is_empty() {
-        return;
-    }
-    let mut tpl = TopicPartitionList::new();
-    for (partition, next) in offsets.iter() {
-        if let Err(e) = tpl.add_partition_offset(topic, *partition, Offset::Offset(*next)) {
-            tracing::warn!(error = %e, partition, "cannot commit this offset");
+/// The engine's offset commits: offsets are committed only once what they
+/// cover is stored, and at most every [`COMMIT_EVERY`], since a batch can
+/// be a handful of records. A failed commit is logged: what it covered is
+/// replayed, which changes nothing.
+struct Commits<'a> {
+    consumer: &'a StreamConsumer,
+    topic: &'a str,
+    /// Judged and stored, not committed yet: the next offset to read, by
+    /// partition.
+    uncommitted: HashMap<i32, i64>,
+    /// The last commit's offsets.
+    last: HashMap<i32, i64>,
+    at: tokio::time::Instant,
+}
+
+impl<'a> Commits<'a> {
+    fn new(consumer: &'a StreamConsumer, topic: &'a str) -> Commits<'a> {
+        Commits {
+            consumer,
+            topic,
+            uncommitted: HashMap::new(),
+            last: HashMap::new(),
+            at: tokio::time::Instant::now(),
         }
     }
-    if let Err(e) = consumer.commit(&tpl, mode) {
-        tracing::warn!(error = %e, "offset commit failed"); // replayed: changes nothing
+
+    /// The records up to `offsets` (the last judged, by partition) are
+    /// judged and their changes stored.
+    fn judged(&mut self, offsets: &HashMap<i32, i64>) {
+        self.uncommitted
+            .extend(offsets.iter().map(|(p, o)| (*p, o + 1)));
     }
-    *last = std::mem::take(offsets);
+
+    fn pending(&self) -> bool {
+        !self.uncommitted.is_empty()
+    }
+
+    fn next_due(&self) -> tokio::time::Instant {
+        self.at + COMMIT_EVERY
+    }
+
+    fn due(&self) -> bool {
+        tokio::time::Instant::now() >= self.next_due()
+    }
+
+    fn commit(&mut self, mode: CommitMode) {
+        self.at = tokio::time::Instant::now();
+        if self.uncommitted.is_empty() {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (partition, next) in &self.uncommitted {
+            if let Err(e) = tpl.add_partition_offset(self.topic, *partition, Offset::Offset(*next))
+            {
+                tracing::warn!(error = %e, partition, "cannot commit this offset");
+            }
+        }
+        if let Err(e) = self.consumer.commit(&tpl, mode) {
+            tracing::warn!(error = %e, "offset commit failed"); // replayed: changes nothing
+        }
+        self.last = std::mem::take(&mut self.uncommitted);
+    }
+
+    /// On the way out: the last commit again, synchronously (an async one
+    /// may not have landed), with what was judged since.
+    fn finish(&mut self) {
+        let since = std::mem::take(&mut self.uncommitted);
+        self.uncommitted = std::mem::take(&mut self.last);
+        self.uncommitted.extend(since);
+        self.commit(CommitMode::Sync);
+    }
 }
 
 /// The engine and what it needs to rebuild patients.

@@ -24,6 +24,20 @@ pub struct Broker {
     pub topic_root: String,
 }
 
+impl Broker {
+    /// The local stack's gateway account (`sim-gateway` in
+    /// `deploy/local/mosquitto.users`), allowed to publish for every device.
+    pub fn local_gateway(host: String, port: u16, password: String, topic_root: String) -> Broker {
+        Broker {
+            host,
+            port,
+            username: Some("sim-gateway".into()),
+            password,
+            topic_root,
+        }
+    }
+}
+
 /// An MQTT connection publishing at QoS 1, counting the broker's
 /// acknowledgements; it reconnects on errors.
 #[derive(Debug)]

@@ -26,13 +26,8 @@ async fn start_cohort(cfg: &vitalwatch::Config, registry: &str) -> (Running, Bro
     let running = start(&[Service::Ingest, Service::Writer, Service::Alerts], cfg);
     wait_until_ingest_subscribed(cfg).await;
     let (host, port) = ts::mqtt_host_port();
-    let broker = Broker {
-        host,
-        port,
-        username: Some("sim-gateway".into()),
-        password: ts::mqtt_password(),
-        topic_root: cfg.mqtt.topic_root.clone(),
-    };
+    let broker =
+        Broker::local_gateway(host, port, ts::mqtt_password(), cfg.mqtt.topic_root.clone());
     (running, broker)
 }
 
