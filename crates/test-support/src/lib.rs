@@ -564,11 +564,9 @@ impl Drop for PrivatePostgres {
     }
 }
 
-/// `group`'s committed offset of every partition of the readings topic, and
-/// the partitions' high watermarks (a partition with nothing committed: 0).
 /// The state of consumer group `group` as the broker has it: its state and,
-/// per member, its client id and the size of its assignment in bytes (0:
-/// no partitions). For telling a stalled consumer from an unassigned one.
+/// per member, its member id, host and the size of its assignment in bytes
+/// (0: no partitions). For telling a stalled consumer from an unassigned one.
 pub fn group_state(kafka: &KafkaConfig, group: &str) -> Result<String, vitalwatch_bus::BusError> {
     let consumer = vitalwatch_bus::consumer(kafka, &unique("probe"))?;
     let groups = consumer
@@ -581,8 +579,9 @@ pub fn group_state(kafka: &KafkaConfig, group: &str) -> Result<String, vitalwatc
             .iter()
             .map(|m| {
                 format!(
-                    "{} assignment {} B",
-                    m.client_id(),
+                    "{} ({}) assignment {} B",
+                    m.id(),
+                    m.client_host(),
                     m.assignment().map_or(0, <[u8]>::len)
                 )
             })
@@ -592,6 +591,8 @@ pub fn group_state(kafka: &KafkaConfig, group: &str) -> Result<String, vitalwatc
     Ok(out.join(", "))
 }
 
+/// `group`'s committed offset of every partition of the readings topic, and
+/// the partitions' high watermarks (a partition with nothing committed: 0).
 pub fn committed_and_end(
     kafka: &KafkaConfig,
     group: &str,

@@ -282,12 +282,23 @@ async fn writer_crash_mid_stream_loses_and_doubles_nothing() {
 
     // A new writer in the same group picks up from the committed offsets.
     let second = start(&[Service::Writer], &cfg);
-    ts::eventually(
-        Duration::from_secs(120),
-        "every row after the restart",
-        || async { (count_rows(&cfg, &patient).await >= total).then_some(()) },
-    )
+    let caught_up = tokio::time::timeout(Duration::from_secs(120), async {
+        while count_rows(&cfg, &patient).await < total {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
     .await;
+    if caught_up.is_err() {
+        // Seen now and then in the full suite, never alone: say what the
+        // broker thinks of the group, to tell an unassigned writer from a
+        // stuck one.
+        panic!(
+            "the second writer stored {} of {total} rows in 120 s; the broker's view of its group: {:?}; committed and end offsets: {:?}",
+            count_rows(&cfg, &patient).await,
+            ts::group_state(&cfg.kafka, &cfg.writer.group_id),
+            committed_and_end(&cfg.kafka, &cfg.writer.group_id),
+        );
+    }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let c = vitalwatch_store::connect(&cfg.database.url)
         .await
