@@ -14,7 +14,7 @@ use vitalwatch_core::reading::{Batch, Quality};
 use crate::news2::{self, Assembly, Latest, Risk};
 use crate::rate::RateOfChange;
 use crate::rules::{Compiled, Override, Rule, Severity, alert_id};
-use crate::series::{Point, Series, Transition, micros, reserve_one};
+use crate::series::{Point, Series, Transition, find, micros, reserve_one};
 use crate::threshold::{Direction, Persistence, Threshold};
 
 /// A change of an alert, for the alert store and the alerts topic.
@@ -103,12 +103,8 @@ impl Param {
 
     fn insert(&mut self, at: DateTime<Utc>, value: f64, max_points: usize) {
         let t = at.timestamp_micros();
-        let i = match self.0.back() {
-            Some(&(last, _)) if last < t => self.0.len(),
-            _ => match self.0.binary_search_by_key(&t, |e| e.0) {
-                Ok(_) => return,
-                Err(i) => i,
-            },
+        let Err(i) = find(&self.0, t, |e| e.0) else {
+            return;
         };
         reserve_one(&mut self.0, max_points.saturating_add(Self::SLACK));
         self.0.insert(i, (t, value));

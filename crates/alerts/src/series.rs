@@ -120,6 +120,17 @@ pub(crate) fn micros(t: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_micros(t).unwrap_or_default()
 }
 
+/// Where the element at instant `t` is in `d`, sorted by `key` (`Ok`), or
+/// where it would go (`Err`). Most readings are the newest: the end is
+/// looked at first.
+pub(crate) fn find<T>(d: &VecDeque<T>, t: i64, key: impl Fn(&T) -> i64) -> Result<usize, usize> {
+    match d.back() {
+        None => Err(0),
+        Some(last) if key(last) < t => Err(d.len()),
+        _ => d.binary_search_by_key(&t, key),
+    }
+}
+
 /// Makes room in `d` for one more element. It grows by doubling, as a
 /// `Vec` does, but not past `limit`, so that a deque that stays at its cap
 /// has no spare room (doubling would leave up to half of it unused); past
@@ -302,12 +313,7 @@ impl<R: Rule> Series<R> {
     /// Where the reading at `at` (microseconds) is kept (`Ok`), or would go
     /// (`Err`).
     fn position(&self, at: i64) -> Result<usize, usize> {
-        // Most readings are the newest: look at the end first.
-        match self.points.back() {
-            None => Err(0),
-            Some(last) if last.at < at => Err(self.points.len()),
-            _ => self.points.binary_search_by(|p| p.at.cmp(&at)),
-        }
+        find(&self.points, at, |p| p.at)
     }
 
     /// Keeps `k` at `i`.
