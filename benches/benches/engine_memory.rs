@@ -17,15 +17,13 @@ use chrono::{DateTime, Duration, Utc};
 use vitalwatch_alerts::AlertsConfig;
 use vitalwatch_alerts::engine::Engine;
 use vitalwatch_alerts::rules::{compile, default_rules};
-use vitalwatch_benches::env;
+use vitalwatch_benches::{env, rss_mib};
 use vitalwatch_core::catalogue::Metric;
 use vitalwatch_core::reading::{Batch, Measurement, Quality, Reading};
 
-/// Resident memory of this process, in bytes (Linux).
+/// Resident memory of this process, in bytes.
 fn rss() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    Some(pages * 4096)
+    rss_mib(std::process::id()).map(|mib| (mib * (1 << 20) as f64) as u64)
 }
 
 fn at(s: i64) -> DateTime<Utc> {

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 use vitalwatch::{Config, Service};
-use vitalwatch_benches::env;
+use vitalwatch_benches::{env, rss_mib};
 use vitalwatch_core::health::Readiness;
 use vitalwatch_sim::load::{Load, LoadReport};
 use vitalwatch_sim::replay::Broker;
@@ -216,19 +216,6 @@ fn cpu_ticks(pid: u32) -> Option<f64> {
     let rest = &stat[stat.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
     Some(f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?)
-}
-
-/// Resident memory of a process, MiB.
-fn rss_mib(pid: u32) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()?;
-    Some(kb / 1024.0)
 }
 
 /// The machine's CPU time so far, in ticks: (busy, idle, iowait, total).

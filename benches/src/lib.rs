@@ -64,6 +64,19 @@ pub async fn copy_straight(
     .await
 }
 
+/// Resident memory of process `pid`, MiB (Linux).
+pub fn rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
 /// The value of one series in Prometheus text (`name{labels} value`).
 pub fn metric(text: &str, series: &str) -> Option<f64> {
     text.lines().find_map(|l| {
