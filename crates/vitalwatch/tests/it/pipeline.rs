@@ -282,13 +282,11 @@ async fn writer_crash_mid_stream_loses_and_doubles_nothing() {
 
     // A new writer in the same group picks up from the committed offsets.
     let second = start(&[Service::Writer], &cfg);
-    let caught_up = tokio::time::timeout(Duration::from_secs(120), async {
-        while count_rows(&cfg, &patient).await < total {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+    let caught_up = ts::within(Duration::from_secs(120), || async {
+        (count_rows(&cfg, &patient).await >= total).then_some(())
     })
     .await;
-    if caught_up.is_err() {
+    if caught_up.is_none() {
         // Seen now and then in the full suite, never alone: say what the
         // broker thinks of the group, to tell an unassigned writer from a
         // stuck one.
