@@ -377,39 +377,8 @@ async fn ingest_killed_mid_stream_loses_nothing() {
     let patient = ts::unique("pat");
     register(&cfg, "test-dev-1", &patient).await;
     let writer = start(&[Service::Writer], &cfg);
-    let spawn_ingest = || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_vitalwatch"))
-            .arg("ingest")
-            .env("VITALWATCH_DATABASE__URL", &cfg.database.url)
-            .env("VITALWATCH_KAFKA__BROKERS", &cfg.kafka.brokers)
-            .env(
-                "VITALWATCH_KAFKA__READINGS_TOPIC",
-                &cfg.kafka.readings_topic,
-            )
-            .env(
-                "VITALWATCH_KAFKA__DEADLETTER_TOPIC",
-                &cfg.kafka.deadletter_topic,
-            )
-            .env("VITALWATCH_KAFKA__ALERTS_TOPIC", &cfg.kafka.alerts_topic)
-            .env("VITALWATCH_MQTT__HOST", &cfg.mqtt.host)
-            .env("VITALWATCH_MQTT__PORT", cfg.mqtt.port.to_string())
-            .env("VITALWATCH_MQTT__CLIENT_ID", &cfg.mqtt.client_id)
-            .env("VITALWATCH_MQTT__SHARE_GROUP", &cfg.mqtt.share_group)
-            .env("VITALWATCH_MQTT__TOPIC_ROOT", &cfg.mqtt.topic_root)
-            .env(
-                "VITALWATCH_MQTT__USERNAME",
-                cfg.mqtt.username.as_deref().unwrap_or_default(),
-            )
-            .env(
-                "VITALWATCH_MQTT__PASSWORD",
-                cfg.mqtt.password.as_deref().unwrap_or_default(),
-            )
-            .env("VITALWATCH_LOG", "warn")
-            .spawn()
-            .map(KillOnDrop)
-            .expect("start vitalwatch ingest")
-    };
-    let mut ingest = spawn_ingest();
+    let spawn_ingest = || spawn_process("ingest", &cfg);
+    let ingest = spawn_ingest();
     wait_until_ingest_subscribed(&cfg).await;
 
     let topic = mqtt_readings_topic(&cfg.mqtt.topic_root, "test-dev-1");
@@ -434,8 +403,7 @@ async fn ingest_killed_mid_stream_loses_nothing() {
         (count_rows(&cfg, &patient).await > 100).then_some(())
     })
     .await;
-    ingest.0.kill().expect("SIGKILL ingest");
-    ingest.0.wait().expect("reaped");
+    ingest.kill();
     let at_kill = count_rows(&cfg, &patient).await;
     publisher.await.expect("publisher");
     assert!(
@@ -590,14 +558,4 @@ async fn two_ingest_instances_share_the_work_without_doubling_it() {
     device.disconnect().await;
     b.stop().await;
     a.stop().await;
-}
-
-/// A child process that is killed when the test ends, passing or failing.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }

@@ -266,15 +266,15 @@ async fn writer_crash_mid_stream_loses_and_doubles_nothing() {
     device.wait_acked(WAIT).await;
     let total = batches * 2;
 
-    // First writer: killed (not shut down) once it has stored some rows.
-    let first = start(&[Service::Writer], &cfg);
+    // First writer: a process of its own, SIGKILLed once it has stored some
+    // rows (a crash: no destructor runs, the group never hears goodbye).
+    let first = spawn_process("writer", &cfg);
     let at_crash = ts::eventually(WAIT, "the first writer to store rows", || async {
         let n = count_rows(&cfg, &patient).await;
         (n > 0).then_some(n)
     })
     .await;
-    first.task.abort();
-    let _ = first.task.await;
+    first.kill();
     assert!(
         at_crash < total,
         "the writer finished before it could be killed mid-stream ({at_crash} rows)"
@@ -287,9 +287,8 @@ async fn writer_crash_mid_stream_loses_and_doubles_nothing() {
     })
     .await;
     if caught_up.is_none() {
-        // Seen now and then in the full suite, never alone: say what the
-        // broker thinks of the group, to tell an unassigned writer from a
-        // stuck one.
+        // Say what the broker thinks of the group, to tell an unassigned
+        // writer from a stuck one.
         panic!(
             "the second writer stored {} of {total} rows in 120 s; the broker's view of its group: {:?}; committed and end offsets: {:?}",
             count_rows(&cfg, &patient).await,
