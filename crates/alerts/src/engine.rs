@@ -6,6 +6,7 @@
 //! registry's expectations; they are not fed readings here.)
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
 
 use chrono::{DateTime, Duration, Utc};
 use vitalwatch_core::catalogue::Metric;
@@ -14,7 +15,7 @@ use vitalwatch_core::reading::{Batch, Quality};
 use crate::news2::{self, Assembly, Latest, Risk};
 use crate::rate::RateOfChange;
 use crate::rules::{Compiled, Override, Rule, Severity, alert_id};
-use crate::series::{Point, Series, Transition, find, micros, reserve_one};
+use crate::series::{Group, Point, Series, Transition, find, micros, reserve_one};
 use crate::threshold::{Direction, Persistence, Threshold};
 
 /// A change of an alert, for the alert store and the alerts topic.
@@ -172,25 +173,106 @@ impl News2History {
 
 #[derive(Debug, Clone)]
 enum RuleState {
-    Threshold(Series<Threshold>),
-    Rate(Series<RateOfChange>),
-    /// The risk ordinal as a series, the patient's assembly (SpO2 scale),
-    /// and the episode told with the risk last told for it.
-    News2 {
-        series: Series<Threshold>,
-        assembly: Assembly,
-        told: Option<(DateTime<Utc>, Risk)>,
-    },
+    /// Judged as `track` of the patient's threshold group `group`.
+    Threshold { group: usize, track: usize },
+    /// Judged as `track` of the patient's rate-of-change group `group`.
+    Rate { group: usize, track: usize },
+    /// Boxed: one rule in a dozen, and the largest state.
+    News2(Box<News2State>),
     /// Judged on wall-clock time elsewhere.
     Missing,
 }
 
+/// A NEWS2 rule's state: the risk ordinal as a series, the patient's
+/// assembly (SpO2 scale), and the episode told with the risk last told for
+/// it.
+#[derive(Debug, Clone)]
+struct News2State {
+    series: Series<Threshold>,
+    assembly: Assembly,
+    told: Option<(DateTime<Utc>, Risk)>,
+}
+
 #[derive(Debug, Clone)]
 struct Patient {
-    /// The patient's rules (configured, with their overrides applied), and
-    /// each one's state.
-    rules: Vec<(Rule, RuleState)>,
+    /// The patient's rules (shared with the engine's, or their own where
+    /// an override applies), and each one's state.
+    rules: Vec<(Arc<Rule>, RuleState)>,
+    /// The readings of each series, kept once for the rules judging it
+    /// with the same horizon.
+    thresholds: Vec<Judged<Threshold>>,
+    rates: Vec<Judged<RateOfChange>>,
     news2: News2History,
+}
+
+/// A group of rules on one metric's component, and which of the patient's
+/// rules each of its tracks is.
+#[derive(Debug, Clone)]
+struct Judged<R: crate::series::Rule> {
+    metric: Metric,
+    component: &'static str,
+    group: Group<R>,
+    rules: Vec<usize>,
+}
+
+/// Adds `rule` (the patient's rule `index`) to the group of `groups` on
+/// the same component with the same horizon, or to a new one; returns the
+/// group and the track.
+fn join<R: crate::series::Rule>(
+    groups: &mut Vec<Judged<R>>,
+    metric: Metric,
+    component: &'static str,
+    rule: R,
+    index: usize,
+    horizon: Duration,
+    max_points: usize,
+) -> (usize, usize) {
+    let g = match groups.iter().position(|j| {
+        j.metric == metric && j.component == component && j.group.horizon() == horizon
+    }) {
+        Some(g) => g,
+        None => {
+            groups.push(Judged {
+                metric,
+                component,
+                group: Group::new(horizon).with_max_points(max_points),
+                rules: Vec::new(),
+            });
+            groups.len() - 1
+        }
+    };
+    let j = &mut groups[g];
+    // A patient's groups are built before any reading: adding never fails.
+    let track = j.group.add(rule).unwrap_or_default();
+    j.rules.push(index);
+    (g, track)
+}
+
+/// Judges `point`, a reading of `metric`'s `component`, by every group on
+/// it; the changes go to `changes`, refusals (one per rule) to `skipped`.
+#[allow(clippy::too_many_arguments)]
+fn judge<R: crate::series::Rule>(
+    groups: &mut [Judged<R>],
+    rules: &[(Arc<Rule>, RuleState)],
+    pid: &str,
+    metric: Metric,
+    component: &str,
+    point: Point,
+    changes: &mut Vec<AlertChange>,
+    skipped: &mut Skipped,
+) {
+    for j in groups
+        .iter_mut()
+        .filter(|j| j.metric == metric && j.component == component)
+    {
+        match j.group.observe(point) {
+            Ok(ts) => changes.extend(ts.into_iter().map(|(track, t)| {
+                let rule = &rules[j.rules[track]].0;
+                change(pid, rule, rule.severity.unwrap_or(Severity::Low), t)
+            })),
+            Err(_) => skipped.too_late += j.rules.len() as u64,
+        }
+    }
 }
 
 /// An alert the store has open when the engine starts judging a patient
@@ -215,9 +297,11 @@ pub struct PatientSetup {
 /// Every patient's state for one rule set.
 #[derive(Debug)]
 pub struct Engine {
-    rules: Vec<Rule>,
+    /// Shared by every patient without an override of them.
+    rules: Vec<Arc<Rule>>,
     horizon: Duration,
-    /// Readings kept per series (and per NEWS2 parameter), at most.
+    /// Readings kept per series (a group of rules on one component with
+    /// one horizon) and per NEWS2 parameter, at most.
     max_points: usize,
     patients: HashMap<String, Patient>,
 }
@@ -238,7 +322,7 @@ impl Engine {
     /// it needs: a series replays what it keeps on every reading.
     pub fn new(rules: Vec<Rule>, horizon: Duration) -> Engine {
         Engine {
-            rules,
+            rules: rules.into_iter().map(Arc::new).collect(),
             horizon,
             max_points: usize::MAX,
             patients: HashMap::new(),
@@ -256,8 +340,8 @@ impl Engine {
     }
 
     /// The rules, as configured.
-    pub fn rules(&self) -> &[Rule] {
-        &self.rules
+    pub fn rules(&self) -> impl ExactSizeIterator<Item = &Rule> {
+        self.rules.iter().map(|r| &**r)
     }
 
     /// How far back, by metric, a patient's readings must be replayed to
@@ -326,26 +410,47 @@ impl Engine {
     pub fn start_patient(&mut self, patient_id: &str, setup: &PatientSetup) -> Vec<String> {
         let mut refused = Vec::new();
         let mut rules = Vec::with_capacity(self.rules.len());
-        for configured in &self.rules {
+        let mut thresholds = Vec::new();
+        let mut rates = Vec::new();
+        for (index, configured) in self.rules.iter().enumerate() {
             let rule = match setup
                 .overrides
                 .get(&configured.name)
                 .map(|o| o.apply(configured))
             {
-                Some(Ok(r)) => r,
+                Some(Ok(r)) => Arc::new(r),
                 Some(Err(why)) => {
                     refused.push(why);
-                    configured.clone()
+                    Arc::clone(configured)
                 }
-                None => configured.clone(),
+                None => Arc::clone(configured),
             };
             let (horizon, max) = (self.horizon_of(&rule), self.max_points);
             let state = match &rule.compiled {
-                Compiled::Threshold { rule, .. } => {
-                    RuleState::Threshold(Series::new(*rule, horizon).with_max_points(max))
+                Compiled::Threshold {
+                    metric,
+                    component,
+                    rule,
+                } => {
+                    let (group, track) = join(
+                        &mut thresholds,
+                        *metric,
+                        component,
+                        *rule,
+                        index,
+                        horizon,
+                        max,
+                    );
+                    RuleState::Threshold { group, track }
                 }
-                Compiled::RateOfChange { rule, .. } => {
-                    RuleState::Rate(Series::new(*rule, horizon).with_max_points(max))
+                Compiled::RateOfChange {
+                    metric,
+                    component,
+                    rule,
+                } => {
+                    let (group, track) =
+                        join(&mut rates, *metric, component, *rule, index, horizon, max);
+                    RuleState::Rate { group, track }
                 }
                 Compiled::News2 { min_risk, assembly } => {
                     let level = ordinal(*min_risk) - 0.5;
@@ -358,11 +463,11 @@ impl Engine {
                         clear,
                         persistence: Persistence::Single,
                     };
-                    RuleState::News2 {
+                    RuleState::News2(Box::new(News2State {
                         series: Series::new(rule, horizon).with_max_points(max),
                         assembly: *assembly,
                         told: None,
-                    }
+                    }))
                 }
                 Compiled::Missing { .. } => RuleState::Missing,
             };
@@ -377,9 +482,18 @@ impl Engine {
                 continue;
             };
             let adopted = match state {
-                RuleState::Threshold(s) => s.adopt(open.episode_start, open.raised_at),
-                RuleState::Rate(s) => s.adopt(open.episode_start, open.raised_at),
-                RuleState::News2 { series, told, .. } => {
+                RuleState::Threshold { group, track } => {
+                    thresholds[*group]
+                        .group
+                        .adopt(*track, open.episode_start, open.raised_at)
+                }
+                RuleState::Rate { group, track } => {
+                    rates[*group]
+                        .group
+                        .adopt(*track, open.episode_start, open.raised_at)
+                }
+                RuleState::News2(n) => {
+                    let News2State { series, told, .. } = &mut **n;
                     *told = Some((open.episode_start, risk_of_severity(open.severity)));
                     series.adopt(open.episode_start, open.raised_at)
                 }
@@ -393,6 +507,8 @@ impl Engine {
             patient_id.to_owned(),
             Patient {
                 rules,
+                thresholds,
+                rates,
                 news2: News2History::default(),
             },
         );
@@ -446,48 +562,41 @@ impl Engine {
                     value,
                     artifact: is_artifact,
                 };
-                for (rule, state) in &mut patient.rules {
-                    let result = match (&rule.compiled, state) {
-                        (
-                            Compiled::Threshold {
-                                metric,
-                                component: c,
-                                ..
-                            },
-                            RuleState::Threshold(s),
-                        ) if *metric == reading.metric && *c == component => s.observe(point),
-                        (
-                            Compiled::RateOfChange {
-                                metric,
-                                component: c,
-                                ..
-                            },
-                            RuleState::Rate(s),
-                        ) if *metric == reading.metric && *c == component => s.observe(point),
-                        _ => continue,
-                    };
-                    match result {
-                        Ok(ts) => {
-                            changes.extend(ts.into_iter().map(|t| {
-                                change(pid, rule, rule.severity.unwrap_or(Severity::Low), t)
-                            }))
-                        }
-                        Err(_) => skipped.too_late += 1,
-                    }
-                }
+                let metric = reading.metric;
+                let (rules, changes, skipped) = (&patient.rules, &mut changes, &mut skipped);
+                judge(
+                    &mut patient.thresholds,
+                    rules,
+                    pid,
+                    metric,
+                    component,
+                    point,
+                    changes,
+                    skipped,
+                );
+                judge(
+                    &mut patient.rates,
+                    rules,
+                    pid,
+                    metric,
+                    component,
+                    point,
+                    changes,
+                    skipped,
+                );
             }
         }
         if let Some(first) = news2_instants.first().copied() {
             let history = &patient.news2;
             for (rule, state) in &mut patient.rules {
-                let RuleState::News2 {
+                let RuleState::News2(n) = state else {
+                    continue;
+                };
+                let News2State {
                     series,
                     assembly,
                     told,
-                } = state
-                else {
-                    continue;
-                };
+                } = &mut **n;
                 // Each instant is scored once, with the whole batch in the
                 // history; a late reading re-scores the instants after it.
                 let mut instants = news2_instants.clone();

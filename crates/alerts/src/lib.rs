@@ -59,13 +59,15 @@ pub struct AlertsConfig {
     pub max_escalation_level: i16,
     /// How often missing-data rules are checked, in seconds. Default 60.
     pub missing_check_seconds: u64,
-    /// Readings each rule keeps per patient, at most (each NEWS2 parameter
-    /// too): a reading is judged late only against what is kept, so on a
-    /// dense stream this, not `late_minutes`, bounds how late it may be
-    /// (600 readings are 10 minutes of a 1 Hz wearable, 50 hours of a
-    /// reading every 5 minutes). It bounds the engine's memory per patient
-    /// whatever the devices' rate (but for a rate-of-change rule's state,
-    /// which holds its window's readings). Default 600.
+    /// Readings kept per patient of each series, at most, once for all
+    /// the rules judging it with the same horizon (and of each NEWS2
+    /// parameter and NEWS2's score): a reading is judged late only against
+    /// what is kept, so on a dense stream this, not `late_minutes`, bounds
+    /// how late it may be (600 readings are 10 minutes of a 1 Hz wearable,
+    /// 50 hours of a reading every 5 minutes). It bounds the engine's
+    /// memory per patient whatever the devices' rate (but for a
+    /// rate-of-change rule's state, which holds its window's readings).
+    /// Default 600.
     pub max_points_per_series: usize,
     /// How long a fetch of the readings waits for records, at most, in
     /// milliseconds. Apache Kafka answers as soon as records are there;

@@ -23,6 +23,10 @@
 //! 1 Hz wearable) the oldest beyond that are folded early, as if the
 //! horizon had passed them, so memory per series is bounded whatever the
 //! rate (a reading older than the oldest kept is then too late).
+//! The rules on one series with the same horizon form a [`Group`]: its
+//! readings are kept once for all of them (a patient's heart rate is kept
+//! once, not once per heart-rate rule), and each rule keeps only its state
+//! and its told episodes. [`Series`] is a group of one.
 //! A reading newer than every kept
 //! one (the common case) is stepped from the state after the last one (the
 //! tip) instead of replaying the horizon; a test checks that this tells
@@ -39,7 +43,7 @@
 
 use std::collections::VecDeque;
 
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Duration, Timelike, Utc};
 
 /// A rule's judgement, one reading at a time, in event-time order.
 pub trait Rule {
@@ -140,7 +144,7 @@ pub(crate) fn reserve_one<T>(d: &mut VecDeque<T>, limit: usize) {
         return;
     }
     let want = if d.capacity() < limit {
-        d.capacity().saturating_mul(2).clamp(4, limit)
+        d.capacity().saturating_mul(2).max(4).min(limit)
     } else {
         d.len() + d.len() / 8 + 1
     };
@@ -205,57 +209,94 @@ enum Fact {
     Close { at: DateTime<Utc> },
 }
 
-/// One rule on one series: the readings of the last `horizon`, the state
-/// before them, and the episodes already told.
+/// One rule's judgement of a [`Group`]'s readings: the state before them,
+/// and the episodes already told.
 #[derive(Debug, Clone)]
-pub struct Series<R: Rule> {
+struct Track<R: Rule> {
     rule: R,
-    horizon: Duration,
-    /// The state after every reading older than `points`.
+    /// The state after every reading the group has folded.
     base: R::State,
     /// The last episode the folded readings found (it may still take in
     /// an episode the kept readings raise).
     base_last: Option<Found>,
-    /// Readings are judged only after this instant; older ones were folded
-    /// into `base`.
-    folded_until: Option<DateTime<Utc>>,
-    /// The kept readings, oldest first, one per instant.
-    points: VecDeque<Kept>,
-    /// At most this many are kept.
-    max_points: usize,
     /// Sorted by start; they never overlap.
     told: Vec<Told>,
     /// The state and the episodes found after the last judgement (every
     /// kept reading and told fact applied): a reading newer than every kept
     /// one is stepped from here instead of replaying the horizon.
     tip: Option<(R::State, Vec<Found>)>,
+}
+
+/// The rules of one series (a patient's metric, or a component of it) that
+/// keep the same window: its readings of the last `horizon` (at most
+/// `max_points` of them) are kept once, for all of them, and each rule
+/// keeps its own state before them and its own told episodes. Rules with
+/// the same horizon and cap fold the same readings at the same moment, so
+/// a reading is too late for all of them or for none.
+#[derive(Debug, Clone)]
+pub struct Group<R: Rule> {
+    horizon: Duration,
+    /// Readings are judged only after this instant; older ones were folded
+    /// into every track's base.
+    folded_until: Option<DateTime<Utc>>,
+    /// The kept readings, oldest first, one per instant.
+    points: VecDeque<Kept>,
+    /// At most this many are kept.
+    max_points: usize,
+    tracks: Vec<Track<R>>,
     /// Off in tests that compare the incremental path with full replays.
     incremental: bool,
 }
 
-impl<R: Rule> Series<R> {
-    /// A series judged by `rule`, accepting readings up to `horizon` older
-    /// than the newest it has seen. The horizon must cover the rule's own
+impl<R: Rule> Group<R> {
+    /// A group with no rule yet, accepting readings up to `horizon` older
+    /// than the newest it has seen. The horizon must cover each rule's own
     /// window (a sustained duration), or late readings cannot complete it.
-    pub fn new(rule: R, horizon: Duration) -> Series<R> {
-        Series {
-            rule,
+    pub fn new(horizon: Duration) -> Group<R> {
+        Group {
             horizon,
-            base: R::State::default(),
-            base_last: None,
             folded_until: None,
             points: VecDeque::new(),
             max_points: usize::MAX,
-            told: Vec::new(),
-            tip: None,
+            tracks: Vec::new(),
             incremental: true,
         }
     }
 
-    /// The same series keeping at most `max` readings (at least one).
-    pub fn with_max_points(mut self, max: usize) -> Series<R> {
+    /// The same group keeping at most `max` readings (at least one).
+    pub fn with_max_points(mut self, max: usize) -> Group<R> {
         self.max_points = max.max(1);
         self
+    }
+
+    /// Adds `rule`, judged from the next reading on; returns its track, the
+    /// index its transitions are told under. For a group that has judged
+    /// nothing yet (`None` otherwise: the rule would miss what was folded).
+    pub fn add(&mut self, rule: R) -> Option<usize> {
+        if !self.points.is_empty() || self.folded_until.is_some() {
+            return None;
+        }
+        // Rules are added once, at a patient's start: no room to spare
+        // (a track is some 300 bytes, and most groups hold one or two).
+        self.tracks.reserve_exact(1);
+        self.tracks.push(Track {
+            rule,
+            base: R::State::default(),
+            base_last: None,
+            told: Vec::new(),
+            tip: None,
+        });
+        Some(self.tracks.len() - 1)
+    }
+
+    /// The late-reading horizon.
+    pub fn horizon(&self) -> Duration {
+        self.horizon
+    }
+
+    /// How many rules it judges.
+    pub fn tracks(&self) -> usize {
+        self.tracks.len()
     }
 
     /// How many readings it keeps now.
@@ -263,34 +304,34 @@ impl<R: Rule> Series<R> {
         self.points.len()
     }
 
-    /// The same series judging every reading by a full replay (for tests
-    /// that check the incremental path against it).
-    #[doc(hidden)]
-    pub fn replaying_always(mut self) -> Series<R> {
-        self.incremental = false;
-        self
+    /// Whether `track`'s rule has an episode open (raised and not cleared).
+    pub fn is_open(&self, track: usize) -> bool {
+        self.open_start(track).is_some()
     }
 
-    /// Whether an episode is open (raised and not cleared).
-    pub fn is_open(&self) -> bool {
-        self.told.iter().any(|e| e.end.is_none())
+    /// The start of `track`'s open episode, if any.
+    pub fn open_start(&self, track: usize) -> Option<DateTime<Utc>> {
+        self.tracks
+            .get(track)?
+            .told
+            .iter()
+            .find(|e| e.end.is_none())
+            .map(|e| e.start)
     }
 
-    /// The start of the open episode, if any.
-    pub fn open_start(&self) -> Option<DateTime<Utc>> {
-        self.told.iter().find(|e| e.end.is_none()).map(|e| e.start)
-    }
-
-    /// Takes as told an episode that is open elsewhere (an alert the store
-    /// has open after a restart): it is never raised again, and it clears
-    /// under `start` when the rule's clear condition is met. For a series
-    /// that has judged nothing yet; `false` (and nothing changes) otherwise,
-    /// or when an episode is already open.
-    pub fn adopt(&mut self, start: DateTime<Utc>, raised_at: DateTime<Utc>) -> bool {
-        if !self.points.is_empty() || self.folded_until.is_some() || self.is_open() {
+    /// Takes as `track`'s told an episode that is open elsewhere (an alert
+    /// the store has open after a restart): it is never raised again, and it
+    /// clears under `start` when the rule's clear condition is met. For a
+    /// group that has judged nothing yet; `false` (and nothing changes)
+    /// otherwise, or when an episode is already open.
+    pub fn adopt(&mut self, track: usize, start: DateTime<Utc>, raised_at: DateTime<Utc>) -> bool {
+        if !self.points.is_empty() || self.folded_until.is_some() || self.is_open(track) {
             return false;
         }
-        self.told.push(Told {
+        let Some(t) = self.tracks.get_mut(track) else {
+            return false;
+        };
+        t.told.push(Told {
             start,
             raised_at: raised_at.max(start),
             end: None,
@@ -323,30 +364,25 @@ impl<R: Rule> Series<R> {
         self.points.insert(i, k);
     }
 
-    /// Judges one reading; returns what it changed, in event-time order.
-    /// The same reading twice changes nothing.
-    pub fn observe(&mut self, p: Point) -> Result<Vec<Transition>, TooLate> {
-        let k = Kept::of(&p);
-        let p = k.point();
+    /// Judges one reading by every rule; returns what it changed, in
+    /// event-time order for each track. The same reading twice changes
+    /// nothing.
+    pub fn observe(&mut self, p: Point) -> Result<Vec<(usize, Transition)>, TooLate> {
+        let (k, p) = kept(p);
         self.within_horizon(p.at)?;
         let Err(i) = self.position(k.at) else {
             return Ok(Vec::new()); // a redelivery, or a second device at the same instant: the first stands
         };
         let newest = i == self.points.len();
         self.keep(i, k);
-        Ok(if newest {
-            self.judge_next(p)
-        } else {
-            self.judge()
-        })
+        Ok(self.judge(newest.then_some(p)))
     }
 
-    /// Like [`Series::observe`], but a reading at an instant already held
+    /// Like [`Group::observe`], but a reading at an instant already held
     /// replaces it: for derived series (a score recomputed as more of the
     /// same instant's readings arrive).
-    pub fn revise(&mut self, p: Point) -> Result<Vec<Transition>, TooLate> {
-        let k = Kept::of(&p);
-        let p = k.point();
+    pub fn revise(&mut self, p: Point) -> Result<Vec<(usize, Transition)>, TooLate> {
+        let (k, p) = kept(p);
         self.within_horizon(p.at)?;
         let newest = match self.position(k.at) {
             Ok(i) if self.points[i].same(k) => return Ok(Vec::new()),
@@ -359,20 +395,17 @@ impl<R: Rule> Series<R> {
                 i + 1 == self.points.len()
             }
         };
-        Ok(if newest {
-            self.judge_next(p)
-        } else {
-            self.judge()
-        })
+        Ok(self.judge(newest.then_some(p)))
     }
 
-    /// `Err` when `at` is older than what this series keeps.
+    /// `Err` when `at` is older than what this group keeps.
     fn within_horizon(&self, at: DateTime<Utc>) -> Result<(), TooLate> {
-        if let Some(newest) = self.newest()
-            && at < newest - self.horizon
+        if let Some(newest) = self.points.back()
+            && let Some(h) = self.horizon.num_microseconds()
+            && at.timestamp_micros() < newest.at.saturating_sub(h)
         {
             return Err(TooLate {
-                oldest_kept: newest - self.horizon,
+                oldest_kept: newest.at() - self.horizon,
             });
         }
         match self.folded_until {
@@ -381,6 +414,79 @@ impl<R: Rule> Series<R> {
         }
     }
 
+    /// Every track judges the kept readings: stepped from its tip with
+    /// `next`, a reading newer than every other kept one, else by a full
+    /// replay. Then the group folds.
+    fn judge(&mut self, next: Option<Point>) -> Vec<(usize, Transition)> {
+        let newest = self.newest();
+        let mut out = Vec::new();
+        for (i, track) in self.tracks.iter_mut().enumerate() {
+            let ts = match (next, track.tip.take()) {
+                (Some(p), Some((mut state, mut found))) if self.incremental => {
+                    track.step(&mut state, &p, &mut found);
+                    track.settle(state, found)
+                }
+                _ => track.replay(&self.points, self.folded_until, newest),
+            };
+            out.extend(ts.into_iter().map(|t| (i, t)));
+        }
+        self.fold();
+        out
+    }
+
+    /// Folds readings older than the horizon, or beyond `max_points`, into
+    /// every track's base state.
+    fn fold(&mut self) {
+        let Some(newest) = self.points.back() else {
+            return;
+        };
+        let cutoff = self
+            .horizon
+            .num_microseconds()
+            .map_or(i64::MIN, |h| newest.at.saturating_sub(h));
+        let len = self.points.len();
+        let n = self
+            .points
+            .iter()
+            .enumerate()
+            .take_while(|(i, p)| len - i > self.max_points || p.at < cutoff)
+            .count();
+        let Some(last) = n.checked_sub(1).map(|i| self.points[i].at()) else {
+            return;
+        };
+        for track in &mut self.tracks {
+            track.fold(
+                self.points.range(..n).map(|k| k.point()),
+                self.folded_until,
+                last,
+            );
+        }
+        self.points.drain(..n);
+        self.folded_until = Some(last);
+    }
+}
+
+/// `p` as kept, and `p` with its instant truncated to microseconds as the
+/// kept reading has it (no calendar arithmetic: the engine has usually
+/// truncated it already).
+fn kept(p: Point) -> (Kept, Point) {
+    let k = Kept::of(&p);
+    let nanos = p.at.timestamp_subsec_nanos();
+    let at = match nanos % 1_000 {
+        0 => p.at,
+        _ => p.at.with_nanosecond(nanos - nanos % 1_000).unwrap_or(p.at),
+    };
+    (
+        k,
+        Point {
+            at,
+            value: k.value,
+            artifact: k.value.is_nan(),
+        },
+    )
+}
+
+impl<R: Rule> Track<R> {
     /// The told facts after `after`, in replay order.
     fn facts(&self, after: Option<Key>) -> Vec<(Key, Fact)> {
         let mut facts: Vec<(Key, Fact)> = Vec::with_capacity(self.told.len() * 2);
@@ -454,25 +560,19 @@ impl<R: Rule> Series<R> {
         }
     }
 
-    /// Judges `p`, newer than every other kept reading: stepped from the
-    /// tip when there is one, else a full replay.
-    fn judge_next(&mut self, p: Point) -> Vec<Transition> {
-        match self.tip.take() {
-            Some((mut state, mut found)) if self.incremental => {
-                self.step(&mut state, &p, &mut found);
-                self.settle(state, found)
-            }
-            _ => self.judge(),
-        }
-    }
-
-    /// Replays the kept readings and the told facts, and tells what changed.
-    fn judge(&mut self) -> Vec<Transition> {
+    /// Replays `points` (kept after `folded_until`, the newest at `newest`)
+    /// and the told facts, and tells what changed.
+    fn replay(
+        &mut self,
+        points: &VecDeque<Kept>,
+        folded_until: Option<DateTime<Utc>>,
+        newest: Option<DateTime<Utc>>,
+    ) -> Vec<Transition> {
         let mut state = self.base.clone();
         let mut found: Vec<Found> = self.base_last.into_iter().collect();
-        let facts = self.facts(self.folded_until.map(point_key));
+        let facts = self.facts(folded_until.map(point_key));
         let mut next = 0;
-        for p in self.points.iter().map(|k| k.point()) {
+        for p in points.iter().map(|k| k.point()) {
             while let Some((k, fact)) = facts.get(next)
                 && *k < point_key(p.at)
             {
@@ -484,7 +584,6 @@ impl<R: Rule> Series<R> {
         // A told fact after the newest reading (an adopted alert raised
         // later than the history replayed so far) must not be applied
         // before readings that come between: no tip then.
-        let newest = self.newest();
         let ahead = facts[next..]
             .iter()
             .any(|(k, _)| newest.is_some_and(|n| k.0 > n));
@@ -499,7 +598,7 @@ impl<R: Rule> Series<R> {
     }
 
     /// Compares the episodes found with those told, tells what changed,
-    /// keeps the state as the new tip, and folds.
+    /// and keeps the state as the new tip.
     fn settle(&mut self, state: R::State, found: Vec<Found>) -> Vec<Transition> {
         let mut out = Vec::new();
         for ep in &found {
@@ -538,32 +637,23 @@ impl<R: Rule> Series<R> {
         }
         self.told.sort_by_key(|e| e.start);
         self.tip = Some((state, found));
-        self.fold();
         out
     }
 
-    /// Folds readings older than the horizon, or beyond `max_points` (and
-    /// the told facts before them), into the base state, and forgets told
-    /// episodes that ended before what is kept.
-    fn fold(&mut self) {
-        let Some(newest) = self.newest() else {
-            return;
-        };
-        let cutoff = (newest - self.horizon).timestamp_micros();
-        let due = |points: &VecDeque<Kept>, max: usize| {
-            points.len() > max || points.front().is_some_and(|p| p.at < cutoff)
-        };
-        if !due(&self.points, self.max_points) {
-            return;
-        }
-        let facts = self.facts(self.folded_until.map(point_key));
+    /// Folds `points`, the oldest kept readings (after `before`, up to and
+    /// including `until`), and the told facts before them, into the base
+    /// state, and forgets told episodes that ended before what is kept.
+    fn fold(
+        &mut self,
+        points: impl Iterator<Item = Point>,
+        before: Option<DateTime<Utc>>,
+        until: DateTime<Utc>,
+    ) {
+        let facts = self.facts(before.map(point_key));
         let mut next = 0;
         let mut base = self.base.clone();
         let mut scratch: Vec<Found> = self.base_last.into_iter().collect();
-        while due(&self.points, self.max_points) {
-            let Some(p) = self.points.pop_front().map(Kept::point) else {
-                break;
-            };
+        for p in points {
             while let Some((k, fact)) = facts.get(next)
                 && *k < point_key(p.at)
             {
@@ -571,20 +661,91 @@ impl<R: Rule> Series<R> {
                 next += 1;
             }
             self.step(&mut base, &p, &mut scratch);
-            self.folded_until = Some(p.at);
         }
         self.base = base;
         self.base_last = scratch.pop();
-        if let Some(f) = self.folded_until {
-            self.told.retain(|e| e.end.is_none_or(|end| end >= f));
-            self.base_last = self.base_last.filter(|e| e.end.is_none_or(|end| end >= f));
-            // The tip's state is unchanged by folding; its old episodes
-            // are forgotten like the told ones.
-            if let Some((_, found)) = &mut self.tip {
-                found.retain(|e| e.end.is_none_or(|end| end >= f));
-            }
+        self.told.retain(|e| e.end.is_none_or(|end| end >= until));
+        self.base_last = self
+            .base_last
+            .filter(|e| e.end.is_none_or(|end| end >= until));
+        // The tip's state is unchanged by folding; its old episodes are
+        // forgotten like the told ones.
+        if let Some((_, found)) = &mut self.tip {
+            found.retain(|e| e.end.is_none_or(|end| end >= until));
         }
     }
+}
+
+/// One rule on one series: a [`Group`] of one.
+#[derive(Debug, Clone)]
+pub struct Series<R: Rule>(Group<R>);
+
+impl<R: Rule> Series<R> {
+    /// A series judged by `rule`, accepting readings up to `horizon` older
+    /// than the newest it has seen (see [`Group::new`]).
+    pub fn new(rule: R, horizon: Duration) -> Series<R> {
+        let mut group = Group::new(horizon);
+        group.add(rule);
+        Series(group)
+    }
+
+    /// The same series keeping at most `max` readings (at least one).
+    pub fn with_max_points(self, max: usize) -> Series<R> {
+        Series(self.0.with_max_points(max))
+    }
+
+    /// How many readings it keeps now.
+    pub fn kept(&self) -> usize {
+        self.0.kept()
+    }
+
+    /// The same series judging every reading by a full replay (for tests
+    /// that check the incremental path against it).
+    #[doc(hidden)]
+    pub fn replaying_always(mut self) -> Series<R> {
+        self.0.incremental = false;
+        self
+    }
+
+    /// Whether an episode is open (raised and not cleared).
+    pub fn is_open(&self) -> bool {
+        self.0.is_open(0)
+    }
+
+    /// The start of the open episode, if any.
+    pub fn open_start(&self) -> Option<DateTime<Utc>> {
+        self.0.open_start(0)
+    }
+
+    /// See [`Group::adopt`].
+    pub fn adopt(&mut self, start: DateTime<Utc>, raised_at: DateTime<Utc>) -> bool {
+        self.0.adopt(0, start, raised_at)
+    }
+
+    /// The event times of the readings kept after `after`, oldest first.
+    pub fn instants_after(&self, after: DateTime<Utc>) -> impl Iterator<Item = DateTime<Utc>> + '_ {
+        self.0.instants_after(after)
+    }
+
+    /// The newest instant judged.
+    pub fn newest(&self) -> Option<DateTime<Utc>> {
+        self.0.newest()
+    }
+
+    /// Judges one reading; returns what it changed, in event-time order.
+    /// The same reading twice changes nothing.
+    pub fn observe(&mut self, p: Point) -> Result<Vec<Transition>, TooLate> {
+        self.0.observe(p).map(untracked)
+    }
+
+    /// See [`Group::revise`].
+    pub fn revise(&mut self, p: Point) -> Result<Vec<Transition>, TooLate> {
+        self.0.revise(p).map(untracked)
+    }
+}
+
+fn untracked(ts: Vec<(usize, Transition)>) -> Vec<Transition> {
+    ts.into_iter().map(|(_, t)| t).collect()
 }
 
 #[cfg(test)]
@@ -609,6 +770,21 @@ mod tests {
         reserve_one(&mut d, 601);
         d.push_back((601, 0.0));
         assert!((602..=700).contains(&d.capacity()), "{}", d.capacity());
+    }
+
+    #[test]
+    fn a_cap_below_the_first_allocation_is_kept_too() {
+        // `max_points_per_series = 1` keeps one reading (two while the
+        // newest is judged): the first allocation is no larger.
+        for limit in [1, 2, 3] {
+            let mut d: VecDeque<(i64, f64)> = VecDeque::new();
+            for i in 0..limit {
+                reserve_one(&mut d, limit);
+                d.push_back((i as i64, 0.0));
+            }
+            assert_eq!(d.len(), limit);
+            assert!(d.capacity() < 4, "limit {limit}: capacity {}", d.capacity());
+        }
     }
 
     #[test]
