@@ -99,15 +99,20 @@ struct News2History {
 struct Param(VecDeque<(i64, f64)>);
 
 impl Param {
-    /// Room for a batch beyond the cap before the end of the batch forgets.
-    const SLACK: usize = 64;
+    /// How many readings past `max_points` it has room for: a batch's
+    /// readings beyond the cap until the end of the batch forgets. An
+    /// eighth of the cap (a burst grows it further), so a small cap stays
+    /// small.
+    fn room(max_points: usize) -> usize {
+        max_points.saturating_add((max_points / 8).clamp(4, 64))
+    }
 
     fn insert(&mut self, at: DateTime<Utc>, value: f64, max_points: usize) {
         let t = at.timestamp_micros();
         let Err(i) = find(&self.0, t, |e| e.0) else {
             return;
         };
-        reserve_one(&mut self.0, max_points.saturating_add(Self::SLACK));
+        reserve_one(&mut self.0, Self::room(max_points));
         self.0.insert(i, (t, value));
     }
 
@@ -127,7 +132,7 @@ impl Param {
             .max(self.0.len().saturating_sub(max_points));
         self.0.drain(..drop);
         // A burst grew it past its cap and slack: give the room back.
-        let limit = max_points.saturating_add(Self::SLACK);
+        let limit = Self::room(max_points);
         if self.0.capacity() > limit && self.0.len() <= limit {
             self.0.shrink_to(limit);
         }
@@ -205,55 +210,95 @@ struct Patient {
     news2: News2History,
 }
 
-/// A group of rules on one metric's component, and which of the patient's
-/// rules each of its tracks is.
-#[derive(Debug, Clone)]
-struct Judged<R: crate::series::Rule> {
-    metric: Metric,
-    component: &'static str,
-    group: Group<R>,
-    rules: Vec<usize>,
+/// A rule of a kind that a [`Group`] judges, as compiled.
+trait Grouped: crate::series::Rule + Copy {
+    fn of(compiled: &Compiled) -> Option<Self>;
 }
 
-/// Adds `rule` (the patient's rule `index`) to the group of `groups` on
-/// the same component with the same horizon, or to a new one; returns the
-/// group and the track.
-fn join<R: crate::series::Rule>(
+impl Grouped for Threshold {
+    fn of(compiled: &Compiled) -> Option<Threshold> {
+        match compiled {
+            Compiled::Threshold { rule, .. } => Some(*rule),
+            _ => None,
+        }
+    }
+}
+
+impl Grouped for RateOfChange {
+    fn of(compiled: &Compiled) -> Option<RateOfChange> {
+        match compiled {
+            Compiled::RateOfChange { rule, .. } => Some(*rule),
+            _ => None,
+        }
+    }
+}
+
+/// The patient's rules on one metric's component with one horizon (their
+/// indices in the patient's rules, in track order), and their group, made
+/// when it is first needed: a patient pays only for the series their
+/// devices measure.
+#[derive(Debug, Clone)]
+struct Judged<R: Grouped> {
+    metric: Metric,
+    component: &'static str,
+    horizon: Duration,
+    rules: Vec<usize>,
+    group: Option<Box<Group<R>>>,
+}
+
+impl<R: Grouped> Judged<R> {
+    /// The group, made with its rules from `rules` if it is not yet.
+    fn group(&mut self, rules: &[(Arc<Rule>, RuleState)], max_points: usize) -> &mut Group<R> {
+        self.group.get_or_insert_with(|| {
+            let mut group = Group::new(self.horizon).with_max_points(max_points);
+            for i in &self.rules {
+                if let Some(rule) = rules.get(*i).and_then(|(r, _)| R::of(&r.compiled)) {
+                    // A new group has judged nothing: adding never fails.
+                    group.add(rule);
+                }
+            }
+            Box::new(group)
+        })
+    }
+}
+
+/// Adds the patient's rule `index` to the group of `groups` on the same
+/// component with the same horizon, or to a new one; returns the group and
+/// the track.
+fn join<R: Grouped>(
     groups: &mut Vec<Judged<R>>,
     metric: Metric,
     component: &'static str,
-    rule: R,
     index: usize,
     horizon: Duration,
-    max_points: usize,
 ) -> (usize, usize) {
-    let g = match groups.iter().position(|j| {
-        j.metric == metric && j.component == component && j.group.horizon() == horizon
-    }) {
+    let g = match groups
+        .iter()
+        .position(|j| j.metric == metric && j.component == component && j.horizon == horizon)
+    {
         Some(g) => g,
         None => {
             groups.push(Judged {
                 metric,
                 component,
-                group: Group::new(horizon).with_max_points(max_points),
+                horizon,
                 rules: Vec::new(),
+                group: None,
             });
             groups.len() - 1
         }
     };
-    let j = &mut groups[g];
-    // A patient's groups are built before any reading: adding never fails.
-    let track = j.group.add(rule).unwrap_or_default();
-    j.rules.push(index);
-    (g, track)
+    groups[g].rules.push(index);
+    (g, groups[g].rules.len() - 1)
 }
 
 /// Judges `point`, a reading of `metric`'s `component`, by every group on
 /// it; the changes go to `changes`, refusals (one per rule) to `skipped`.
 #[allow(clippy::too_many_arguments)]
-fn judge<R: crate::series::Rule>(
+fn judge<R: Grouped>(
     groups: &mut [Judged<R>],
     rules: &[(Arc<Rule>, RuleState)],
+    max_points: usize,
     pid: &str,
     metric: Metric,
     component: &str,
@@ -265,7 +310,7 @@ fn judge<R: crate::series::Rule>(
         .iter_mut()
         .filter(|j| j.metric == metric && j.component == component)
     {
-        match j.group.observe(point) {
+        match j.group(rules, max_points).observe(point) {
             Ok(ts) => changes.extend(ts.into_iter().map(|(track, t)| {
                 let rule = &rules[j.rules[track]].0;
                 change(pid, rule, rule.severity.unwrap_or(Severity::Low), t)
@@ -303,7 +348,9 @@ pub struct Engine {
     /// Readings kept per series (a group of rules on one component with
     /// one horizon) and per NEWS2 parameter, at most.
     max_points: usize,
-    patients: HashMap<String, Patient>,
+    /// Boxed: the map keeps a pointer per slot, its spare slots included,
+    /// rather than a patient's whole record.
+    patients: HashMap<String, Box<Patient>>,
 }
 
 fn risk_of_severity(s: Severity) -> Risk {
@@ -428,28 +475,15 @@ impl Engine {
             let (horizon, max) = (self.horizon_of(&rule), self.max_points);
             let state = match &rule.compiled {
                 Compiled::Threshold {
-                    metric,
-                    component,
-                    rule,
+                    metric, component, ..
                 } => {
-                    let (group, track) = join(
-                        &mut thresholds,
-                        *metric,
-                        component,
-                        *rule,
-                        index,
-                        horizon,
-                        max,
-                    );
+                    let (group, track) = join(&mut thresholds, *metric, component, index, horizon);
                     RuleState::Threshold { group, track }
                 }
                 Compiled::RateOfChange {
-                    metric,
-                    component,
-                    rule,
+                    metric, component, ..
                 } => {
-                    let (group, track) =
-                        join(&mut rates, *metric, component, *rule, index, horizon, max);
+                    let (group, track) = join(&mut rates, *metric, component, index, horizon);
                     RuleState::Rate { group, track }
                 }
                 Compiled::News2 { min_risk, assembly } => {
@@ -474,23 +508,29 @@ impl Engine {
             rules.push((rule, state));
         }
         for open in &setup.open {
-            let Some((_, state)) = rules.iter_mut().find(|(r, _)| r.name == open.rule) else {
+            let Some(i) = rules.iter().position(|(r, _)| r.name == open.rule) else {
                 refused.push(format!(
                     "open alert for rule {:?}, which is not configured",
                     open.rule
                 ));
                 continue;
             };
-            let adopted = match state {
+            let adopted = match &mut rules[i].1 {
                 RuleState::Threshold { group, track } => {
-                    thresholds[*group]
-                        .group
-                        .adopt(*track, open.episode_start, open.raised_at)
+                    let (g, t) = (*group, *track);
+                    thresholds[g].group(&rules, self.max_points).adopt(
+                        t,
+                        open.episode_start,
+                        open.raised_at,
+                    )
                 }
                 RuleState::Rate { group, track } => {
-                    rates[*group]
-                        .group
-                        .adopt(*track, open.episode_start, open.raised_at)
+                    let (g, t) = (*group, *track);
+                    rates[g].group(&rules, self.max_points).adopt(
+                        t,
+                        open.episode_start,
+                        open.raised_at,
+                    )
                 }
                 RuleState::News2(n) => {
                     let News2State { series, told, .. } = &mut **n;
@@ -503,14 +543,24 @@ impl Engine {
                 refused.push(format!("a second open alert for rule {:?}", open.rule));
             }
         }
+        // Built once, kept for as long as the patient is judged: no room
+        // to spare in any of it.
+        for j in &mut thresholds {
+            j.rules.shrink_to_fit();
+        }
+        for j in &mut rates {
+            j.rules.shrink_to_fit();
+        }
+        thresholds.shrink_to_fit();
+        rates.shrink_to_fit();
         self.patients.insert(
             patient_id.to_owned(),
-            Patient {
+            Box::new(Patient {
                 rules,
                 thresholds,
                 rates,
                 news2: News2History::default(),
-            },
+            }),
         );
         refused
     }
@@ -567,6 +617,7 @@ impl Engine {
                 judge(
                     &mut patient.thresholds,
                     rules,
+                    max_points,
                     pid,
                     metric,
                     component,
@@ -577,6 +628,7 @@ impl Engine {
                 judge(
                     &mut patient.rates,
                     rules,
+                    max_points,
                     pid,
                     metric,
                     component,
@@ -751,7 +803,7 @@ mod tests {
             p.insert(t(10) + Duration::seconds(s), 90.0, 10);
         }
         p.forget_before(t(0), 10);
-        assert!(p.0.capacity() <= 10 + Param::SLACK, "{}", p.0.capacity());
+        assert!(p.0.capacity() <= Param::room(10), "{}", p.0.capacity());
         assert_eq!(p.0.len(), 10);
     }
 
