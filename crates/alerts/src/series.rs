@@ -43,7 +43,7 @@
 
 use std::collections::VecDeque;
 
-use chrono::{DateTime, Duration, Timelike, Utc};
+use chrono::{DateTime, Duration, NaiveDate, NaiveTime, Timelike, Utc};
 
 /// A rule's judgement, one reading at a time, in event-time order.
 pub trait Rule {
@@ -122,6 +122,53 @@ impl Kept {
 /// one).
 pub(crate) fn micros(t: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_micros(t).unwrap_or_default()
+}
+
+const DAY_MICROS: i64 = 86_400_000_000;
+
+/// Turns kept instants back into instants, keeping the calendar date of
+/// the last one: a replay's readings are in order, most of them on one
+/// day, so the calendar arithmetic of [`micros`] is done once a day rather
+/// than once a reading.
+#[derive(Debug)]
+struct Instants {
+    day: i64,
+    date: NaiveDate,
+}
+
+impl Instants {
+    fn new() -> Instants {
+        Instants {
+            day: i64::MIN,
+            date: NaiveDate::MIN,
+        }
+    }
+
+    fn at(&mut self, t: i64) -> DateTime<Utc> {
+        let day = t.div_euclid(DAY_MICROS);
+        if day != self.day {
+            let Some(midnight) = DateTime::from_timestamp_micros(day * DAY_MICROS) else {
+                return micros(t);
+            };
+            (self.day, self.date) = (day, midnight.date_naive());
+        }
+        let in_day = t.rem_euclid(DAY_MICROS);
+        match NaiveTime::from_num_seconds_from_midnight_opt(
+            (in_day / 1_000_000) as u32,
+            (in_day % 1_000_000) as u32 * 1_000,
+        ) {
+            Some(time) => self.date.and_time(time).and_utc(),
+            None => micros(t),
+        }
+    }
+
+    fn point(&mut self, k: Kept) -> Point {
+        Point {
+            at: self.at(k.at),
+            value: k.value,
+            artifact: k.value.is_nan(),
+        }
+    }
 }
 
 /// Where the element at instant `t` is in `d`, sorted by `key` (`Ok`), or
@@ -343,7 +390,8 @@ impl<R: Rule> Group<R> {
     pub fn instants_after(&self, after: DateTime<Utc>) -> impl Iterator<Item = DateTime<Utc>> + '_ {
         let after = after.timestamp_micros();
         let from = self.points.partition_point(|p| p.at <= after);
-        self.points.range(from..).map(|p| p.at())
+        let mut instants = Instants::new();
+        self.points.range(from..).map(move |p| instants.at(p.at))
     }
 
     /// The newest instant judged.
@@ -418,7 +466,6 @@ impl<R: Rule> Group<R> {
     /// `next`, a reading newer than every other kept one, else by a full
     /// replay. Then the group folds.
     fn judge(&mut self, next: Option<Point>) -> Vec<(usize, Transition)> {
-        let newest = self.newest();
         let mut out = Vec::new();
         for (i, track) in self.tracks.iter_mut().enumerate() {
             let ts = match (next, track.tip.take()) {
@@ -426,7 +473,7 @@ impl<R: Rule> Group<R> {
                     track.step(&mut state, &p, &mut found);
                     track.settle(state, found)
                 }
-                _ => track.replay(&self.points, self.folded_until, newest),
+                _ => track.replay(&self.points, self.folded_until),
             };
             out.extend(ts.into_iter().map(|t| (i, t)));
         }
@@ -560,19 +607,19 @@ impl<R: Rule> Track<R> {
         }
     }
 
-    /// Replays `points` (kept after `folded_until`, the newest at `newest`)
-    /// and the told facts, and tells what changed.
+    /// Replays `points` (kept after `folded_until`) and the told facts,
+    /// and tells what changed.
     fn replay(
         &mut self,
         points: &VecDeque<Kept>,
         folded_until: Option<DateTime<Utc>>,
-        newest: Option<DateTime<Utc>>,
     ) -> Vec<Transition> {
         let mut state = self.base.clone();
         let mut found: Vec<Found> = self.base_last.into_iter().collect();
         let facts = self.facts(folded_until.map(point_key));
         let mut next = 0;
-        for p in points.iter().map(|k| k.point()) {
+        let mut instants = Instants::new();
+        for p in points.iter().map(|k| instants.point(*k)) {
             while let Some((k, fact)) = facts.get(next)
                 && *k < point_key(p.at)
             {
@@ -584,9 +631,10 @@ impl<R: Rule> Track<R> {
         // A told fact after the newest reading (an adopted alert raised
         // later than the history replayed so far) must not be applied
         // before readings that come between: no tip then.
+        let newest = points.back().map(|k| k.at);
         let ahead = facts[next..]
             .iter()
-            .any(|(k, _)| newest.is_some_and(|n| k.0 > n));
+            .any(|(k, _)| newest.is_some_and(|n| k.0.timestamp_micros() > n));
         for (_, fact) in &facts[next..] {
             self.apply(&mut state, *fact, &mut found);
         }
@@ -784,6 +832,31 @@ mod tests {
             }
             assert_eq!(d.len(), limit);
             assert!(d.capacity() < 4, "limit {limit}: capacity {}", d.capacity());
+        }
+    }
+
+    #[test]
+    fn instants_turn_back_as_the_calendar_does() {
+        let mut instants = Instants::new();
+        // Across days, years, leap days and the epoch, forwards and back.
+        let day = DAY_MICROS;
+        let mut ts = vec![0, -1, 1, day - 1, day, -day, -day - 1];
+        for base in [
+            1_709_164_800_000_000_i64,
+            1_800_000_000_123_456,
+            4_102_444_799_999_999,
+        ] {
+            ts.extend([
+                base,
+                base + 1,
+                base + day / 2,
+                base + day,
+                base - 7,
+                base + 400 * day,
+            ]);
+        }
+        for t in ts {
+            assert_eq!(instants.at(t), micros(t), "{t}");
         }
     }
 
