@@ -15,7 +15,7 @@ use vitalwatch_core::reading::{Batch, Quality};
 use crate::news2::{self, Assembly, Latest, Risk};
 use crate::rate::RateOfChange;
 use crate::rules::{Compiled, Override, Rule, Severity, alert_id};
-use crate::series::{Group, Point, Series, Transition, find, micros, reserve_one};
+use crate::series::{Group, Point, Series, Transition, find, micros, reserve_one, truncated};
 use crate::threshold::{Direction, Persistence, Threshold};
 
 /// A change of an alert, for the alert store and the alerts topic.
@@ -257,6 +257,8 @@ impl<R: Grouped> Judged<R> {
                     group.add(rule);
                 }
             }
+            // One track per rule, in order: track i is rule `self.rules[i]`.
+            debug_assert_eq!(group.tracks(), self.rules.len());
             Box::new(group)
         })
     }
@@ -293,7 +295,8 @@ fn join<R: Grouped>(
 }
 
 /// Judges `point`, a reading of `metric`'s `component`, by every group on
-/// it; the changes go to `changes`, refusals (one per rule) to `skipped`.
+/// it; the changes go to `changes` with their rule's index, refusals (one
+/// per rule) to `skipped`.
 #[allow(clippy::too_many_arguments)]
 fn judge<R: Grouped>(
     groups: &mut [Judged<R>],
@@ -303,7 +306,7 @@ fn judge<R: Grouped>(
     metric: Metric,
     component: &str,
     point: Point,
-    changes: &mut Vec<AlertChange>,
+    changes: &mut Vec<(usize, AlertChange)>,
     skipped: &mut Skipped,
 ) {
     for j in groups
@@ -312,8 +315,12 @@ fn judge<R: Grouped>(
     {
         match j.group(rules, max_points).observe(point) {
             Ok(ts) => changes.extend(ts.into_iter().map(|(track, t)| {
-                let rule = &rules[j.rules[track]].0;
-                change(pid, rule, rule.severity.unwrap_or(Severity::Low), t)
+                let index = j.rules[track];
+                let rule = &rules[index].0;
+                (
+                    index,
+                    change(pid, rule, rule.severity.unwrap_or(Severity::Low), t),
+                )
             })),
             Err(_) => skipped.too_late += j.rules.len() as u64,
         }
@@ -596,12 +603,15 @@ impl Engine {
         let mut readings: Vec<_> = batch.readings.iter().collect();
         readings.sort_by_key(|r| r.measured_at);
         let mut news2_instants = BTreeSet::new();
+        // One value's changes, by rule: told in the rules' configured
+        // order, whichever group judged them.
+        let mut by_rule: Vec<(usize, AlertChange)> = Vec::new();
         for reading in readings {
             let is_artifact = artifact(reading.quality);
             // Microseconds, as PostgreSQL stores them: a reading replayed
             // from the store after a restart is the same instant as the one
             // from Kafka, not a second reading.
-            let at = to_micros(reading.measured_at);
+            let at = truncated(reading.measured_at);
             for (component, value) in reading.values() {
                 if !is_artifact && let Some(slot) = News2History::slot(reading.metric, component) {
                     patient.news2.params[slot].insert(at, value, max_points);
@@ -613,7 +623,7 @@ impl Engine {
                     artifact: is_artifact,
                 };
                 let metric = reading.metric;
-                let (rules, changes, skipped) = (&patient.rules, &mut changes, &mut skipped);
+                let (rules, found, skipped) = (&patient.rules, &mut by_rule, &mut skipped);
                 judge(
                     &mut patient.thresholds,
                     rules,
@@ -622,7 +632,7 @@ impl Engine {
                     metric,
                     component,
                     point,
-                    changes,
+                    found,
                     skipped,
                 );
                 judge(
@@ -633,9 +643,12 @@ impl Engine {
                     metric,
                     component,
                     point,
-                    changes,
+                    found,
                     skipped,
                 );
+                // Stable: a rule's own changes stay in event-time order.
+                by_rule.sort_by_key(|(i, _)| *i);
+                changes.extend(by_rule.drain(..).map(|(_, c)| c));
             }
         }
         if let Some(first) = news2_instants.first().copied() {
@@ -734,11 +747,6 @@ impl Engine {
     }
 }
 
-/// `t` truncated to whole microseconds.
-fn to_micros(t: DateTime<Utc>) -> DateTime<Utc> {
-    DateTime::from_timestamp_micros(t.timestamp_micros()).unwrap_or(t)
-}
-
 fn change(patient_id: &str, rule: &Rule, severity: Severity, t: Transition) -> AlertChange {
     match t {
         Transition::Raise { start, at, value } => AlertChange::Raised {
@@ -832,6 +840,79 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    #[test]
+    fn a_cap_of_one_to_three_readings_tells_what_an_uncapped_engine_tells() {
+        // `max_points_per_series` 1 to 3 is valid configuration: an
+        // in-order stream is judged from the folded state, as without a
+        // cap, and nothing panics.
+        let run = |mut e: Engine| {
+            let mut changes = Vec::new();
+            for s in 0..900 {
+                let value = if s < 600 { 84.0 } else { 97.0 };
+                let r = Reading {
+                    measured_at: t(0) + Duration::seconds(s),
+                    ..reading(Metric::Spo2, 0, Measurement::Scalar(value))
+                };
+                changes.extend(e.observe(&batch("p-1", vec![r])).0);
+            }
+            changes
+        };
+        let uncapped = run(engine());
+        let names: Vec<&str> = raised(&uncapped).into_iter().map(|(r, _)| r).collect();
+        assert!(
+            names.contains(&"spo2_low") && names.contains(&"spo2_critical"),
+            "{names:?}"
+        );
+        assert!(
+            uncapped
+                .iter()
+                .any(|c| matches!(c, AlertChange::Cleared { rule, .. } if rule == "spo2_low")),
+            "{uncapped:?}"
+        );
+        for cap in 1..=3 {
+            assert_eq!(run(engine().with_max_points(cap)), uncapped, "cap {cap}");
+        }
+    }
+
+    #[test]
+    fn one_reading_s_changes_come_in_the_rules_order_whichever_group_judged_them() {
+        use crate::rules::{DirectionConfig, RuleConfig, TrendConfig};
+        let below = |name: &str, count| RuleConfig::Threshold {
+            name: name.into(),
+            severity: Severity::Medium,
+            metric: "spo2".into(),
+            component: None,
+            direction: DirectionConfig::Below,
+            level: 90.0,
+            clear: None,
+            sustained_minutes: None,
+            max_gap_minutes: None,
+            count,
+        };
+        // `a` and `c` share a group (one series, one horizon); `b` is a
+        // rate-of-change rule, in a group of its own, between them.
+        let rules = vec![
+            below("a", None),
+            RuleConfig::RateOfChange {
+                name: "b".into(),
+                severity: Severity::Medium,
+                metric: "spo2".into(),
+                component: None,
+                trend: TrendConfig::Fall,
+                limit: 5.0,
+                clear: None,
+                window_hours: 1,
+            },
+            below("c", Some([1, 1])),
+        ];
+        let mut e = Engine::new(compile(&rules).expect("rules"), Duration::hours(1));
+        let spo2 = |min, v| reading(Metric::Spo2, min, Measurement::Scalar(v));
+        assert!(e.observe(&batch("p-1", vec![spo2(0, 97.0)])).0.is_empty());
+        let (changes, _) = e.observe(&batch("p-1", vec![spo2(1, 84.0)]));
+        let names: Vec<&str> = raised(&changes).into_iter().map(|(r, _)| r).collect();
+        assert_eq!(names, vec!["a", "b", "c"]);
     }
 
     #[test]

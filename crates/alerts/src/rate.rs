@@ -1,7 +1,7 @@
 //! Rate-of-change rules: a value that moved too far within a window of
 //! event time, such as a heart-failure patient's weight rising more than
 //! 2 kg in 3 days, or more than 1 kg in a day. No I/O; judged through a
-//! [`crate::series::Series`], which handles late and out-of-order readings.
+//! [`crate::series::Group`], which handles late and out-of-order readings.
 //!
 //! For a reading at `t`, the change is measured against the lowest value
 //! (for a rise; the highest, for a fall) among the readings in

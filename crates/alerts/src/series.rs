@@ -378,6 +378,8 @@ impl<R: Rule> Group<R> {
         let Some(t) = self.tracks.get_mut(track) else {
             return false;
         };
+        // In whole microseconds, as every instant the replays compare.
+        let (start, raised_at) = (truncated(start), truncated(raised_at));
         t.told.push(Told {
             start,
             raised_at: raised_at.max(start),
@@ -518,19 +520,26 @@ impl<R: Rule> Group<R> {
 /// truncated it already).
 fn kept(p: Point) -> (Kept, Point) {
     let k = Kept::of(&p);
-    let nanos = p.at.timestamp_subsec_nanos();
-    let at = match nanos % 1_000 {
-        0 => p.at,
-        _ => p.at.with_nanosecond(nanos - nanos % 1_000).unwrap_or(p.at),
-    };
     (
         k,
         Point {
-            at,
+            at: truncated(p.at),
             value: k.value,
             artifact: k.value.is_nan(),
         },
     )
+}
+
+/// `at` in whole microseconds, the instant a kept reading has: cheap when
+/// only the fraction changes; a leap second (chrono's `23:59:59` with a
+/// second's worth of extra nanoseconds) becomes the next second, as
+/// [`micros`] makes it, so one reading never has two instants.
+pub(crate) fn truncated(at: DateTime<Utc>) -> DateTime<Utc> {
+    match at.timestamp_subsec_nanos() {
+        n if n >= 1_000_000_000 => micros(at.timestamp_micros()),
+        n if n % 1_000 == 0 => at,
+        n => at.with_nanosecond(n - n % 1_000).unwrap_or(at),
+    }
 }
 
 impl<R: Rule> Track<R> {
@@ -858,6 +867,45 @@ mod tests {
         for t in ts {
             assert_eq!(instants.at(t), micros(t), "{t}");
         }
+    }
+
+    #[test]
+    fn an_instant_is_truncated_as_it_is_kept() {
+        let leap = NaiveDate::from_ymd_opt(2016, 12, 31)
+            .and_then(|d| d.and_hms_nano_opt(23, 59, 59, 1_500_000_999))
+            .map(|t| t.and_utc())
+            .expect("a leap second");
+        for at in [
+            leap,
+            micros(1_800_000_000_123_456),
+            DateTime::from_timestamp(1_800_000_000, 123_456_789).unwrap_or_default(),
+            DateTime::from_timestamp(-1, 999_999_999).unwrap_or_default(),
+        ] {
+            let t = truncated(at);
+            assert_eq!(t, micros(at.timestamp_micros()), "{at:?}");
+            assert!(t.timestamp_subsec_nanos() < 1_000_000_000, "{at:?}: {t:?}");
+        }
+        // A leap-second reading stepped from the tip and the same reading
+        // replayed are one instant: a late reading does not tell its
+        // episode again.
+        let rule = crate::threshold::Threshold {
+            direction: crate::threshold::Direction::Below,
+            level: 90.0,
+            clear: 92.0,
+            persistence: crate::threshold::Persistence::Single,
+        };
+        let mut s = Series::new(rule, Duration::hours(1));
+        let p = |at: DateTime<Utc>, value: f64| Point {
+            at,
+            value,
+            artifact: false,
+        };
+        let raised = s.observe(p(leap, 85.0)).expect("judged");
+        assert_eq!(raised.len(), 1, "{raised:?}");
+        let late = s
+            .observe(p(leap - Duration::seconds(30), 95.0))
+            .expect("judged");
+        assert!(late.is_empty(), "told again: {late:?}");
     }
 
     #[test]

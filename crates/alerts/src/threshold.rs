@@ -9,8 +9,8 @@
 //! flap. Readings flagged as artifacts (motion, low perfusion, cuff error)
 //! neither raise, nor break a run, nor clear.
 //!
-//! Judged through a [`crate::series::Series`], which handles late and
-//! out-of-order readings.
+//! Judged through a [`crate::series::Group`] (with the other rules on the
+//! same series), which handles late and out-of-order readings.
 
 use std::collections::VecDeque;
 
