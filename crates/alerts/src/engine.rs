@@ -294,32 +294,36 @@ fn join<R: Grouped>(
     (g, groups[g].rules.len() - 1)
 }
 
-/// Judges `point`, a reading of `metric`'s `component`, by every group on
-/// it; the changes go to `changes` with their rule's index, refusals (one
-/// per rule) to `skipped`.
-#[allow(clippy::too_many_arguments)]
+/// One value of a reading (`point`, of `metric`'s `component`), for the
+/// patient's groups to judge.
+struct Value<'a> {
+    pid: &'a str,
+    rules: &'a [(Arc<Rule>, RuleState)],
+    max_points: usize,
+    metric: Metric,
+    component: &'a str,
+    point: Point,
+}
+
+/// Judges `v` by every group of `groups` on its series; the changes go to
+/// `changes` with their rule's index, refusals (one per rule) to `skipped`.
 fn judge<R: Grouped>(
     groups: &mut [Judged<R>],
-    rules: &[(Arc<Rule>, RuleState)],
-    max_points: usize,
-    pid: &str,
-    metric: Metric,
-    component: &str,
-    point: Point,
+    v: &Value<'_>,
     changes: &mut Vec<(usize, AlertChange)>,
     skipped: &mut Skipped,
 ) {
     for j in groups
         .iter_mut()
-        .filter(|j| j.metric == metric && j.component == component)
+        .filter(|j| j.metric == v.metric && j.component == v.component)
     {
-        match j.group(rules, max_points).observe(point) {
+        match j.group(v.rules, v.max_points).observe(v.point) {
             Ok(ts) => changes.extend(ts.into_iter().map(|(track, t)| {
                 let index = j.rules[track];
-                let rule = &rules[index].0;
+                let rule = &v.rules[index].0;
                 (
                     index,
-                    change(pid, rule, rule.severity.unwrap_or(Severity::Low), t),
+                    change(v.pid, rule, rule.severity.unwrap_or(Severity::Low), t),
                 )
             })),
             Err(_) => skipped.too_late += j.rules.len() as u64,
@@ -622,30 +626,16 @@ impl Engine {
                     value,
                     artifact: is_artifact,
                 };
-                let metric = reading.metric;
-                let (rules, found, skipped) = (&patient.rules, &mut by_rule, &mut skipped);
-                judge(
-                    &mut patient.thresholds,
-                    rules,
-                    max_points,
+                let v = Value {
                     pid,
-                    metric,
+                    rules: &patient.rules,
+                    max_points,
+                    metric: reading.metric,
                     component,
                     point,
-                    found,
-                    skipped,
-                );
-                judge(
-                    &mut patient.rates,
-                    rules,
-                    max_points,
-                    pid,
-                    metric,
-                    component,
-                    point,
-                    found,
-                    skipped,
-                );
+                };
+                judge(&mut patient.thresholds, &v, &mut by_rule, &mut skipped);
+                judge(&mut patient.rates, &v, &mut by_rule, &mut skipped);
                 // Stable: a rule's own changes stay in event-time order.
                 by_rule.sort_by_key(|(i, _)| *i);
                 changes.extend(by_rule.drain(..).map(|(_, c)| c));
