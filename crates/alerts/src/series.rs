@@ -106,8 +106,14 @@ impl Kept {
     }
 
     fn point(self) -> Point {
+        self.point_at(self.at())
+    }
+
+    /// The reading back, at `at` (its instant, however it was turned back
+    /// from microseconds).
+    fn point_at(self, at: DateTime<Utc>) -> Point {
         Point {
-            at: self.at(),
+            at,
             value: self.value,
             artifact: self.value.is_nan(),
         }
@@ -163,11 +169,7 @@ impl Instants {
     }
 
     fn point(&mut self, k: Kept) -> Point {
-        Point {
-            at: self.at(k.at),
-            value: k.value,
-            artifact: k.value.is_nan(),
-        }
+        k.point_at(self.at(k.at))
     }
 }
 
@@ -334,11 +336,6 @@ impl<R: Rule> Group<R> {
             tip: None,
         });
         Some(self.tracks.len() - 1)
-    }
-
-    /// The late-reading horizon.
-    pub fn horizon(&self) -> Duration {
-        self.horizon
     }
 
     /// How many rules it judges.
@@ -520,14 +517,7 @@ impl<R: Rule> Group<R> {
 /// truncated it already).
 fn kept(p: Point) -> (Kept, Point) {
     let k = Kept::of(&p);
-    (
-        k,
-        Point {
-            at: truncated(p.at),
-            value: k.value,
-            artifact: k.value.is_nan(),
-        },
-    )
+    (k, k.point_at(truncated(p.at)))
 }
 
 /// `at` in whole microseconds, the instant a kept reading has: cheap when
