@@ -87,45 +87,6 @@ async fn child(service: &str) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// The environment that gives a child `cfg`.
-fn child_env(cfg: &Config) -> Vec<(&'static str, String)> {
-    let mut env = vec![
-        ("VITALWATCH_DATABASE__URL", cfg.database.url.clone()),
-        ("VITALWATCH_KAFKA__BROKERS", cfg.kafka.brokers.clone()),
-        (
-            "VITALWATCH_KAFKA__READINGS_TOPIC",
-            cfg.kafka.readings_topic.clone(),
-        ),
-        (
-            "VITALWATCH_KAFKA__DEADLETTER_TOPIC",
-            cfg.kafka.deadletter_topic.clone(),
-        ),
-        (
-            "VITALWATCH_KAFKA__ALERTS_TOPIC",
-            cfg.kafka.alerts_topic.clone(),
-        ),
-        ("VITALWATCH_MQTT__HOST", cfg.mqtt.host.clone()),
-        ("VITALWATCH_MQTT__PORT", cfg.mqtt.port.to_string()),
-        ("VITALWATCH_MQTT__TOPIC_ROOT", cfg.mqtt.topic_root.clone()),
-        ("VITALWATCH_MQTT__SHARE_GROUP", cfg.mqtt.share_group.clone()),
-        ("VITALWATCH_MQTT__CLIENT_ID", cfg.mqtt.client_id.clone()),
-        ("VITALWATCH_WRITER__GROUP_ID", cfg.writer.group_id.clone()),
-        ("VITALWATCH_ALERTS__GROUP_ID", cfg.alerts.group_id.clone()),
-        (
-            "VITALWATCH_ALERTS__WRITER_GROUP_ID",
-            cfg.alerts.writer_group_id.clone(),
-        ),
-        ("VITALWATCH_API__LISTEN", "127.0.0.1:0".into()),
-    ];
-    if let Some(u) = &cfg.mqtt.username {
-        env.push(("VITALWATCH_MQTT__USERNAME", u.clone()));
-    }
-    if let Some(p) = &cfg.mqtt.password {
-        env.push(("VITALWATCH_MQTT__PASSWORD", p.clone()));
-    }
-    env
-}
-
 /// Records on the readings topic (the sum of its high watermarks) and the
 /// offsets `groups` have committed on it: where a backlog builds.
 fn kafka_positions(cfg: &Config, groups: &[&str]) -> Option<(i64, Vec<i64>)> {
@@ -297,7 +258,8 @@ impl Watched {
 fn spawn(service: &str, cfg: &Config) -> Result<Child, Box<dyn std::error::Error>> {
     let mut cmd = Command::new(std::env::current_exe()?);
     cmd.env(SERVICE_VAR, service)
-        .envs(child_env(cfg))
+        .envs(cfg.service_env())
+        .env("VITALWATCH_API__LISTEN", "127.0.0.1:0")
         .stdin(Stdio::null());
     Ok(cmd.spawn()?)
 }

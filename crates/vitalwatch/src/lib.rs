@@ -45,6 +45,49 @@ impl Config {
         vitalwatch_core::config::load(file, std::env::vars())
     }
 
+    /// The `VITALWATCH_*` variables that point a `vitalwatch` process at
+    /// the services and names of these settings: the database, the Kafka
+    /// brokers, topics and client properties, the MQTT broker and account,
+    /// and the consumer groups. Other settings (batching, limits) are left
+    /// to that process's own environment and file. For tests and benches
+    /// that start services as processes of their own.
+    pub fn service_env(&self) -> Vec<(String, String)> {
+        let mut env: Vec<(String, String)> = [
+            ("DATABASE__URL", self.database.url.clone()),
+            ("KAFKA__BROKERS", self.kafka.brokers.clone()),
+            ("KAFKA__READINGS_TOPIC", self.kafka.readings_topic.clone()),
+            (
+                "KAFKA__DEADLETTER_TOPIC",
+                self.kafka.deadletter_topic.clone(),
+            ),
+            ("KAFKA__ALERTS_TOPIC", self.kafka.alerts_topic.clone()),
+            ("MQTT__HOST", self.mqtt.host.clone()),
+            ("MQTT__PORT", self.mqtt.port.to_string()),
+            ("MQTT__CLIENT_ID", self.mqtt.client_id.clone()),
+            ("MQTT__SHARE_GROUP", self.mqtt.share_group.clone()),
+            ("MQTT__TOPIC_ROOT", self.mqtt.topic_root.clone()),
+            ("WRITER__GROUP_ID", self.writer.group_id.clone()),
+            ("ALERTS__GROUP_ID", self.alerts.group_id.clone()),
+            (
+                "ALERTS__WRITER_GROUP_ID",
+                self.alerts.writer_group_id.clone(),
+            ),
+        ]
+        .into_iter()
+        .chain(self.mqtt.username.clone().map(|u| ("MQTT__USERNAME", u)))
+        .chain(self.mqtt.password.clone().map(|p| ("MQTT__PASSWORD", p)))
+        .map(|(key, value)| (format!("VITALWATCH_{key}"), value))
+        .collect();
+        // Keys are lower-cased by the loader, as librdkafka's are.
+        env.extend(self.kafka.properties.iter().map(|(key, value)| {
+            (
+                format!("VITALWATCH_KAFKA__PROPERTIES__{key}"),
+                value.clone(),
+            )
+        }));
+        env
+    }
+
     /// Checks settings that depend on each other.
     pub fn validate(&self) -> anyhow::Result<()> {
         self.database.validate()?;
@@ -196,4 +239,50 @@ pub fn shutdown_on_signals() -> CancellationToken {
         t.cancel();
     });
     token
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_process_given_the_service_env_has_the_same_services_and_names() {
+        let mut cfg = Config::default();
+        cfg.database.url = "postgres://u:p@db.example:5433/vw".into();
+        cfg.kafka.brokers = "k1:9092,k2:9092".into();
+        cfg.kafka.readings_topic = "t.readings_1".into();
+        cfg.kafka.deadletter_topic = "t.dead_1".into();
+        cfg.kafka.alerts_topic = "t.alerts_1".into();
+        cfg.kafka
+            .properties
+            .insert("session.timeout.ms".into(), "6000".into());
+        cfg.mqtt.host = "mqtt.example".into();
+        cfg.mqtt.port = 18830;
+        cfg.mqtt.client_id = "ingest-7".into();
+        cfg.mqtt.share_group = "g7".into();
+        cfg.mqtt.topic_root = "test-7".into();
+        cfg.mqtt.username = Some("vitalwatch-ingest".into());
+        cfg.mqtt.password = Some("123456".into());
+        cfg.writer.group_id = "writer_7".into();
+        cfg.writer.batch_max_rows = 2;
+        cfg.alerts.group_id = "alerts_7".into();
+        cfg.alerts.writer_group_id = "writer_7".into();
+        let got: Config = vitalwatch_core::config::load(None, cfg.service_env()).expect("loads");
+        let expected = Config {
+            database: cfg.database.clone(),
+            kafka: cfg.kafka.clone(),
+            mqtt: cfg.mqtt.clone(),
+            writer: WriterConfig {
+                group_id: cfg.writer.group_id.clone(),
+                ..WriterConfig::default()
+            },
+            alerts: AlertsConfig {
+                group_id: cfg.alerts.group_id.clone(),
+                writer_group_id: cfg.alerts.writer_group_id.clone(),
+                ..AlertsConfig::default()
+            },
+            ..Config::default()
+        };
+        assert_eq!(got, expected, "batching is left to the process");
+    }
 }

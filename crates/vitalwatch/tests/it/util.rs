@@ -58,39 +58,15 @@ pub fn start(services: &[Service], cfg: &Config) -> Running {
     }
 }
 
-/// A `vitalwatch <service>` process of its own, with `cfg`'s database,
-/// topics, Kafka properties, MQTT settings and writer settings, for tests
-/// that crash a service for real (SIGKILL: no destructor, no goodbye to the
-/// broker). It is killed when dropped.
+/// A `vitalwatch <service>` process of its own, pointed at `cfg`'s
+/// services and names ([`Config::service_env`]) with its writer batching,
+/// for tests that crash a service for real (SIGKILL: no destructor, no
+/// goodbye to the broker). It is killed when dropped.
 pub fn spawn_process(service: &str, cfg: &Config) -> Process {
     let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_vitalwatch"));
     c.arg(service)
+        .envs(cfg.service_env())
         .env("VITALWATCH_LOG", "warn")
-        .env("VITALWATCH_DATABASE__URL", &cfg.database.url)
-        .env("VITALWATCH_KAFKA__BROKERS", &cfg.kafka.brokers)
-        .env(
-            "VITALWATCH_KAFKA__READINGS_TOPIC",
-            &cfg.kafka.readings_topic,
-        )
-        .env(
-            "VITALWATCH_KAFKA__DEADLETTER_TOPIC",
-            &cfg.kafka.deadletter_topic,
-        )
-        .env("VITALWATCH_KAFKA__ALERTS_TOPIC", &cfg.kafka.alerts_topic)
-        .env("VITALWATCH_MQTT__HOST", &cfg.mqtt.host)
-        .env("VITALWATCH_MQTT__PORT", cfg.mqtt.port.to_string())
-        .env("VITALWATCH_MQTT__CLIENT_ID", &cfg.mqtt.client_id)
-        .env("VITALWATCH_MQTT__SHARE_GROUP", &cfg.mqtt.share_group)
-        .env("VITALWATCH_MQTT__TOPIC_ROOT", &cfg.mqtt.topic_root)
-        .env(
-            "VITALWATCH_MQTT__USERNAME",
-            cfg.mqtt.username.as_deref().unwrap_or_default(),
-        )
-        .env(
-            "VITALWATCH_MQTT__PASSWORD",
-            cfg.mqtt.password.as_deref().unwrap_or_default(),
-        )
-        .env("VITALWATCH_WRITER__GROUP_ID", &cfg.writer.group_id)
         .env(
             "VITALWATCH_WRITER__BATCH_MAX_ROWS",
             cfg.writer.batch_max_rows.to_string(),
@@ -99,10 +75,6 @@ pub fn spawn_process(service: &str, cfg: &Config) -> Process {
             "VITALWATCH_WRITER__BATCH_MAX_WAIT_MS",
             cfg.writer.batch_max_wait_ms.to_string(),
         );
-    for (key, value) in &cfg.kafka.properties {
-        // Keys are lower-cased by the loader, as librdkafka's are.
-        c.env(format!("VITALWATCH_KAFKA__PROPERTIES__{key}"), value);
-    }
     Process(
         c.spawn()
             .unwrap_or_else(|e| panic!("start vitalwatch {service}: {e}")),
