@@ -5,7 +5,7 @@
 //! (Wall-clock missing-data rules are judged by [`crate::missing`] from the
 //! registry's expectations; they are not fed readings here.)
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use chrono::{DateTime, Duration, Utc};
@@ -13,9 +13,10 @@ use vitalwatch_core::catalogue::Metric;
 use vitalwatch_core::reading::{Batch, Quality};
 
 use crate::news2::{self, Assembly, Latest, Risk};
+use crate::packed::{self, Packed};
 use crate::rate::RateOfChange;
 use crate::rules::{Compiled, Override, Rule, Severity, alert_id};
-use crate::series::{Group, Point, Series, Transition, find, micros, reserve_one, truncated};
+use crate::series::{Group, Point, Series, Transition, micros, truncated};
 use crate::threshold::{Direction, Persistence, Threshold};
 
 /// A change of an alert, for the alert store and the alerts topic.
@@ -94,48 +95,29 @@ struct News2History {
 }
 
 /// One NEWS2 parameter's readings, oldest first, one per instant (the
-/// first stands), 16 bytes each: the instant in microseconds, the value.
+/// first stands), packed ([`crate::packed`]).
 #[derive(Debug, Default, Clone)]
-struct Param(VecDeque<(i64, f64)>);
+struct Param(Packed);
 
 impl Param {
-    /// How many readings past `max_points` it has room for: a batch's
-    /// readings beyond the cap until the end of the batch forgets. An
-    /// eighth of the cap (a burst grows it further), so a small cap stays
-    /// small.
-    fn room(max_points: usize) -> usize {
-        max_points.saturating_add((max_points / 8).clamp(4, 64))
+    fn insert(&mut self, at: DateTime<Utc>, value: f64) {
+        self.0.keep(at.timestamp_micros(), value);
     }
 
-    fn insert(&mut self, at: DateTime<Utc>, value: f64, max_points: usize) {
-        let t = at.timestamp_micros();
-        let Err(i) = find(&self.0, t, |e| e.0) else {
-            return;
-        };
-        reserve_one(&mut self.0, Self::room(max_points));
-        self.0.insert(i, (t, value));
-    }
-
+    #[cfg(test)]
     fn latest_as_of(&self, at: DateTime<Utc>) -> Option<(DateTime<Utc>, f64)> {
-        let t = at.timestamp_micros();
-        let n = self.0.partition_point(|e| e.0 <= t);
-        let (t, v) = self.0.get(n.checked_sub(1)?)?;
-        Some((micros(*t), *v))
+        let (t, v) = self.0.split_at_instant(at.timestamp_micros()).0?;
+        Some((micros(t), v))
     }
 
     /// Forgets what is older than `cutoff` but the newest reading before
     /// it (it may still be fresh), and all but the newest `max_points`.
     fn forget_before(&mut self, cutoff: DateTime<Utc>, max_points: usize) {
-        let before = self.0.partition_point(|e| e.0 < cutoff.timestamp_micros());
+        let before = self.0.count_before(cutoff.timestamp_micros());
         let drop = before
             .saturating_sub(1)
             .max(self.0.len().saturating_sub(max_points));
-        self.0.drain(..drop);
-        // A burst grew it past its cap and slack: give the room back.
-        let limit = Self::room(max_points);
-        if self.0.capacity() > limit && self.0.len() <= limit {
-            self.0.shrink_to(limit);
-        }
+        self.0.drain_front(drop);
     }
 }
 
@@ -154,8 +136,45 @@ impl News2History {
         })
     }
 
-    fn latest_as_of(&self, at: DateTime<Utc>) -> Latest {
-        let get = |i: usize| self.params[i].latest_as_of(at);
+    /// The parameters' latest readings as of `from` and of instants after
+    /// it, in order.
+    fn scan(&self, from: DateTime<Utc>) -> Scan<'_> {
+        let from = from.timestamp_micros();
+        Scan(std::array::from_fn(|i| {
+            let (latest, next) = self.params[i].0.split_at_instant(from);
+            (latest, next.peekable())
+        }))
+    }
+
+    /// Forgets what is older than `cutoff`, and all but the newest
+    /// `max_points` of each parameter.
+    fn forget_before(&mut self, cutoff: DateTime<Utc>, max_points: usize) {
+        for p in &mut self.params {
+            p.forget_before(cutoff, max_points);
+        }
+    }
+}
+
+/// The NEWS2 parameters' latest readings as of instants in ascending
+/// order, each parameter's readings decoded once for all of them (a
+/// batch's instants are most often within one packed chunk).
+struct Scan<'a>([ParamScan<'a>; 7]);
+
+/// A parameter's latest reading as of the instant asked last, and its
+/// readings after that instant.
+type ParamScan<'a> = (Option<(i64, f64)>, std::iter::Peekable<packed::Iter<'a>>);
+
+impl Scan<'_> {
+    /// The latest readings as of `at`, not before the instant asked last.
+    fn latest_as_of(&mut self, at: DateTime<Utc>) -> Latest {
+        let t = at.timestamp_micros();
+        let mut get = |i: usize| {
+            let (latest, next) = &mut self.0[i];
+            while let Some(r) = next.next_if(|r| r.0 <= t) {
+                *latest = Some(r);
+            }
+            latest.map(|(t, v)| (micros(t), v))
+        };
         Latest {
             respiration: get(0),
             spo2: get(1),
@@ -164,14 +183,6 @@ impl News2History {
             pulse: get(4),
             consciousness: get(5),
             temperature: get(6),
-        }
-    }
-
-    /// Forgets what is older than `cutoff`, and all but the newest
-    /// `max_points` of each parameter.
-    fn forget_before(&mut self, cutoff: DateTime<Utc>, max_points: usize) {
-        for p in &mut self.params {
-            p.forget_before(cutoff, max_points);
         }
     }
 }
@@ -618,7 +629,7 @@ impl Engine {
             let at = truncated(reading.measured_at);
             for (component, value) in reading.values() {
                 if !is_artifact && let Some(slot) = News2History::slot(reading.metric, component) {
-                    patient.news2.params[slot].insert(at, value, max_points);
+                    patient.news2.params[slot].insert(at, value);
                     news2_instants.insert(at);
                 }
                 let point = Point {
@@ -662,8 +673,12 @@ impl Engine {
                     .into_iter()
                     .chain(series.newest())
                     .max();
+                let mut scan = instants.first().map(|from| history.scan(*from));
                 for at in instants {
-                    let Ok(assembled) = assembly.assemble(&history.latest_as_of(at), at) else {
+                    let Some(latest) = scan.as_mut().map(|s| s.latest_as_of(at)) else {
+                        continue;
+                    };
+                    let Ok(assembled) = assembly.assemble(&latest, at) else {
                         continue;
                     };
                     let score = news2::score(&assembled.observations);
@@ -782,7 +797,7 @@ mod tests {
     fn a_news2_parameter_keeps_the_first_reading_of_an_instant_and_forgets_the_old() {
         let mut p = Param::default();
         for (min, v) in [(5, 95.0), (1, 91.0), (3, 93.0), (3, 80.0), (9, 99.0)] {
-            p.insert(t(min), v, 3);
+            p.insert(t(min), v);
         }
         assert_eq!(p.latest_as_of(t(0)), None);
         assert_eq!(p.latest_as_of(t(3)), Some((t(3), 93.0)), "the first stands");
@@ -796,13 +811,38 @@ mod tests {
         p.forget_before(t(0), 2);
         assert_eq!(p.latest_as_of(t(4)), None, "beyond the cap of 2");
         assert_eq!(p.latest_as_of(t(6)), Some((t(5), 95.0)));
-        // A burst past cap and slack gives its room back once forgotten.
+        // A burst gives its memory back once forgotten.
         for s in 0..1000 {
-            p.insert(t(10) + Duration::seconds(s), 90.0, 10);
+            p.insert(t(10) + Duration::seconds(s), 90.0);
         }
         p.forget_before(t(0), 10);
-        assert!(p.0.capacity() <= Param::room(10), "{}", p.0.capacity());
+        assert!(p.0.heap_bytes() < 1024, "{}", p.0.heap_bytes());
         assert_eq!(p.0.len(), 10);
+    }
+
+    #[test]
+    fn a_scan_finds_what_each_parameter_s_latest_is_at_every_instant() {
+        let mut h = News2History::default();
+        // Pulse every minute, SpO2 every three, temperature once; one late.
+        for min in 0..40 {
+            h.params[4].insert(t(min), 60.0 + min as f64);
+            if min % 3 == 0 {
+                h.params[1].insert(t(min), 90.0 + (min % 7) as f64);
+            }
+        }
+        h.params[6].insert(t(17), 37.5);
+        h.params[1].insert(t(10) + Duration::seconds(30), 88.0);
+        for from in [-5, 0, 10, 39, 45] {
+            let mut scan = h.scan(t(from));
+            for s in (from * 60..50 * 60).step_by(20) {
+                let at = t(0) + Duration::seconds(s);
+                let latest = scan.latest_as_of(at);
+                assert_eq!(latest.pulse, h.params[4].latest_as_of(at), "{s}");
+                assert_eq!(latest.spo2, h.params[1].latest_as_of(at), "{s}");
+                assert_eq!(latest.temperature, h.params[6].latest_as_of(at), "{s}");
+                assert_eq!(latest.respiration, None);
+            }
+        }
     }
 
     fn batch(patient: &str, readings: Vec<Reading>) -> Batch {

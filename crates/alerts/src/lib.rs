@@ -4,6 +4,8 @@
 //! Pure parts (no I/O; tested and benchmarked alone):
 //! - [`series`]: a rule judged on one series on event time, with late and
 //!   out-of-order readings, respecting what was already told;
+//! - `packed` (private): the readings a series keeps, delta-encoded in a
+//!   few bytes each;
 //! - [`threshold`]: single, sustained and k-of-n thresholds with
 //!   hysteresis, artifacts ignored;
 //! - [`rate`]: rate of change within a window;
@@ -25,6 +27,7 @@
 pub mod engine;
 pub mod missing;
 pub mod news2;
+mod packed;
 pub mod rate;
 pub mod rules;
 pub mod series;

@@ -41,9 +41,9 @@
 //! episode that overlaps one already alerted for the same patient and rule
 //! (`store::alerts::raise`), so no nurse is alerted twice for one stretch.
 
-use std::collections::VecDeque;
-
 use chrono::{DateTime, Duration, NaiveDate, NaiveTime, Timelike, Utc};
+
+use crate::packed::Packed;
 
 /// A rule's judgement, one reading at a time, in event-time order.
 pub trait Rule {
@@ -83,10 +83,10 @@ pub struct Point {
     pub artifact: bool,
 }
 
-/// A kept reading in 16 bytes (a [`Point`] takes 24): its instant in
-/// microseconds, as the store keeps it, and its value, NaN for a reading
-/// the rule ignores (an artifact: rules skip artifacts and non-finite
-/// values alike).
+/// A kept reading: its instant in microseconds, as the store keeps it,
+/// and its value, NaN for a reading the rule ignores (an artifact: rules
+/// skip artifacts and non-finite values alike). Kept packed
+/// ([`crate::packed`]), a few bytes each.
 #[derive(Debug, Clone, Copy)]
 struct Kept {
     at: i64,
@@ -103,6 +103,10 @@ impl Kept {
 
     fn at(self) -> DateTime<Utc> {
         micros(self.at)
+    }
+
+    fn from_packed((at, value): (i64, f64)) -> Kept {
+        Kept { at, value }
     }
 
     fn point(self) -> Point {
@@ -171,33 +175,6 @@ impl Instants {
     fn point(&mut self, k: Kept) -> Point {
         k.point_at(self.at(k.at))
     }
-}
-
-/// Where the element at instant `t` is in `d`, sorted by `key` (`Ok`), or
-/// where it would go (`Err`). Most readings are the newest: the end is
-/// looked at first.
-pub(crate) fn find<T>(d: &VecDeque<T>, t: i64, key: impl Fn(&T) -> i64) -> Result<usize, usize> {
-    match d.back() {
-        None => Err(0),
-        Some(last) if key(last) < t => Err(d.len()),
-        _ => d.binary_search_by_key(&t, key),
-    }
-}
-
-/// Makes room in `d` for one more element. It grows by doubling, as a
-/// `Vec` does, but not past `limit`, so that a deque that stays at its cap
-/// has no spare room (doubling would leave up to half of it unused); past
-/// `limit` (a burst), by an eighth.
-pub(crate) fn reserve_one<T>(d: &mut VecDeque<T>, limit: usize) {
-    if d.len() < d.capacity() {
-        return;
-    }
-    let want = if d.capacity() < limit {
-        d.capacity().saturating_mul(2).max(4).min(limit)
-    } else {
-        d.len() + d.len() / 8 + 1
-    };
-    d.reserve_exact(want.max(d.len() + 1) - d.len());
 }
 
 /// What a reading changed.
@@ -289,7 +266,7 @@ pub struct Group<R: Rule> {
     /// into every track's base.
     folded_until: Option<DateTime<Utc>>,
     /// The kept readings, oldest first, one per instant.
-    points: VecDeque<Kept>,
+    points: Packed,
     /// At most this many are kept.
     max_points: usize,
     tracks: Vec<Track<R>>,
@@ -305,7 +282,7 @@ impl<R: Rule> Group<R> {
         Group {
             horizon,
             folded_until: None,
-            points: VecDeque::new(),
+            points: Packed::default(),
             max_points: usize::MAX,
             tracks: Vec::new(),
             incremental: true,
@@ -387,28 +364,16 @@ impl<R: Rule> Group<R> {
 
     /// The event times of the readings kept after `after`, oldest first.
     pub fn instants_after(&self, after: DateTime<Utc>) -> impl Iterator<Item = DateTime<Utc>> + '_ {
-        let after = after.timestamp_micros();
-        let from = self.points.partition_point(|p| p.at <= after);
+        let from = self
+            .points
+            .count_before(after.timestamp_micros().saturating_add(1));
         let mut instants = Instants::new();
-        self.points.range(from..).map(move |p| instants.at(p.at))
+        self.points.iter_from(from).map(move |p| instants.at(p.0))
     }
 
     /// The newest instant judged.
     pub fn newest(&self) -> Option<DateTime<Utc>> {
-        self.points.back().map(|p| p.at())
-    }
-
-    /// Where the reading at `at` (microseconds) is kept (`Ok`), or would go
-    /// (`Err`).
-    fn position(&self, at: i64) -> Result<usize, usize> {
-        find(&self.points, at, |p| p.at)
-    }
-
-    /// Keeps `k` at `i`.
-    fn keep(&mut self, i: usize, k: Kept) {
-        // One over the cap: a reading is kept, then the oldest folded.
-        reserve_one(&mut self.points, self.max_points.saturating_add(1));
-        self.points.insert(i, k);
+        self.points.back().map(|p| micros(p.0))
     }
 
     /// Judges one reading by every rule; returns what it changed, in
@@ -417,11 +382,10 @@ impl<R: Rule> Group<R> {
     pub fn observe(&mut self, p: Point) -> Result<Vec<(usize, Transition)>, TooLate> {
         let (k, p) = kept(p);
         self.within_horizon(p.at)?;
-        let Err(i) = self.position(k.at) else {
+        let Some(i) = self.points.keep(k.at, k.value) else {
             return Ok(Vec::new()); // a redelivery, or a second device at the same instant: the first stands
         };
-        let newest = i == self.points.len();
-        self.keep(i, k);
+        let newest = i + 1 == self.points.len();
         Ok(self.judge(newest.then_some(p)))
     }
 
@@ -431,28 +395,35 @@ impl<R: Rule> Group<R> {
     pub fn revise(&mut self, p: Point) -> Result<Vec<(usize, Transition)>, TooLate> {
         let (k, p) = kept(p);
         self.within_horizon(p.at)?;
-        let newest = match self.position(k.at) {
-            Ok(i) if self.points[i].same(k) => return Ok(Vec::new()),
+        let newest = match self.points.find(k.at) {
+            Ok(i)
+                if self
+                    .points
+                    .get(i)
+                    .is_some_and(|kept| Kept::from_packed(kept).same(k)) =>
+            {
+                return Ok(Vec::new());
+            }
             Ok(i) => {
-                self.points[i] = k;
+                self.points.set(i, k.at, k.value);
                 false
             }
-            Err(i) => {
-                self.keep(i, k);
-                i + 1 == self.points.len()
-            }
+            Err(_) => self
+                .points
+                .keep(k.at, k.value)
+                .is_some_and(|i| i + 1 == self.points.len()),
         };
         Ok(self.judge(newest.then_some(p)))
     }
 
     /// `Err` when `at` is older than what this group keeps.
     fn within_horizon(&self, at: DateTime<Utc>) -> Result<(), TooLate> {
-        if let Some(newest) = self.points.back()
+        if let Some((newest, _)) = self.points.back()
             && let Some(h) = self.horizon.num_microseconds()
-            && at.timestamp_micros() < newest.at.saturating_sub(h)
+            && at.timestamp_micros() < newest.saturating_sub(h)
         {
             return Err(TooLate {
-                oldest_kept: newest.at() - self.horizon,
+                oldest_kept: micros(newest) - self.horizon,
             });
         }
         match self.folded_until {
@@ -483,31 +454,38 @@ impl<R: Rule> Group<R> {
     /// Folds readings older than the horizon, or beyond `max_points`, into
     /// every track's base state.
     fn fold(&mut self) {
-        let Some(newest) = self.points.back() else {
+        let Some((newest, _)) = self.points.back() else {
             return;
         };
         let cutoff = self
             .horizon
             .num_microseconds()
-            .map_or(i64::MIN, |h| newest.at.saturating_sub(h));
+            .map_or(i64::MIN, |h| newest.saturating_sub(h));
         let len = self.points.len();
         let n = self
             .points
             .iter()
             .enumerate()
-            .take_while(|(i, p)| len - i > self.max_points || p.at < cutoff)
+            .take_while(|(i, p)| len - i > self.max_points || p.0 < cutoff)
             .count();
-        let Some(last) = n.checked_sub(1).map(|i| self.points[i].at()) else {
+        let Some(last) = n
+            .checked_sub(1)
+            .and_then(|i| self.points.get(i))
+            .map(|p| micros(p.0))
+        else {
             return;
         };
         for track in &mut self.tracks {
             track.fold(
-                self.points.range(..n).map(|k| k.point()),
+                self.points
+                    .iter()
+                    .take(n)
+                    .map(|k| Kept::from_packed(k).point()),
                 self.folded_until,
                 last,
             );
         }
-        self.points.drain(..n);
+        self.points.drain_front(n);
         self.folded_until = Some(last);
     }
 }
@@ -608,17 +586,13 @@ impl<R: Rule> Track<R> {
 
     /// Replays `points` (kept after `folded_until`) and the told facts,
     /// and tells what changed.
-    fn replay(
-        &mut self,
-        points: &VecDeque<Kept>,
-        folded_until: Option<DateTime<Utc>>,
-    ) -> Vec<Transition> {
+    fn replay(&mut self, points: &Packed, folded_until: Option<DateTime<Utc>>) -> Vec<Transition> {
         let mut state = self.base.clone();
         let mut found: Vec<Found> = self.base_last.into_iter().collect();
         let facts = self.facts(folded_until.map(point_key));
         let mut next = 0;
         let mut instants = Instants::new();
-        for p in points.iter().map(|k| instants.point(*k)) {
+        for p in points.iter().map(|k| instants.point(Kept::from_packed(k))) {
             while let Some((k, fact)) = facts.get(next)
                 && *k < point_key(p.at)
             {
@@ -630,7 +604,7 @@ impl<R: Rule> Track<R> {
         // A told fact after the newest reading (an adopted alert raised
         // later than the history replayed so far) must not be applied
         // before readings that come between: no tip then.
-        let newest = points.back().map(|k| k.at);
+        let newest = points.back().map(|k| k.0);
         let ahead = facts[next..]
             .iter()
             .any(|(k, _)| newest.is_some_and(|n| k.0.timestamp_micros() > n));
@@ -798,41 +772,6 @@ fn untracked(ts: Vec<(usize, Transition)>) -> Vec<Transition> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_deque_that_stops_at_its_cap_has_no_spare_room() {
-        let mut d: VecDeque<(i64, f64)> = VecDeque::new();
-        for i in 0..601 {
-            reserve_one(&mut d, 601);
-            d.push_back((i, 0.0));
-            assert!(
-                d.capacity() <= 601,
-                "capacity {} at {}",
-                d.capacity(),
-                d.len()
-            );
-        }
-        assert_eq!(d.capacity(), 601);
-        // Past the limit (a burst) it still grows, by an eighth at a time.
-        reserve_one(&mut d, 601);
-        d.push_back((601, 0.0));
-        assert!((602..=700).contains(&d.capacity()), "{}", d.capacity());
-    }
-
-    #[test]
-    fn a_cap_below_the_first_allocation_is_kept_too() {
-        // `max_points_per_series = 1` keeps one reading (two while the
-        // newest is judged): the first allocation is no larger.
-        for limit in [1, 2, 3] {
-            let mut d: VecDeque<(i64, f64)> = VecDeque::new();
-            for i in 0..limit {
-                reserve_one(&mut d, limit);
-                d.push_back((i as i64, 0.0));
-            }
-            assert_eq!(d.len(), limit);
-            assert!(d.capacity() < 4, "limit {limit}: capacity {}", d.capacity());
-        }
-    }
 
     #[test]
     fn instants_turn_back_as_the_calendar_does() {
