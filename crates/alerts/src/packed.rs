@@ -256,6 +256,14 @@ impl Chunk {
         let mut pos = self.start;
         let r = get(&self.bytes, &mut pos, &mut self.head, self.scale);
         self.start = pos;
+        // A chunk that is both the oldest and the newest (a series that
+        // keeps fewer readings than a chunk holds) is appended to and
+        // popped from for as long as the series lives: its popped bytes
+        // are dropped once they are half of it, or it would grow forever.
+        if self.start >= 64 && self.start * 2 >= self.bytes.len() {
+            self.bytes.drain(..self.start);
+            self.start = 0;
+        }
         Some(r)
     }
 
@@ -823,6 +831,35 @@ mod tests {
                 back,
                 [70.0_f64.to_bits(), v.to_bits(), 71.0_f64.to_bits()],
                 "{v:?}"
+            );
+        }
+    }
+
+    /// A series that keeps fewer readings than a chunk (a small cap, or a
+    /// horizon that holds a few sparse readings) appends to and pops from
+    /// one chunk for as long as it lives: its memory stays bounded.
+    #[test]
+    fn a_series_that_keeps_few_readings_stays_small_however_long_it_lives() {
+        for keep in [1, 2, 5, 60] {
+            let mut p = Packed::default();
+            let mut model = std::collections::VecDeque::new();
+            for i in 0..20_000_i64 {
+                let v = (70 + i % 9) as f64;
+                p.keep(i * 1_000_000, v);
+                model.push_back((i * 1_000_000, v));
+                let n = p.len().saturating_sub(keep);
+                p.drain_front(n);
+                model.drain(..n);
+            }
+            let model: Vec<_> = model.into_iter().collect();
+            assert!(same(&p.iter().collect::<Vec<_>>(), &model));
+            // 16 bytes a reading unpacked; 20,000 readings' bytes if the
+            // popped ones stayed.
+            let bound = 256 + keep * 16;
+            assert!(
+                p.heap_bytes() < bound,
+                "keeping {keep}: {} bytes",
+                p.heap_bytes()
             );
         }
     }
