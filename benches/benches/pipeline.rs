@@ -382,7 +382,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
                 }
                 // Every 5 minutes, memory so far: is it flat?
                 samples += 1;
-                if samples % 60 == 0 {
+                if samples.is_multiple_of(60) {
                     let rss: Vec<String> = watched
                         .iter()
                         .map(|w| {

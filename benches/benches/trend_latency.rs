@@ -389,7 +389,7 @@ async fn through_api(
                 x ^= x >> 7;
                 x ^= x << 17;
                 let patient = format!("bench-pat-{:05}", x as usize % patients);
-                let url = if i % 2 == 0 {
+                let url = if i.is_multiple_of(2) {
                     format!(
                         "http://{addr}/v1/patients/{patient}/vitals?metric=heart_rate&bucket=1h&from={}&to={}",
                         from.format("%Y-%m-%dT%H:%M:%SZ"),
@@ -405,7 +405,7 @@ async fn through_api(
                 if !status.is_success() {
                     return Err(format!("{url}: {status}: {}", String::from_utf8_lossy(&body)));
                 }
-                if i % 2 == 0 { trend.push(started.elapsed()) } else { latest.push(started.elapsed()) }
+                if i.is_multiple_of(2) { trend.push(started.elapsed()) } else { latest.push(started.elapsed()) }
                 i += 1;
             }
             Ok::<_, String>((trend, latest))

@@ -117,7 +117,7 @@ impl Load {
         if !(self.rate.is_finite() && self.rate > 0.0) {
             return Err("rate: readings per second, above 0".into());
         }
-        if self.batch < 2 || self.batch % 2 != 0 || self.batch > 2000 {
+        if self.batch < 2 || !self.batch.is_multiple_of(2) || self.batch > 2000 {
             return Err("batch: an even number of readings from 2 to 2000".into());
         }
         if self.connections == Some(0) {
@@ -556,14 +556,12 @@ pub async fn run(
                         return; // the event loop is gone
                     }
                     counters.uploads.fetch_add(1, Ordering::Relaxed);
-                    if probe {
-                        if let (Some(tx), Some(at)) = (&row_tx, times.last()) {
-                            let _ = tx.send(RowProbe {
-                                device_id: d.id.clone(),
-                                at: *at,
-                                sent,
-                            });
-                        }
+                    if probe && let (Some(tx), Some(at)) = (&row_tx, times.last()) {
+                        let _ = tx.send(RowProbe {
+                            device_id: d.id.clone(),
+                            at: *at,
+                            sent,
+                        });
                     }
                 }
                 round += 1;
@@ -991,10 +989,11 @@ async fn alert_probes(
             if let Some((_, at)) = p.awaiting.filter(|(want, _)| *want == state) {
                 p.awaiting = None;
                 p.seen += 1;
-                if p.seen > ALERT_WARMUP && at >= timed_from {
-                    if let Ok(mut s) = samples.lock() {
-                        s.push(woke.saturating_duration_since(at));
-                    }
+                if p.seen > ALERT_WARMUP
+                    && at >= timed_from
+                    && let Ok(mut s) = samples.lock()
+                {
+                    s.push(woke.saturating_duration_since(at));
                 }
             }
         }
