@@ -673,11 +673,10 @@ impl Engine {
                     .into_iter()
                     .chain(series.newest())
                     .max();
-                let mut scan = instants.first().map(|from| history.scan(*from));
+                // `first` is the earliest of `instants`: the rest are after it.
+                let mut scan = history.scan(first);
                 for at in instants {
-                    let Some(latest) = scan.as_mut().map(|s| s.latest_as_of(at)) else {
-                        continue;
-                    };
+                    let latest = scan.latest_as_of(at);
                     let Ok(assembled) = assembly.assemble(&latest, at) else {
                         continue;
                     };

@@ -326,32 +326,17 @@ impl Packed {
     }
 
     /// The readings from position `i` on.
-    pub(crate) fn iter_from(&self, mut i: usize) -> Iter<'_> {
-        if i >= self.len {
-            let chunks = self.chunks.range(self.chunks.len()..);
-            return Iter {
-                chunks,
-                reader: None,
-            };
-        }
-        let mut chunks = self.chunks.iter();
-        while let Some(c) = chunks.next() {
-            if i < c.len {
-                let mut reader = c.reader();
-                if i > 0 {
-                    reader.nth(i - 1);
-                }
-                return Iter {
-                    chunks,
-                    reader: Some(reader),
-                };
+    pub(crate) fn iter_from(&self, i: usize) -> Iter<'_> {
+        let (n, j) = self.locate(i);
+        let mut chunks = self.chunks.range(n..);
+        let reader = chunks.next().map(|c| {
+            let mut reader = c.reader();
+            if j > 0 {
+                reader.nth(j - 1);
             }
-            i -= c.len;
-        }
-        Iter {
-            chunks,
-            reader: None,
-        }
+            reader
+        });
+        Iter { chunks, reader }
     }
 
     /// How many readings are older than `t`.
@@ -540,7 +525,8 @@ impl Packed {
         Some(before + j)
     }
 
-    /// The chunk holding position `i` (< len), and the position in it.
+    /// The chunk holding position `i`, and the position in it (past the
+    /// last chunk when `i` is past the last reading).
     fn locate(&self, mut i: usize) -> (usize, usize) {
         for (n, c) in self.chunks.iter().enumerate() {
             if i < c.len {
