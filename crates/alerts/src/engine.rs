@@ -187,16 +187,71 @@ impl Scan<'_> {
     }
 }
 
-#[derive(Debug, Clone)]
-enum RuleState {
-    /// Judged as `track` of the patient's threshold group `group`.
+/// Where a patient's rule is judged.
+#[derive(Debug, Clone, Copy)]
+enum Slot {
+    /// As `track` of the patient's threshold group `group`.
     Threshold { group: usize, track: usize },
-    /// Judged as `track` of the patient's rate-of-change group `group`.
+    /// As `track` of the patient's rate-of-change group `group`.
     Rate { group: usize, track: usize },
-    /// Boxed: one rule in a dozen, and the largest state.
-    News2(Box<News2State>),
-    /// Judged on wall-clock time elsewhere.
+    /// By the patient's NEWS2 state `n`.
+    News2(usize),
+    /// On wall-clock time elsewhere.
     Missing,
+}
+
+/// Which of a patient's groups judges each of their rules. It depends on
+/// the rules alone, so every patient without an override shares the
+/// engine's: a copy per patient was about a kilobyte each, five megabytes
+/// at 5,000 patients.
+#[derive(Debug)]
+struct Layout {
+    /// The rules (the engine's, or the patient's own where an override
+    /// applies), and where each is judged.
+    rules: Vec<(Arc<Rule>, Slot)>,
+    /// The groups' rules: the readings of each series are kept once for
+    /// the rules judging it with the same horizon.
+    thresholds: Vec<Judged>,
+    rates: Vec<Judged>,
+    /// NEWS2 rules.
+    news2: usize,
+}
+
+impl Layout {
+    /// The layout of `rules`, each with its series' horizon.
+    fn new(rules: Vec<(Arc<Rule>, Duration)>) -> Layout {
+        let mut layout = Layout {
+            rules: Vec::with_capacity(rules.len()),
+            thresholds: Vec::new(),
+            rates: Vec::new(),
+            news2: 0,
+        };
+        for (index, (rule, horizon)) in rules.into_iter().enumerate() {
+            let slot = match &rule.compiled {
+                Compiled::Threshold {
+                    metric, component, ..
+                } => {
+                    let (group, track) =
+                        join(&mut layout.thresholds, *metric, component, index, horizon);
+                    Slot::Threshold { group, track }
+                }
+                Compiled::RateOfChange {
+                    metric, component, ..
+                } => {
+                    let (group, track) =
+                        join(&mut layout.rates, *metric, component, index, horizon);
+                    Slot::Rate { group, track }
+                }
+                Compiled::News2 { .. } => {
+                    layout.news2 += 1;
+                    Slot::News2(layout.news2 - 1)
+                }
+                Compiled::Missing { .. } => Slot::Missing,
+            };
+            layout.rules.push((rule, slot));
+        }
+        layout
+    }
 }
 
 /// A NEWS2 rule's state: the risk ordinal as a series, the patient's
@@ -209,16 +264,18 @@ struct News2State {
     told: Option<(DateTime<Utc>, Risk)>,
 }
 
+/// A patient's groups, by their index in the layout, each made when it is
+/// first needed: a patient pays only for the series their devices measure.
+type Groups<R> = Box<[Option<Box<Group<R>>>]>;
+
 #[derive(Debug, Clone)]
 struct Patient {
-    /// The patient's rules (shared with the engine's, or their own where
-    /// an override applies), and each one's state.
-    rules: Vec<(Arc<Rule>, RuleState)>,
-    /// The readings of each series, kept once for the rules judging it
-    /// with the same horizon.
-    thresholds: Vec<Judged<Threshold>>,
-    rates: Vec<Judged<RateOfChange>>,
-    news2: News2History,
+    layout: Arc<Layout>,
+    thresholds: Groups<Threshold>,
+    rates: Groups<RateOfChange>,
+    /// By the NEWS2 rules' order in the layout.
+    news2: Box<[News2State]>,
+    history: News2History,
 }
 
 /// A rule of a kind that a [`Group`] judges, as compiled.
@@ -244,42 +301,41 @@ impl Grouped for RateOfChange {
     }
 }
 
-/// The patient's rules on one metric's component with one horizon (their
-/// indices in the patient's rules, in track order), and their group, made
-/// when it is first needed: a patient pays only for the series their
-/// devices measure.
-#[derive(Debug, Clone)]
-struct Judged<R: Grouped> {
+/// The rules on one metric's component with one horizon: their indices in
+/// the layout's rules, in track order.
+#[derive(Debug)]
+struct Judged {
     metric: Metric,
     component: &'static str,
     horizon: Duration,
     rules: Vec<usize>,
-    group: Option<Box<Group<R>>>,
 }
 
-impl<R: Grouped> Judged<R> {
-    /// The group, made with its rules from `rules` if it is not yet.
-    fn group(&mut self, rules: &[(Arc<Rule>, RuleState)], max_points: usize) -> &mut Group<R> {
-        self.group.get_or_insert_with(|| {
-            let mut group = Group::new(self.horizon).with_max_points(max_points);
-            for i in &self.rules {
-                if let Some(rule) = rules.get(*i).and_then(|(r, _)| R::of(&r.compiled)) {
-                    // A new group has judged nothing: adding never fails.
-                    group.add(rule);
-                }
+/// The group `slot` holds, made with the rules of `judged` if it is not yet.
+fn group<'a, R: Grouped>(
+    slot: &'a mut Option<Box<Group<R>>>,
+    judged: &Judged,
+    rules: &[(Arc<Rule>, Slot)],
+    max_points: usize,
+) -> &'a mut Group<R> {
+    slot.get_or_insert_with(|| {
+        let mut group = Group::new(judged.horizon).with_max_points(max_points);
+        for i in &judged.rules {
+            if let Some(rule) = rules.get(*i).and_then(|(r, _)| R::of(&r.compiled)) {
+                // A new group has judged nothing: adding never fails.
+                group.add(rule);
             }
-            // One track per rule, in order: track i is rule `self.rules[i]`.
-            debug_assert_eq!(group.tracks(), self.rules.len());
-            Box::new(group)
-        })
-    }
+        }
+        // One track per rule, in order: track i is rule `judged.rules[i]`.
+        debug_assert_eq!(group.tracks(), judged.rules.len());
+        Box::new(group)
+    })
 }
 
-/// Adds the patient's rule `index` to the group of `groups` on the same
-/// component with the same horizon, or to a new one; returns the group and
-/// the track.
-fn join<R: Grouped>(
-    groups: &mut Vec<Judged<R>>,
+/// Adds the rule `index` to the group of `groups` on the same component
+/// with the same horizon, or to a new one; returns the group and the track.
+fn join(
+    groups: &mut Vec<Judged>,
     metric: Metric,
     component: &'static str,
     index: usize,
@@ -296,7 +352,6 @@ fn join<R: Grouped>(
                 component,
                 horizon,
                 rules: Vec::new(),
-                group: None,
             });
             groups.len() - 1
         }
@@ -309,26 +364,29 @@ fn join<R: Grouped>(
 /// patient's groups to judge.
 struct Value<'a> {
     pid: &'a str,
-    rules: &'a [(Arc<Rule>, RuleState)],
+    rules: &'a [(Arc<Rule>, Slot)],
     max_points: usize,
     metric: Metric,
     component: &'a str,
     point: Point,
 }
 
-/// Judges `v` by every group of `groups` on its series; the changes go to
-/// `changes` with their rule's index, refusals (one per rule) to `skipped`.
+/// Judges `v` by every group of `groups` (laid out as `judged`) on its
+/// series; the changes go to `changes` with their rule's index, refusals
+/// (one per rule) to `skipped`.
 fn judge<R: Grouped>(
-    groups: &mut [Judged<R>],
+    judged: &[Judged],
+    groups: &mut [Option<Box<Group<R>>>],
     v: &Value<'_>,
     changes: &mut Vec<(usize, AlertChange)>,
     skipped: &mut Skipped,
 ) {
-    for j in groups
-        .iter_mut()
-        .filter(|j| j.metric == v.metric && j.component == v.component)
+    for (j, slot) in judged
+        .iter()
+        .zip(groups.iter_mut())
+        .filter(|(j, _)| j.metric == v.metric && j.component == v.component)
     {
-        match j.group(v.rules, v.max_points).observe(v.point) {
+        match group(slot, j, v.rules, v.max_points).observe(v.point) {
             Ok(ts) => changes.extend(ts.into_iter().map(|(track, t)| {
                 let index = j.rules[track];
                 let rule = &v.rules[index].0;
@@ -366,6 +424,8 @@ pub struct PatientSetup {
 pub struct Engine {
     /// Shared by every patient without an override of them.
     rules: Vec<Arc<Rule>>,
+    /// The layout of `rules`, shared likewise.
+    layout: Arc<Layout>,
     horizon: Duration,
     /// Readings kept per series (a group of rules on one component with
     /// one horizon) and per NEWS2 parameter, at most.
@@ -390,12 +450,28 @@ impl Engine {
     /// duration and gap, a rate window, NEWS2 freshness), and no more than
     /// it needs: a series replays what it keeps on every reading.
     pub fn new(rules: Vec<Rule>, horizon: Duration) -> Engine {
-        Engine {
+        let mut engine = Engine {
             rules: rules.into_iter().map(Arc::new).collect(),
+            layout: Arc::new(Layout::new(Vec::new())),
             horizon,
             max_points: usize::MAX,
             patients: HashMap::new(),
-        }
+        };
+        engine.layout = Arc::new(engine.layout_of(engine.rules.clone()));
+        engine
+    }
+
+    /// The layout of `rules`.
+    fn layout_of(&self, rules: Vec<Arc<Rule>>) -> Layout {
+        Layout::new(
+            rules
+                .into_iter()
+                .map(|r| {
+                    let h = self.horizon_of(&r);
+                    (r, h)
+                })
+                .collect(),
+        )
     }
 
     /// The same engine keeping at most `max` readings per series and per
@@ -478,112 +554,109 @@ impl Engine {
     /// an open alert for an unknown rule); the rest applies.
     pub fn start_patient(&mut self, patient_id: &str, setup: &PatientSetup) -> Vec<String> {
         let mut refused = Vec::new();
-        let mut rules = Vec::with_capacity(self.rules.len());
-        let mut thresholds = Vec::new();
-        let mut rates = Vec::new();
-        for (index, configured) in self.rules.iter().enumerate() {
-            let rule = match setup
-                .overrides
-                .get(&configured.name)
-                .map(|o| o.apply(configured))
-            {
-                Some(Ok(r)) => Arc::new(r),
-                Some(Err(why)) => {
-                    refused.push(why);
-                    Arc::clone(configured)
-                }
-                None => Arc::clone(configured),
-            };
-            let (horizon, max) = (self.horizon_of(&rule), self.max_points);
-            let state = match &rule.compiled {
-                Compiled::Threshold {
-                    metric, component, ..
-                } => {
-                    let (group, track) = join(&mut thresholds, *metric, component, index, horizon);
-                    RuleState::Threshold { group, track }
-                }
-                Compiled::RateOfChange {
-                    metric, component, ..
-                } => {
-                    let (group, track) = join(&mut rates, *metric, component, index, horizon);
-                    RuleState::Rate { group, track }
-                }
-                Compiled::News2 { min_risk, assembly } => {
-                    let level = ordinal(*min_risk) - 0.5;
-                    // Hysteresis: an open NEWS2 alert clears one risk level
-                    // below the one that raised it (medium clears at low).
-                    let clear = if level >= 1.5 { level - 1.0 } else { level };
-                    let rule = Threshold {
-                        direction: Direction::Above,
-                        level,
-                        clear,
-                        persistence: Persistence::Single,
-                    };
-                    RuleState::News2(Box::new(News2State {
-                        series: Series::new(rule, horizon).with_max_points(max),
-                        assembly: *assembly,
-                        told: None,
-                    }))
-                }
-                Compiled::Missing { .. } => RuleState::Missing,
-            };
-            rules.push((rule, state));
+        let layout = if setup.overrides.is_empty() {
+            Arc::clone(&self.layout)
+        } else {
+            let rules = self
+                .rules
+                .iter()
+                .map(|configured| {
+                    match setup
+                        .overrides
+                        .get(&configured.name)
+                        .map(|o| o.apply(configured))
+                    {
+                        Some(Ok(r)) => Arc::new(r),
+                        Some(Err(why)) => {
+                            refused.push(why);
+                            Arc::clone(configured)
+                        }
+                        None => Arc::clone(configured),
+                    }
+                })
+                .collect();
+            Arc::new(self.layout_of(rules))
+        };
+        let max = self.max_points;
+        let mut news2 = Vec::with_capacity(layout.news2);
+        for (rule, _) in &layout.rules {
+            if let Compiled::News2 { min_risk, assembly } = &rule.compiled {
+                let level = ordinal(*min_risk) - 0.5;
+                // Hysteresis: an open NEWS2 alert clears one risk level
+                // below the one that raised it (medium clears at low).
+                let clear = if level >= 1.5 { level - 1.0 } else { level };
+                let threshold = Threshold {
+                    direction: Direction::Above,
+                    level,
+                    clear,
+                    persistence: Persistence::Single,
+                };
+                news2.push(News2State {
+                    series: Series::new(threshold, self.horizon_of(rule)).with_max_points(max),
+                    assembly: *assembly,
+                    told: None,
+                });
+            }
         }
+        let mut patient = Patient {
+            thresholds: layout.thresholds.iter().map(|_| None).collect(),
+            rates: layout.rates.iter().map(|_| None).collect(),
+            news2: news2.into_boxed_slice(),
+            history: News2History::default(),
+            layout,
+        };
         for open in &setup.open {
-            let Some(i) = rules.iter().position(|(r, _)| r.name == open.rule) else {
+            let Some(slot) = patient
+                .layout
+                .rules
+                .iter()
+                .find(|(r, _)| r.name == open.rule)
+                .map(|(_, slot)| *slot)
+            else {
                 refused.push(format!(
                     "open alert for rule {:?}, which is not configured",
                     open.rule
                 ));
                 continue;
             };
-            let adopted = match &mut rules[i].1 {
-                RuleState::Threshold { group, track } => {
-                    let (g, t) = (*group, *track);
-                    thresholds[g].group(&rules, self.max_points).adopt(
-                        t,
+            let Patient {
+                layout,
+                thresholds,
+                rates,
+                news2,
+                ..
+            } = &mut patient;
+            let adopted = match slot {
+                Slot::Threshold { group: g, track } => {
+                    match (layout.thresholds.get(g), thresholds.get_mut(g)) {
+                        (Some(j), Some(s)) => group(s, j, &layout.rules, max).adopt(
+                            track,
+                            open.episode_start,
+                            open.raised_at,
+                        ),
+                        _ => false,
+                    }
+                }
+                Slot::Rate { group: g, track } => match (layout.rates.get(g), rates.get_mut(g)) {
+                    (Some(j), Some(s)) => group(s, j, &layout.rules, max).adopt(
+                        track,
                         open.episode_start,
                         open.raised_at,
-                    )
-                }
-                RuleState::Rate { group, track } => {
-                    let (g, t) = (*group, *track);
-                    rates[g].group(&rules, self.max_points).adopt(
-                        t,
-                        open.episode_start,
-                        open.raised_at,
-                    )
-                }
-                RuleState::News2(n) => {
-                    let News2State { series, told, .. } = &mut **n;
-                    *told = Some((open.episode_start, risk_of_severity(open.severity)));
-                    series.adopt(open.episode_start, open.raised_at)
-                }
-                RuleState::Missing => true,
+                    ),
+                    _ => false,
+                },
+                Slot::News2(n) => news2.get_mut(n).is_some_and(|n| {
+                    n.told = Some((open.episode_start, risk_of_severity(open.severity)));
+                    n.series.adopt(open.episode_start, open.raised_at)
+                }),
+                Slot::Missing => true,
             };
             if !adopted {
                 refused.push(format!("a second open alert for rule {:?}", open.rule));
             }
         }
-        // Built once, kept for as long as the patient is judged: no room
-        // to spare in any of it.
-        for j in &mut thresholds {
-            j.rules.shrink_to_fit();
-        }
-        for j in &mut rates {
-            j.rules.shrink_to_fit();
-        }
-        thresholds.shrink_to_fit();
-        rates.shrink_to_fit();
-        self.patients.insert(
-            patient_id.to_owned(),
-            Box::new(Patient {
-                rules,
-                thresholds,
-                rates,
-                news2: News2History::default(),
-            }),
-        );
+        self.patients
+            .insert(patient_id.to_owned(), Box::new(patient));
         refused
     }
 
@@ -629,7 +702,7 @@ impl Engine {
             let at = truncated(reading.measured_at);
             for (component, value) in reading.values() {
                 if !is_artifact && let Some(slot) = News2History::slot(reading.metric, component) {
-                    patient.news2.params[slot].insert(at, value);
+                    patient.history.params[slot].insert(at, value);
                     news2_instants.insert(at);
                 }
                 let point = Point {
@@ -637,32 +710,37 @@ impl Engine {
                     value,
                     artifact: is_artifact,
                 };
+                let layout = &*patient.layout;
                 let v = Value {
                     pid,
-                    rules: &patient.rules,
+                    rules: &layout.rules,
                     max_points,
                     metric: reading.metric,
                     component,
                     point,
                 };
-                judge(&mut patient.thresholds, &v, &mut by_rule, &mut skipped);
-                judge(&mut patient.rates, &v, &mut by_rule, &mut skipped);
+                let (th, rt) = (&mut patient.thresholds, &mut patient.rates);
+                judge(&layout.thresholds, th, &v, &mut by_rule, &mut skipped);
+                judge(&layout.rates, rt, &v, &mut by_rule, &mut skipped);
                 // Stable: a rule's own changes stay in event-time order.
                 by_rule.sort_by_key(|(i, _)| *i);
                 changes.extend(by_rule.drain(..).map(|(_, c)| c));
             }
         }
         if let Some(first) = news2_instants.first().copied() {
-            let history = &patient.news2;
-            for (rule, state) in &mut patient.rules {
-                let RuleState::News2(n) = state else {
+            let history = &patient.history;
+            for (rule, slot) in &patient.layout.rules {
+                let Slot::News2(n) = *slot else {
                     continue;
                 };
-                let News2State {
+                let Some(News2State {
                     series,
                     assembly,
                     told,
-                } = &mut **n;
+                }) = patient.news2.get_mut(n)
+                else {
+                    continue;
+                };
                 // Each instant is scored once, with the whole batch in the
                 // history; a late reading re-scores the instants after it.
                 let mut instants = news2_instants.clone();
@@ -744,7 +822,7 @@ impl Engine {
         }
         if let Some(newest) = batch.readings.iter().map(|r| r.measured_at).max() {
             patient
-                .news2
+                .history
                 .forget_before(newest - keep - keep, max_points);
         }
         (changes, skipped)
@@ -1277,7 +1355,18 @@ mod tests {
         let low: Vec<Reading> = (0..=10)
             .map(|m| reading(Metric::Spo2, m, Measurement::Scalar(89.0)))
             .collect();
-        assert!(raised(&e.observe(&batch("copd", low)).0).is_empty());
+        assert!(raised(&e.observe(&batch("copd", low.clone())).0).is_empty());
+        // Patients without overrides share the engine's layout and judge
+        // by the configured rules: the same readings raise for them.
+        e.start_patient("other", &PatientSetup::default());
+        for p in ["other", "another"] {
+            let changes = e.observe(&batch(p, low.clone())).0;
+            assert!(raised(&changes).contains(&("spo2_low", Severity::Medium)));
+        }
+        let layout = |p: &str| Arc::clone(&e.patients[p].layout);
+        assert!(Arc::ptr_eq(&layout("other"), &layout("another")));
+        assert!(Arc::ptr_eq(&layout("other"), &e.layout));
+        assert!(!Arc::ptr_eq(&layout("copd"), &e.layout));
         // The open systolic alert is continued: high readings raise nothing
         // new, normal ones clear it under its stored identity.
         let bp = |m, s| {
