@@ -39,6 +39,18 @@ use std::collections::VecDeque;
 pub(crate) const CHUNK: usize = 256;
 /// A chunk that late readings grow past this is split in two.
 const SPLIT: usize = CHUNK + CHUNK / 2;
+/// The most a reading takes (a change of the gap of ten varint bytes, an
+/// escape byte, a value of ten), and so the most a chunk holds: its
+/// readings (at most `SPLIT + 1`, while it is split) and as many popped.
+const MAX_BYTES: usize = 2 * (SPLIT + 1) * 21;
+const _: () = assert!(MAX_BYTES <= u16::MAX as usize);
+
+/// `x` (a count of readings or a position in a chunk's bytes, at most
+/// [`MAX_BYTES`]) in sixteen bits.
+fn narrow(x: usize) -> u16 {
+    u16::try_from(x).unwrap_or(u16::MAX)
+}
+
 /// The scale of a chunk that keeps its values' bits as they are.
 const RAW: u8 = u8::MAX;
 const SCALES: [f64; 4] = [1.0, 10.0, 100.0, 1000.0];
@@ -214,9 +226,10 @@ fn get(bytes: &[u8], pos: &mut usize, c: &mut Cursor, scale: u8) -> (i64, f64) {
 struct Chunk {
     bytes: Vec<u8>,
     /// Where the first reading kept is encoded (the ones before it were
-    /// popped).
-    start: usize,
-    len: usize,
+    /// popped). Sixteen bits are plenty (see [`MAX_BYTES`]) and keep the
+    /// chunk, one of several per series, at 88 bytes rather than 104.
+    start: u16,
+    len: u16,
     scale: u8,
     /// The state before the first reading kept, and after the last.
     head: Cursor,
@@ -244,7 +257,7 @@ impl Chunk {
             put(&mut c.bytes, &mut c.tail, at, val(v, scale)?);
             c.last = v;
         }
-        c.len = items.len();
+        c.len = narrow(items.len());
         c.bytes.shrink_to_fit();
         Some(c)
     }
@@ -264,10 +277,10 @@ impl Chunk {
     fn reader(&self) -> Reader<'_> {
         Reader {
             bytes: &self.bytes,
-            pos: self.start,
+            pos: usize::from(self.start),
             cursor: self.head,
             scale: self.scale,
-            left: self.len,
+            left: self.len(),
         }
     }
 
@@ -291,17 +304,21 @@ impl Chunk {
         true
     }
 
+    fn len(&self) -> usize {
+        usize::from(self.len)
+    }
+
     fn pop_front(&mut self) -> Option<(i64, f64)> {
         self.len = self.len.checked_sub(1)?;
-        let mut pos = self.start;
+        let mut pos = usize::from(self.start);
         let r = get(&self.bytes, &mut pos, &mut self.head, self.scale);
-        self.start = pos;
+        self.start = narrow(pos);
         // A chunk that is both the oldest and the newest (a series that
         // keeps fewer readings than a chunk holds) is appended to and
         // popped from for as long as the series lives: its popped bytes
         // are dropped once they are half of it, or it would grow forever.
-        if self.start >= 64 && self.start * 2 >= self.bytes.len() {
-            self.bytes.drain(..self.start);
+        if self.start >= 64 && usize::from(self.start) * 2 >= self.bytes.len() {
+            self.bytes.drain(..usize::from(self.start));
             self.start = 0;
         }
         Some(r)
@@ -396,7 +413,7 @@ impl Packed {
         }
         // The first chunk whose newest reading is not older than `t`.
         let c = self.chunks.partition_point(|c| c.tail.at < t);
-        let before: usize = self.chunks.range(..c).map(|c| c.len).sum();
+        let before: usize = self.chunks.range(..c).map(Chunk::len).sum();
         let within = self
             .chunks
             .get(c)
@@ -460,7 +477,7 @@ impl Packed {
     fn push_back(&mut self, at: i64, v: f64) {
         self.len += 1;
         if let Some(c) = self.chunks.back_mut()
-            && c.len < CHUNK
+            && c.len() < CHUNK
         {
             if !c.push(at, v) {
                 // A value the chunk's scale cannot keep: re-encoded at one
@@ -509,7 +526,7 @@ impl Packed {
         // A late reading. The first chunk whose newest is not older: there
         // is one, the newest reading being newer.
         let n = self.chunks.partition_point(|c| c.tail.at < at);
-        let before: usize = self.chunks.range(..n).map(|c| c.len).sum();
+        let before: usize = self.chunks.range(..n).map(Chunk::len).sum();
         let sealed = n + 1 < self.chunks.len();
         let c = self.chunks.get_mut(n)?;
         // The place before the first reading not older than it.
@@ -528,13 +545,13 @@ impl Packed {
             pos,
             cursor,
             scale: c.scale,
-            left: c.len - j,
+            left: c.len() - j,
         };
         let rest: Vec<(i64, f64)> = std::iter::once((at, v)).chain(rest).collect();
         let vals: Option<Vec<Val>> = rest.iter().map(|r| val(r.1, c.scale)).collect();
         self.len += 1;
         match vals {
-            Some(vals) if c.len < SPLIT => {
+            Some(vals) if c.len() < SPLIT => {
                 // The readings before it keep their bytes: only those from
                 // it on are written again.
                 c.bytes.truncate(pos);
@@ -569,10 +586,10 @@ impl Packed {
     /// last chunk when `i` is past the last reading).
     fn locate(&self, mut i: usize) -> (usize, usize) {
         for (n, c) in self.chunks.iter().enumerate() {
-            if i < c.len {
+            if i < c.len() {
                 return (n, i);
             }
-            i -= c.len;
+            i -= c.len();
         }
         (self.chunks.len(), i)
     }
@@ -600,10 +617,10 @@ impl Packed {
             let Some(c) = self.chunks.front_mut() else {
                 break;
             };
-            if n >= c.len {
+            if n >= c.len() {
                 // A whole chunk: nothing to decode.
-                n -= c.len;
-                self.len -= c.len;
+                n -= c.len();
+                self.len -= c.len();
                 self.chunks.pop_front();
                 continue;
             }
@@ -617,9 +634,9 @@ impl Packed {
         if self.chunks.len() > 1
             && let Some(c) = self.chunks.front_mut()
             && c.start >= 16
-            && c.start * 4 >= c.bytes.len()
+            && usize::from(c.start) * 4 >= c.bytes.len()
         {
-            c.bytes.drain(..c.start);
+            c.bytes.drain(..usize::from(c.start));
             c.bytes.shrink_to_fit();
             c.start = 0;
         }
@@ -833,7 +850,7 @@ mod tests {
             model.insert(n, (at, -(i as f64) - 0.5));
         }
         assert_eq!(p.chunks.len(), 3);
-        assert!(p.chunks.iter().all(|c| c.len <= SPLIT));
+        assert!(p.chunks.iter().all(|c| c.len() <= SPLIT));
         assert!(same(&p.iter().collect::<Vec<_>>(), &model));
         assert_eq!(p.find(2 * CHUNK as i64 - 1), Ok(2 * CHUNK - 1));
     }
@@ -954,6 +971,13 @@ mod tests {
         // About a byte a reading and the chunks' own state (1,108 bytes);
         // 1,300 when the oldest chunk gave its bytes back only when empty.
         assert!(most < 1_200, "{most} bytes for 600 readings");
+    }
+
+    #[test]
+    fn a_chunk_s_own_state_stays_small() {
+        // Several a series, thousands of series: 104 bytes with
+        // word-sized positions.
+        assert!(std::mem::size_of::<Chunk>() <= 88);
     }
 
     /// What it is for: ten minutes of a 1 Hz wearable (600 readings, whole
