@@ -213,8 +213,8 @@ struct Layout {
     /// the rules judging it with the same horizon.
     thresholds: Vec<Judged>,
     rates: Vec<Judged>,
-    /// NEWS2 rules.
-    news2: usize,
+    /// Each NEWS2 rule's risk as a threshold rule, and its horizon.
+    news2: Vec<(Threshold, Duration)>,
 }
 
 impl Layout {
@@ -224,7 +224,7 @@ impl Layout {
             rules: Vec::with_capacity(rules.len()),
             thresholds: Vec::new(),
             rates: Vec::new(),
-            news2: 0,
+            news2: Vec::new(),
         };
         for (index, (rule, horizon)) in rules.into_iter().enumerate() {
             let slot = match &rule.compiled {
@@ -242,9 +242,19 @@ impl Layout {
                         join(&mut layout.rates, *metric, component, index, horizon);
                     Slot::Rate { group, track }
                 }
-                Compiled::News2 { .. } => {
-                    layout.news2 += 1;
-                    Slot::News2(layout.news2 - 1)
+                Compiled::News2 { min_risk, .. } => {
+                    let level = ordinal(*min_risk) - 0.5;
+                    // Hysteresis: an open NEWS2 alert clears one risk level
+                    // below the one that raised it (medium clears at low).
+                    let clear = if level >= 1.5 { level - 1.0 } else { level };
+                    let risk = Threshold {
+                        direction: Direction::Above,
+                        level,
+                        clear,
+                        persistence: Persistence::Single,
+                    };
+                    layout.news2.push((risk, horizon));
+                    Slot::News2(layout.news2.len() - 1)
                 }
                 Compiled::Missing { .. } => Slot::Missing,
             };
@@ -259,9 +269,22 @@ impl Layout {
 /// it.
 #[derive(Debug, Clone)]
 struct News2State {
-    series: Series<Threshold>,
+    /// Made at the first score (or an adopted alert): most patients of a
+    /// home-monitoring ward send a wearable's heart rate and SpO2 and never
+    /// the rest of a score, and the series was 400 bytes of each of them.
+    series: Option<Box<Series<Threshold>>>,
     assembly: Assembly,
     told: Option<(DateTime<Utc>, Risk)>,
+}
+
+/// The series of `slot` (a NEWS2 state's), made as the layout's NEWS2 rule
+/// (`risk`, `horizon`) if it is not yet.
+fn news2_series(
+    slot: &mut Option<Box<Series<Threshold>>>,
+    (risk, horizon): (Threshold, Duration),
+    max_points: usize,
+) -> &mut Series<Threshold> {
+    slot.get_or_insert_with(|| Box::new(Series::new(risk, horizon).with_max_points(max_points)))
 }
 
 /// A patient's groups, by their index in the layout, each made when it is
@@ -578,21 +601,11 @@ impl Engine {
             Arc::new(self.layout_of(rules))
         };
         let max = self.max_points;
-        let mut news2 = Vec::with_capacity(layout.news2);
+        let mut news2 = Vec::with_capacity(layout.news2.len());
         for (rule, _) in &layout.rules {
-            if let Compiled::News2 { min_risk, assembly } = &rule.compiled {
-                let level = ordinal(*min_risk) - 0.5;
-                // Hysteresis: an open NEWS2 alert clears one risk level
-                // below the one that raised it (medium clears at low).
-                let clear = if level >= 1.5 { level - 1.0 } else { level };
-                let threshold = Threshold {
-                    direction: Direction::Above,
-                    level,
-                    clear,
-                    persistence: Persistence::Single,
-                };
+            if let Compiled::News2 { assembly, .. } = &rule.compiled {
                 news2.push(News2State {
-                    series: Series::new(threshold, self.horizon_of(rule)).with_max_points(max),
+                    series: None,
                     assembly: *assembly,
                     told: None,
                 });
@@ -645,10 +658,14 @@ impl Engine {
                     ),
                     _ => false,
                 },
-                Slot::News2(n) => news2.get_mut(n).is_some_and(|n| {
-                    n.told = Some((open.episode_start, risk_of_severity(open.severity)));
-                    n.series.adopt(open.episode_start, open.raised_at)
-                }),
+                Slot::News2(n) => match (layout.news2.get(n), news2.get_mut(n)) {
+                    (Some(&risk), Some(n)) => {
+                        n.told = Some((open.episode_start, risk_of_severity(open.severity)));
+                        news2_series(&mut n.series, risk, max)
+                            .adopt(open.episode_start, open.raised_at)
+                    }
+                    _ => false,
+                },
                 Slot::Missing => true,
             };
             if !adopted {
@@ -733,29 +750,28 @@ impl Engine {
                 let Slot::News2(n) = *slot else {
                     continue;
                 };
-                let Some(News2State {
-                    series,
-                    assembly,
-                    told,
-                }) = patient.news2.get_mut(n)
+                let (Some(&risk), Some(state)) =
+                    (patient.layout.news2.get(n), patient.news2.get_mut(n))
                 else {
                     continue;
                 };
                 // Each instant is scored once, with the whole batch in the
                 // history; a late reading re-scores the instants after it.
                 let mut instants = news2_instants.clone();
-                instants.extend(series.instants_after(first));
+                if let Some(series) = &state.series {
+                    instants.extend(series.instants_after(first));
+                }
                 let newest = instants
                     .last()
                     .copied()
                     .into_iter()
-                    .chain(series.newest())
+                    .chain(state.series.as_ref().and_then(|s| s.newest()))
                     .max();
                 // `first` is the earliest of `instants`: the rest are after it.
                 let mut scan = history.scan(first);
                 for at in instants {
                     let latest = scan.latest_as_of(at);
-                    let Ok(assembled) = assembly.assemble(&latest, at) else {
+                    let Ok(assembled) = state.assembly.assemble(&latest, at) else {
                         continue;
                     };
                     let score = news2::score(&assembled.observations);
@@ -764,6 +780,8 @@ impl Engine {
                         value: ordinal(score.risk),
                         artifact: false,
                     };
+                    let series = news2_series(&mut state.series, risk, max_points);
+                    let told = &mut state.told;
                     let ts = match series.revise(point) {
                         Ok(ts) => ts,
                         Err(_) => {
@@ -1289,6 +1307,56 @@ mod tests {
         // A late normal set at minute 2 changes no severity: it is not the newest instant.
         let (changes, _) = e.observe(&batch("p", vitals(2, 16.0, 97.0, 125.0, 72.0, 37.0)));
         assert!(news2_changes(&changes).is_empty(), "{changes:?}");
+    }
+
+    /// A NEWS2 series is made at a patient's first score: a wearable's
+    /// heart rate and SpO2 alone never make one. An open NEWS2 alert from
+    /// the store makes it at once, and is continued, not raised again.
+    #[test]
+    fn a_news2_series_is_made_at_the_first_score_or_for_an_adopted_alert() {
+        let mut e = engine();
+        let wearable: Vec<Reading> = (0..30)
+            .flat_map(|m| {
+                [
+                    reading(Metric::HeartRate, m, Measurement::Scalar(72.0)),
+                    reading(Metric::Spo2, m, Measurement::Scalar(97.0)),
+                ]
+            })
+            .collect();
+        let (changes, _) = e.observe(&batch("w", wearable));
+        assert!(news2_changes(&changes).is_empty());
+        assert!(e.patients["w"].news2.iter().all(|n| n.series.is_none()));
+        // A whole score makes it.
+        e.observe(&batch("w", vitals(31, 16.0, 97.0, 125.0, 72.0, 37.0)));
+        assert!(e.patients["w"].news2.iter().all(|n| n.series.is_some()));
+
+        let open = vec![OpenAlert {
+            rule: "news2".into(),
+            episode_start: t(-30),
+            raised_at: t(-30),
+            severity: Severity::Medium,
+        }];
+        let refused = e.start_patient(
+            "adopted",
+            &PatientSetup {
+                open,
+                ..PatientSetup::default()
+            },
+        );
+        assert!(refused.is_empty(), "{refused:?}");
+        // Still medium: nothing new. Then normal: cleared under its start.
+        let (changes, _) = e.observe(&batch("adopted", vitals(0, 22.0, 97.0, 125.0, 112.0, 38.5)));
+        assert!(news2_changes(&changes).is_empty(), "{changes:?}");
+        let (changes, _) = e.observe(&batch("adopted", vitals(10, 16.0, 97.0, 125.0, 72.0, 37.0)));
+        assert_eq!(
+            news2_changes(&changes),
+            [&AlertChange::Cleared {
+                alert_id: alert_id("adopted", "news2", t(-30)),
+                patient_id: "adopted".into(),
+                rule: "news2".into(),
+                at: t(10),
+            }]
+        );
     }
 
     #[test]
