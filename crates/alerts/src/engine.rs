@@ -91,7 +91,10 @@ fn risk_of(ordinal: f64) -> Risk {
 /// what was true then, not with newer values).
 #[derive(Debug, Default, Clone)]
 struct News2History {
-    params: [Param; 7],
+    /// By slot (see [`News2History::slot`]), only the parameters the
+    /// patient has sent: a wearable sends two of the seven, and seven
+    /// empty ones were 280 bytes of every patient.
+    params: Vec<(usize, Param)>,
 }
 
 /// One NEWS2 parameter's readings, oldest first, one per instant (the
@@ -136,12 +139,33 @@ impl News2History {
         })
     }
 
+    /// The parameter in `slot`, if the patient has sent it.
+    fn param(&self, slot: usize) -> Option<&Param> {
+        self.params.iter().find(|(s, _)| *s == slot).map(|(_, p)| p)
+    }
+
+    /// The parameter in `slot`, kept from now on if it was not.
+    fn param_mut(&mut self, slot: usize) -> &mut Param {
+        let i = match self.params.iter().position(|(s, _)| *s == slot) {
+            Some(i) => i,
+            None => {
+                // Once per parameter and patient: no room to spare.
+                self.params.reserve_exact(1);
+                self.params.push((slot, Param::default()));
+                self.params.len() - 1
+            }
+        };
+        &mut self.params[i].1
+    }
+
     /// The parameters' latest readings as of `from` and of instants after
     /// it, in order.
     fn scan(&self, from: DateTime<Utc>) -> Scan<'_> {
+        static NONE: Packed = Packed::new();
         let from = from.timestamp_micros();
         Scan(std::array::from_fn(|i| {
-            let (latest, next) = self.params[i].0.split_at_instant(from);
+            let kept = self.param(i).map_or(&NONE, |p| &p.0);
+            let (latest, next) = kept.split_at_instant(from);
             (latest, next.peekable())
         }))
     }
@@ -149,7 +173,7 @@ impl News2History {
     /// Forgets what is older than `cutoff`, and all but the newest
     /// `max_points` of each parameter.
     fn forget_before(&mut self, cutoff: DateTime<Utc>, max_points: usize) {
-        for p in &mut self.params {
+        for (_, p) in &mut self.params {
             p.forget_before(cutoff, max_points);
         }
     }
@@ -719,7 +743,7 @@ impl Engine {
             let at = truncated(reading.measured_at);
             for (component, value) in reading.values() {
                 if !is_artifact && let Some(slot) = News2History::slot(reading.metric, component) {
-                    patient.history.params[slot].insert(at, value);
+                    patient.history.param_mut(slot).insert(at, value);
                     news2_instants.insert(at);
                 }
                 let point = Point {
@@ -920,21 +944,22 @@ mod tests {
         let mut h = News2History::default();
         // Pulse every minute, SpO2 every three, temperature once; one late.
         for min in 0..40 {
-            h.params[4].insert(t(min), 60.0 + min as f64);
+            h.param_mut(4).insert(t(min), 60.0 + min as f64);
             if min % 3 == 0 {
-                h.params[1].insert(t(min), 90.0 + (min % 7) as f64);
+                h.param_mut(1).insert(t(min), 90.0 + (min % 7) as f64);
             }
         }
-        h.params[6].insert(t(17), 37.5);
-        h.params[1].insert(t(10) + Duration::seconds(30), 88.0);
+        h.param_mut(6).insert(t(17), 37.5);
+        h.param_mut(1).insert(t(10) + Duration::seconds(30), 88.0);
         for from in [-5, 0, 10, 39, 45] {
             let mut scan = h.scan(t(from));
             for s in (from * 60..50 * 60).step_by(20) {
                 let at = t(0) + Duration::seconds(s);
                 let latest = scan.latest_as_of(at);
-                assert_eq!(latest.pulse, h.params[4].latest_as_of(at), "{s}");
-                assert_eq!(latest.spo2, h.params[1].latest_as_of(at), "{s}");
-                assert_eq!(latest.temperature, h.params[6].latest_as_of(at), "{s}");
+                let of = |slot: usize| h.param(slot).and_then(|p| p.latest_as_of(at));
+                assert_eq!(latest.pulse, of(4), "{s}");
+                assert_eq!(latest.spo2, of(1), "{s}");
+                assert_eq!(latest.temperature, of(6), "{s}");
                 assert_eq!(latest.respiration, None);
             }
         }

@@ -359,6 +359,13 @@ pub(crate) struct Packed {
 }
 
 impl Packed {
+    pub(crate) const fn new() -> Packed {
+        Packed {
+            chunks: VecDeque::new(),
+            len: 0,
+        }
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.len
     }
