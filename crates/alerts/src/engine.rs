@@ -237,8 +237,18 @@ struct Layout {
     /// the rules judging it with the same horizon.
     thresholds: Vec<Judged>,
     rates: Vec<Judged>,
-    /// Each NEWS2 rule's risk as a threshold rule, and its horizon.
-    news2: Vec<(Threshold, Duration)>,
+    /// The NEWS2 rules, in order.
+    news2: Vec<News2Rule>,
+}
+
+/// A NEWS2 rule as a patient's state uses it: its risk as a threshold rule
+/// on the risk ordinal, its series' horizon, and its assembly (SpO2 scale,
+/// freshness).
+#[derive(Debug, Clone, Copy)]
+struct News2Rule {
+    risk: Threshold,
+    horizon: Duration,
+    assembly: Assembly,
 }
 
 impl Layout {
@@ -266,7 +276,7 @@ impl Layout {
                         join(&mut layout.rates, *metric, component, index, horizon);
                     Slot::Rate { group, track }
                 }
-                Compiled::News2 { min_risk, .. } => {
+                Compiled::News2 { min_risk, assembly } => {
                     let level = ordinal(*min_risk) - 0.5;
                     // Hysteresis: an open NEWS2 alert clears one risk level
                     // below the one that raised it (medium clears at low).
@@ -277,7 +287,11 @@ impl Layout {
                         clear,
                         persistence: Persistence::Single,
                     };
-                    layout.news2.push((risk, horizon));
+                    layout.news2.push(News2Rule {
+                        risk,
+                        horizon,
+                        assembly: *assembly,
+                    });
                     Slot::News2(layout.news2.len() - 1)
                 }
                 Compiled::Missing { .. } => Slot::Missing,
@@ -288,27 +302,27 @@ impl Layout {
     }
 }
 
-/// A NEWS2 rule's state: the risk ordinal as a series, the patient's
-/// assembly (SpO2 scale), and the episode told with the risk last told for
-/// it.
-#[derive(Debug, Clone)]
+/// A NEWS2 rule's state: the risk ordinal as a series, and the episode
+/// told with the risk last told for it.
+#[derive(Debug, Clone, Default)]
 struct News2State {
     /// Made at the first score (or an adopted alert): most patients of a
     /// home-monitoring ward send a wearable's heart rate and SpO2 and never
     /// the rest of a score, and the series was 400 bytes of each of them.
     series: Option<Box<Series<Threshold>>>,
-    assembly: Assembly,
     told: Option<(DateTime<Utc>, Risk)>,
 }
 
-/// The series of `slot` (a NEWS2 state's), made as the layout's NEWS2 rule
-/// (`risk`, `horizon`) if it is not yet.
-fn news2_series(
-    slot: &mut Option<Box<Series<Threshold>>>,
-    (risk, horizon): (Threshold, Duration),
+/// The series of `slot` (a NEWS2 state's), made as `rule`'s if it is not
+/// yet.
+fn news2_series<'a>(
+    slot: &'a mut Option<Box<Series<Threshold>>>,
+    rule: &News2Rule,
     max_points: usize,
-) -> &mut Series<Threshold> {
-    slot.get_or_insert_with(|| Box::new(Series::new(risk, horizon).with_max_points(max_points)))
+) -> &'a mut Series<Threshold> {
+    slot.get_or_insert_with(|| {
+        Box::new(Series::new(rule.risk, rule.horizon).with_max_points(max_points))
+    })
 }
 
 /// A patient's groups, by their index in the layout, each made when it is
@@ -444,6 +458,24 @@ fn judge<R: Grouped>(
             })),
             Err(_) => skipped.too_late += j.rules.len() as u64,
         }
+    }
+}
+
+/// Adopts `open` as track `track` of group `g` of `groups` (laid out as
+/// `judged`); `false` when it cannot be (see [`Group::adopt`]).
+fn adopt<R: Grouped>(
+    judged: &[Judged],
+    groups: &mut [Option<Box<Group<R>>>],
+    (g, track): (usize, usize),
+    rules: &[(Arc<Rule>, Slot)],
+    max_points: usize,
+    open: &OpenAlert,
+) -> bool {
+    match (judged.get(g), groups.get_mut(g)) {
+        (Some(j), Some(slot)) => {
+            group(slot, j, rules, max_points).adopt(track, open.episode_start, open.raised_at)
+        }
+        _ => false,
     }
 }
 
@@ -625,20 +657,10 @@ impl Engine {
             Arc::new(self.layout_of(rules))
         };
         let max = self.max_points;
-        let mut news2 = Vec::with_capacity(layout.news2.len());
-        for (rule, _) in &layout.rules {
-            if let Compiled::News2 { assembly, .. } = &rule.compiled {
-                news2.push(News2State {
-                    series: None,
-                    assembly: *assembly,
-                    told: None,
-                });
-            }
-        }
         let mut patient = Patient {
             thresholds: layout.thresholds.iter().map(|_| None).collect(),
             rates: layout.rates.iter().map(|_| None).collect(),
-            news2: news2.into_boxed_slice(),
+            news2: layout.news2.iter().map(|_| News2State::default()).collect(),
             history: News2History::default(),
             layout,
         };
@@ -664,28 +686,26 @@ impl Engine {
                 ..
             } = &mut patient;
             let adopted = match slot {
-                Slot::Threshold { group: g, track } => {
-                    match (layout.thresholds.get(g), thresholds.get_mut(g)) {
-                        (Some(j), Some(s)) => group(s, j, &layout.rules, max).adopt(
-                            track,
-                            open.episode_start,
-                            open.raised_at,
-                        ),
-                        _ => false,
-                    }
-                }
-                Slot::Rate { group: g, track } => match (layout.rates.get(g), rates.get_mut(g)) {
-                    (Some(j), Some(s)) => group(s, j, &layout.rules, max).adopt(
-                        track,
-                        open.episode_start,
-                        open.raised_at,
-                    ),
-                    _ => false,
-                },
+                Slot::Threshold { group, track } => adopt(
+                    &layout.thresholds,
+                    thresholds,
+                    (group, track),
+                    &layout.rules,
+                    max,
+                    open,
+                ),
+                Slot::Rate { group, track } => adopt(
+                    &layout.rates,
+                    rates,
+                    (group, track),
+                    &layout.rules,
+                    max,
+                    open,
+                ),
                 Slot::News2(n) => match (layout.news2.get(n), news2.get_mut(n)) {
-                    (Some(&risk), Some(n)) => {
+                    (Some(rule), Some(n)) => {
                         n.told = Some((open.episode_start, risk_of_severity(open.severity)));
-                        news2_series(&mut n.series, risk, max)
+                        news2_series(&mut n.series, rule, max)
                             .adopt(open.episode_start, open.raised_at)
                     }
                     _ => false,
@@ -774,7 +794,7 @@ impl Engine {
                 let Slot::News2(n) = *slot else {
                     continue;
                 };
-                let (Some(&risk), Some(state)) =
+                let (Some(news2_rule), Some(state)) =
                     (patient.layout.news2.get(n), patient.news2.get_mut(n))
                 else {
                     continue;
@@ -795,7 +815,7 @@ impl Engine {
                 let mut scan = history.scan(first);
                 for at in instants {
                     let latest = scan.latest_as_of(at);
-                    let Ok(assembled) = state.assembly.assemble(&latest, at) else {
+                    let Ok(assembled) = news2_rule.assembly.assemble(&latest, at) else {
                         continue;
                     };
                     let score = news2::score(&assembled.observations);
@@ -804,7 +824,7 @@ impl Engine {
                         value: ordinal(score.risk),
                         artifact: false,
                     };
-                    let series = news2_series(&mut state.series, risk, max_points);
+                    let series = news2_series(&mut state.series, news2_rule, max_points);
                     let told = &mut state.told;
                     let ts = match series.revise(point) {
                         Ok(ts) => ts,

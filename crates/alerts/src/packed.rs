@@ -313,15 +313,29 @@ impl Chunk {
         let mut pos = usize::from(self.start);
         let r = get(&self.bytes, &mut pos, &mut self.head, self.scale);
         self.start = narrow(pos);
-        // A chunk that is both the oldest and the newest (a series that
-        // keeps fewer readings than a chunk holds) is appended to and
-        // popped from for as long as the series lives: its popped bytes
-        // are dropped once they are half of it, or it would grow forever.
-        if self.start >= 64 && usize::from(self.start) * 2 >= self.bytes.len() {
-            self.bytes.drain(..usize::from(self.start));
+        Some(r)
+    }
+
+    /// Drops the bytes of the readings popped, once they are worth it.
+    /// - The oldest chunk of a series at its cap (`sealed`: a newer one
+    ///   takes the new readings) loses a reading for every one the newest
+    ///   takes: its popped bytes go once they are a quarter of it, and its
+    ///   allocation shrinks, or they would be an eighth of the series.
+    /// - A chunk that is both the oldest and the newest (a series keeping
+    ///   fewer readings than a chunk holds) is appended to and popped from
+    ///   for as long as the series lives: its popped bytes go once they are
+    ///   half of it, or it would grow forever; its room stays for the
+    ///   readings to come.
+    fn drop_popped(&mut self, sealed: bool) {
+        let start = usize::from(self.start);
+        let (least, share) = if sealed { (16, 4) } else { (64, 2) };
+        if start >= least && start * share >= self.bytes.len() {
+            self.bytes.drain(..start);
+            if sealed {
+                self.bytes.shrink_to_fit();
+            }
             self.start = 0;
         }
-        Some(r)
     }
 
     /// The heap bytes it holds.
@@ -635,17 +649,9 @@ impl Packed {
             n -= 1;
             self.len -= 1;
         }
-        // The oldest chunk of a series at its cap loses a reading for every
-        // one the newest takes: its popped bytes are given back once they
-        // are a quarter of it, or they would be an eighth of the series.
-        if self.chunks.len() > 1
-            && let Some(c) = self.chunks.front_mut()
-            && c.start >= 16
-            && usize::from(c.start) * 4 >= c.bytes.len()
-        {
-            c.bytes.drain(..usize::from(c.start));
-            c.bytes.shrink_to_fit();
-            c.start = 0;
+        let sealed = self.chunks.len() > 1;
+        if let Some(c) = self.chunks.front_mut() {
+            c.drop_popped(sealed);
         }
         // A burst grew the chunk list: give its room back.
         if self.chunks.capacity() > 2 * self.chunks.len() + 2 {
