@@ -27,22 +27,24 @@
 //!
 //! Nothing here asserts a speed; the figures go in the README.
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
-use vitalwatch::{Config, Service};
-use vitalwatch_benches::{env, rss_mib};
-use vitalwatch_core::health::Readiness;
+use vitalwatch::Config;
+use vitalwatch_benches::env;
 use vitalwatch_sim::load::{Load, LoadReport};
 use vitalwatch_sim::replay::Broker;
 use vitalwatch_test_support as ts;
 
+#[path = "pipeline/procs.rs"]
+mod procs;
 #[path = "pipeline/stages.rs"]
 mod stages;
 
-/// Set in a child: the service it runs.
-const SERVICE_VAR: &str = "VITALWATCH_BENCH_SERVICE";
+use procs::{
+    SERVICE_VAR, Watched, child, clock_ticks, drop_database, kafka_positions, machine_ticks, prime,
+    spawn, stop,
+};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -51,238 +53,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     match std::env::var(SERVICE_VAR) {
         Ok(service) => rt.block_on(child(&service)),
         Err(_) => rt.block_on(run()),
-    }
-}
-
-/// A child process: one service, configured by the environment the parent
-/// set, until SIGTERM.
-async fn child(service: &str) -> Result<(), Box<dyn std::error::Error>> {
-    let service = match service {
-        "ingest" => Service::Ingest,
-        "writer" => Service::Writer,
-        "alerts" => Service::Alerts,
-        "api" => Service::Api,
-        other => return Err(format!("unknown service {other}").into()),
-    };
-    // The services' warnings (VITALWATCH_LOG overrides), on stderr.
-    let filter = tracing_subscriber::EnvFilter::try_from_env("VITALWATCH_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .init();
-    let cfg = Config::load(None)?;
-    let token = CancellationToken::new();
-    let stop = token.clone();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::spawn(async move {
-        term.recv().await;
-        stop.cancel();
-    });
-    if let Err(e) = vitalwatch::run_service(service, &cfg, Readiness::new(), token).await {
-        eprintln!("  {service:?} failed: {e:#}");
-        return Err(e.into());
-    }
-    Ok(())
-}
-
-/// Records on the readings topic (the sum of its high watermarks) and the
-/// offsets `groups` have committed on it: where a backlog builds.
-fn kafka_positions(cfg: &Config, groups: &[&str]) -> Option<(i64, Vec<i64>)> {
-    let mut end = 0;
-    let mut committed = Vec::new();
-    for group in groups {
-        let (got, ends) = ts::committed_and_end(&cfg.kafka, group).ok()?;
-        end = ends.iter().sum();
-        committed.push(got.iter().sum());
-    }
-    Some((end, committed))
-}
-
-/// Every device uploads once, over a minute; then waits until the writer
-/// and the alerts engine have taken every record.
-async fn prime(
-    load: &Load,
-    broker: &Broker,
-    cfg: &Config,
-) -> Result<(), Box<dyn std::error::Error>> {
-    let once = Load {
-        rate: load.devices as f64 * 2.0 / 60.0,
-        batch: 2,
-        duration: Duration::from_secs(61),
-        alert_probes: 0,
-        storm_every: None,
-        warmup: Duration::ZERO,
-        ..load.clone()
-    };
-    let started = Instant::now();
-    eprintln!("  priming: every device uploads once");
-    vitalwatch_sim::load::run(&once, broker, None, |_| {}).await?;
-    loop {
-        let c = cfg.clone();
-        let got = tokio::task::spawn_blocking(move || {
-            kafka_positions(&c, &[&c.writer.group_id, &c.alerts.group_id])
-        })
-        .await?;
-        if let Some((end, committed)) = got {
-            if end > 0 && committed.iter().all(|&c| c == end) {
-                eprintln!(
-                    "  primed in {:.0} s: {end} records taken by the writer and the alerts engine",
-                    started.elapsed().as_secs_f64()
-                );
-                return Ok(());
-            }
-            eprintln!(
-                "  priming: {end} records; writer at {}, alerts at {}",
-                committed[0], committed[1]
-            );
-        }
-        if started.elapsed() > Duration::from_secs(1800) {
-            return Err("priming: the services did not catch up in 30 minutes".into());
-        }
-        tokio::time::sleep(Duration::from_secs(5)).await;
-    }
-}
-
-/// A process (or every process of one name) watched for CPU and memory.
-struct Watched {
-    name: String,
-    pids: Vec<u32>,
-    /// Looked up again at every sample (PostgreSQL forks a backend per
-    /// connection).
-    comm: Option<&'static str>,
-    /// CPU ticks of each pid at the last sample, and when it was taken.
-    ticks: std::collections::HashMap<u32, f64>,
-    last: Option<Instant>,
-    cpu_percent: Vec<f64>,
-    rss_mib: Vec<f64>,
-}
-
-/// Clock ticks per second of /proc/*/stat times.
-fn clock_ticks() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-/// utime + stime of a process, in ticks.
-fn cpu_ticks(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name, which is in parentheses.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    Some(f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?)
-}
-
-/// The machine's CPU time so far, in ticks: (busy, idle, iowait, total).
-fn machine_ticks() -> Option<(f64, f64, f64, f64)> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let f: Vec<f64> = stat
-        .lines()
-        .next()?
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    let total: f64 = f.iter().take(8).sum();
-    let (idle, iowait) = (*f.get(3)?, *f.get(4)?);
-    Some((total - idle - iowait, idle, iowait, total))
-}
-
-/// Pids of processes whose command name is `comm`.
-fn pids_named(comm: &str) -> Vec<u32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm)
-        })
-        .collect()
-}
-
-impl Watched {
-    fn new(name: &str, pids: Vec<u32>) -> Watched {
-        Watched {
-            name: name.into(),
-            pids,
-            comm: None,
-            ticks: Default::default(),
-            last: None,
-            cpu_percent: Vec::new(),
-            rss_mib: Vec::new(),
-        }
-    }
-
-    fn named(name: &str, comm: &'static str) -> Watched {
-        Watched {
-            comm: Some(comm),
-            ..Watched::new(name, pids_named(comm))
-        }
-    }
-
-    fn sample(&mut self, ticks: f64) {
-        if let Some(comm) = self.comm {
-            self.pids = pids_named(comm);
-        }
-        let now = Instant::now();
-        // A process born since the last sample counts all its CPU.
-        let mut used = 0.0;
-        let mut seen = std::collections::HashMap::new();
-        for &p in &self.pids {
-            if let Some(t) = cpu_ticks(p) {
-                used += t - self.ticks.get(&p).copied().unwrap_or(0.0);
-                seen.insert(p, t);
-            }
-        }
-        self.ticks = seen;
-        if let Some(at) = self.last {
-            let secs = now.duration_since(at).as_secs_f64();
-            if secs > 0.0 {
-                self.cpu_percent.push(100.0 * used / ticks / secs);
-            }
-        }
-        self.last = Some(now);
-        // Memory of one process; for PostgreSQL's many, their sum (shared
-        // buffers are counted in each that touched them).
-        let rss: f64 = self.pids.iter().filter_map(|&p| rss_mib(p)).sum();
-        self.rss_mib.push(rss);
-    }
-}
-
-fn spawn(service: &str, cfg: &Config) -> Result<Child, Box<dyn std::error::Error>> {
-    let mut cmd = Command::new(std::env::current_exe()?);
-    cmd.env(SERVICE_VAR, service)
-        .envs(cfg.service_env())
-        .env("VITALWATCH_API__LISTEN", "127.0.0.1:0")
-        .stdin(Stdio::null());
-    Ok(cmd.spawn()?)
-}
-
-fn stop(children: &mut [(String, Child)]) {
-    for (_, c) in children.iter() {
-        let _ = Command::new("kill")
-            .args(["-TERM", &c.id().to_string()])
-            .status();
-    }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    for (name, c) in children.iter_mut() {
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = c.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        if !matches!(c.try_wait(), Ok(Some(_))) {
-            eprintln!("  {name} did not stop in time; killing it");
-            let _ = c.kill();
-            let _ = c.wait();
-        }
     }
 }
 
@@ -541,29 +311,4 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         drop_database(&cfg.database.url).await;
     }
     Ok(())
-}
-
-/// Drops the database at `url`, retrying while connections to it close
-/// (the services are gone; the probes' connections close shortly).
-async fn drop_database(url: &str) {
-    let Some((_, name)) = url.rsplit_once('/') else {
-        return;
-    };
-    let admin = match vitalwatch_store::connect(&ts::admin_database_url()).await {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("  could not drop {name}: {e}");
-            return;
-        }
-    };
-    let drop = format!("DROP DATABASE IF EXISTS {name}");
-    let mut tries = 0;
-    while let Err(e) = admin.batch_execute(&drop).await {
-        tries += 1;
-        if tries == 20 {
-            eprintln!("  could not drop {name}: {e}");
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
 }
