@@ -177,7 +177,7 @@ pub async fn run(
             let msg = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
-                m = consumer.recv() => m,
+                m = vitalwatch_bus::recv(&consumer) => m,
                 () = std::future::ready(()), if deadline.is_some() && !waiting => break,
                 () = tokio::time::sleep_until(wait_until) => break,
                 () = tokio::time::sleep_until(commits.next_due()), if idle_commit => break,
@@ -883,7 +883,7 @@ async fn missing_data(
             () = shutdown.cancelled() => return,
         }
         let (w, t) = (writer.clone(), topic.clone());
-        let progress = tokio::task::spawn_blocking(move || writer_progress(&w, &t))
+        let progress = tokio::task::spawn_blocking(move || vitalwatch_bus::group_progress(&w, &t))
             .await
             .ok()
             .flatten();
@@ -911,37 +911,6 @@ async fn missing_data(
             &wake,
         );
     }
-}
-
-/// Per partition of `topic`: its end offset, and the writer group's committed offset.
-fn writer_progress(writer: &StreamConsumer, topic: &str) -> Option<(Vec<i64>, Vec<i64>)> {
-    let timeout = Duration::from_secs(5);
-    let metadata = writer.fetch_metadata(Some(topic), timeout).ok()?;
-    let partitions: Vec<i32> = metadata
-        .topics()
-        .first()?
-        .partitions()
-        .iter()
-        .map(|p| p.id())
-        .collect();
-    let mut tpl = TopicPartitionList::new();
-    for p in &partitions {
-        tpl.add_partition(topic, *p);
-    }
-    let committed = writer.committed_offsets(tpl, timeout).ok()?;
-    let mut ends = Vec::with_capacity(partitions.len());
-    let mut done = Vec::with_capacity(partitions.len());
-    for p in &partitions {
-        ends.push(writer.fetch_watermarks(topic, *p, timeout).ok()?.1);
-        let c = committed
-            .find_partition(topic, *p)
-            .map_or(0, |e| match e.offset() {
-                Offset::Offset(o) => o,
-                _ => 0,
-            });
-        done.push(c);
-    }
-    Some((ends, done))
 }
 
 /// The outcome of a periodic round that changes alerts: counted under

@@ -22,10 +22,11 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::StreamConsumer;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 use vitalwatch_core::health::Readiness;
@@ -226,15 +227,91 @@ fn consumer_with(
     group_id: &str,
     extra: &[(&str, &str)],
 ) -> Result<StreamConsumer, BusError> {
+    Ok(consumer_config(cfg, group_id, extra).create()?)
+}
+
+/// A consumer's settings: ours, then `extra`, for what `[kafka.properties]`
+/// leaves unset.
+fn consumer_config(cfg: &KafkaConfig, group_id: &str, extra: &[(&str, &str)]) -> ClientConfig {
     let mut defaults = vec![
         ("group.id", group_id),
         ("enable.auto.commit", "false"),
         ("enable.auto.offset.store", "false"),
         ("auto.offset.reset", "earliest"),
         ("enable.partition.eof", "false"),
+        // Prefetch: librdkafka keeps up to 64 MiB of fetched records in a
+        // consumer's queue by default, and a consumer catching up after an
+        // outage fills it (`benches/benches/catch_up.rs`: the writer grew
+        // from 15 to 72-94 MiB, the alerts engine from 30 to 127-142 MiB).
+        // 4 MiB is about ten thousand records, seconds of work for either.
+        ("queued.max.messages.kbytes", "4096"),
+        // With the queue full, a partition's next fetch waits this long
+        // (librdkafka's default is a second, meant for its larger queue).
+        ("fetch.queue.backoff.ms", "100"),
     ];
     defaults.extend_from_slice(extra);
-    Ok(cfg.with_defaults(&defaults).create()?)
+    cfg.with_defaults(&defaults)
+}
+
+/// How long [`recv`] waits for librdkafka to wake it before it looks at the
+/// consumer's queue again by itself.
+const REPOLL: Duration = Duration::from_secs(1);
+
+/// The consumer's next record: `consumer.recv()`, which never waits more
+/// than [`REPOLL`] for its wake-up. `StreamConsumer` sleeps until
+/// librdkafka calls back that its queue went from empty to non-empty; a
+/// queue that never empties (an event taken off it that was not a record)
+/// calls back no more (rust-rdkafka issues 638, 665, 848), and a reader
+/// waiting on it then waits for good while its queue holds records.
+/// Cancel-safe, as `recv` is: a record is taken only when it is returned.
+pub async fn recv(consumer: &StreamConsumer) -> KafkaResult<BorrowedMessage<'_>> {
+    use futures_util::FutureExt;
+    loop {
+        if let Ok(m) = tokio::time::timeout(REPOLL, consumer.recv()).await {
+            return m;
+        }
+        if let Some(m) = consumer.recv().now_or_never() {
+            metrics::counter!("vitalwatch_kafka_unwoken_records_total").increment(1);
+            tracing::warn!(
+                wait_ms = REPOLL.as_millis() as u64,
+                "a record waited in the kafka consumer's queue without waking its reader; taken on a re-poll"
+            );
+            return m;
+        }
+    }
+}
+
+/// Per partition of `topic`: its end offset, and the committed offset of
+/// `probe`'s group (a consumer that never subscribes, made only to ask
+/// this). `None` when the broker does not answer. Blocking.
+pub fn group_progress(probe: &StreamConsumer, topic: &str) -> Option<(Vec<i64>, Vec<i64>)> {
+    let timeout = Duration::from_secs(5);
+    let metadata = probe.fetch_metadata(Some(topic), timeout).ok()?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .first()?
+        .partitions()
+        .iter()
+        .map(|p| p.id())
+        .collect();
+    let mut tpl = TopicPartitionList::new();
+    for p in &partitions {
+        tpl.add_partition(topic, *p);
+    }
+    let committed = probe.committed_offsets(tpl, timeout).ok()?;
+    let mut ends = Vec::with_capacity(partitions.len());
+    let mut done = Vec::with_capacity(partitions.len());
+    for p in &partitions {
+        ends.push(probe.fetch_watermarks(topic, *p, timeout).ok()?.1);
+        let c = committed
+            .find_partition(topic, *p)
+            .map_or(0, |e| match e.offset() {
+                Offset::Offset(o) => o,
+                _ => 0,
+            });
+        done.push(c);
+    }
+    Some((ends, done))
 }
 
 /// Creates the topics that do not exist yet; existing ones are left alone.
@@ -436,5 +513,28 @@ pub async fn deliver(
             () = shutdown.cancelled() => return Err(BusError::Cancelled),
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn consumers_bound_their_prefetch_unless_the_properties_say_otherwise() {
+        let mut cfg = KafkaConfig::default();
+        let c = consumer_config(&cfg, "g", &[("fetch.wait.max.ms", "10")]);
+        assert_eq!(c.get("queued.max.messages.kbytes"), Some("4096"));
+        assert_eq!(c.get("fetch.queue.backoff.ms"), Some("100"));
+        assert_eq!(c.get("fetch.wait.max.ms"), Some("10"));
+        assert_eq!(c.get("enable.auto.commit"), Some("false"));
+
+        cfg.properties
+            .insert("queued.max.messages.kbytes".into(), "65536".into());
+        cfg.properties
+            .insert("fetch.wait.max.ms".into(), "100".into());
+        let c = consumer_config(&cfg, "g", &[("fetch.wait.max.ms", "10")]);
+        assert_eq!(c.get("queued.max.messages.kbytes"), Some("65536"));
+        assert_eq!(c.get("fetch.wait.max.ms"), Some("100"));
     }
 }

@@ -116,6 +116,12 @@ pub async fn run(
         layout: tokio::sync::OnceCell::new(),
     };
     tokio::spawn(maintenance(pool.clone(), db.clone(), shutdown.clone()));
+    tokio::spawn(watchdog(
+        vitalwatch_bus::consumer(kafka, &cfg.group_id)?,
+        kafka.readings_topic.clone(),
+        readiness.clone(),
+        shutdown.clone(),
+    ));
     tracing::info!(group = %cfg.group_id, topic = %kafka.readings_topic, "writer started");
     let max_wait = Duration::from_millis(cfg.batch_max_wait_ms);
     let concurrent = cfg.concurrent_writes.max(1);
@@ -147,7 +153,7 @@ pub async fn run(
             let wait_until =
                 deadline.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
             let msg = tokio::select! {
-                m = consumer.recv() => m,
+                m = vitalwatch_bus::recv(&consumer) => m,
                 () = tokio::time::sleep_until(wait_until) => break,
                 () = shutdown.cancelled() => break,
                 Some(done) = writes.next(), if !writes.is_empty() => {
@@ -349,6 +355,96 @@ impl Store {
     }
 }
 
+/// How long the writer group may commit nothing while records wait on the
+/// readings topic before the writer says it is stalled. A restarted writer
+/// was seen to commit nothing for about 35 s while it joined its group and
+/// took its first batches after an outage (`catch_up` bench).
+const STALL_AFTER: Duration = Duration::from_secs(120);
+const STALL_CHECK_EVERY: Duration = Duration::from_secs(15);
+
+/// Whether a consumer group is getting on: fed its committed offsets and
+/// the topic's end offsets, per partition, it tells how long the group has
+/// committed nothing while records were waiting.
+#[derive(Debug, Default)]
+pub struct Progress {
+    committed: Vec<i64>,
+    /// Since when the committed offsets have not moved while behind.
+    since: Option<Instant>,
+}
+
+impl Progress {
+    /// Records behind, and for how long nothing has been committed although
+    /// records were waiting (zero while it moves or has nothing to do).
+    pub fn observe(&mut self, now: Instant, ends: &[i64], committed: &[i64]) -> (i64, Duration) {
+        let behind: i64 = ends
+            .iter()
+            .zip(committed)
+            .map(|(end, c)| (end - c).max(0))
+            .sum();
+        if behind == 0 || self.committed != committed {
+            self.committed = committed.to_vec();
+            self.since = None;
+            return (behind, Duration::ZERO);
+        }
+        let since = *self.since.get_or_insert(now);
+        (behind, now.saturating_duration_since(since))
+    }
+}
+
+/// Readiness condition `writer.progress`: not ready while the writer group
+/// has committed nothing for [`STALL_AFTER`] although records wait on the
+/// readings topic. Nothing is lost then (the records stay in Kafka), but
+/// nothing more is stored, and without this only the group's lag would
+/// show it: a writer was seen to stop so, idle, under heavy load (see
+/// ARCHITECTURE.md). `probe` is a consumer in the writer's group that never
+/// subscribes. Gauge `vitalwatch_writer_lag_records`: records behind.
+async fn watchdog(
+    probe: vitalwatch_bus::rdkafka::consumer::StreamConsumer,
+    topic: String,
+    readiness: Readiness,
+    shutdown: CancellationToken,
+) {
+    let probe = std::sync::Arc::new(probe);
+    let mut progress = Progress::default();
+    let mut stalled = false;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(STALL_CHECK_EVERY) => {}
+            () = shutdown.cancelled() => return,
+        }
+        let (p, t) = (probe.clone(), topic.clone());
+        let Ok(Some((ends, committed))) =
+            tokio::task::spawn_blocking(move || vitalwatch_bus::group_progress(&p, &t)).await
+        else {
+            continue; // the broker is away: the Kafka readiness tells
+        };
+        let (behind, still) = progress.observe(Instant::now(), &ends, &committed);
+        metrics::gauge!("vitalwatch_writer_lag_records").set(behind as f64);
+        if still >= STALL_AFTER {
+            metrics::counter!("vitalwatch_writer_stall_checks_total").increment(1);
+            tracing::error!(
+                behind,
+                seconds = still.as_secs(),
+                "the writer has stored nothing although records wait on the readings topic"
+            );
+            readiness.set_not_ready(
+                "writer.progress",
+                format!(
+                    "nothing committed for {} s while {behind} records wait",
+                    still.as_secs()
+                ),
+            );
+            stalled = true;
+        } else if stalled || readiness.is_ready("writer.progress").is_none() {
+            if stalled {
+                tracing::info!(behind, "the writer is committing again");
+            }
+            readiness.set_ready("writer.progress");
+            stalled = false;
+        }
+    }
+}
+
 /// Native layout: partitions ahead of time and retention, at start and
 /// every hour. Failures are logged and retried at the next run.
 async fn maintenance(pool: Pool, db: DatabaseConfig, shutdown: CancellationToken) {
@@ -369,5 +465,57 @@ async fn maintenance(pool: Pool, db: DatabaseConfig, shutdown: CancellationToken
             () = tokio::time::sleep(next) => {}
             () = shutdown.cancelled() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_tells_a_group_that_commits_nothing_while_records_wait() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut p = Progress::default();
+        // Moving: each look sees new commits.
+        assert_eq!(
+            p.observe(at(0), &[100, 100], &[10, 20]),
+            (170, Duration::ZERO)
+        );
+        assert_eq!(
+            p.observe(at(15), &[200, 200], &[90, 80]),
+            (230, Duration::ZERO)
+        );
+        // Stuck behind: counted from the first look that saw no change.
+        assert_eq!(
+            p.observe(at(30), &[300, 300], &[90, 80]),
+            (430, Duration::ZERO)
+        );
+        assert_eq!(
+            p.observe(at(45), &[400, 400], &[90, 80]),
+            (630, Duration::from_secs(15))
+        );
+        assert_eq!(
+            p.observe(at(150), &[500, 500], &[90, 80]),
+            (830, Duration::from_secs(120))
+        );
+        // One partition moves: no longer stuck.
+        assert_eq!(
+            p.observe(at(165), &[500, 500], &[90, 81]),
+            (829, Duration::ZERO)
+        );
+        // Nothing to do is not a stall, however long the commits stand.
+        let mut idle = Progress::default();
+        for s in [0, 100, 200, 300] {
+            assert_eq!(
+                idle.observe(at(s), &[50, 60], &[50, 60]),
+                (0, Duration::ZERO)
+            );
+        }
+        // A committed offset ahead of a stale end counts as nothing behind.
+        assert_eq!(
+            idle.observe(at(400), &[50, 60], &[51, 60]),
+            (0, Duration::ZERO)
+        );
     }
 }
