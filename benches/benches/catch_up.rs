@@ -29,15 +29,13 @@ use std::time::{Duration, Instant};
 use vitalwatch::Config;
 use vitalwatch_benches::env;
 use vitalwatch_sim::load::{Load, LoadReport};
-use vitalwatch_sim::replay::Broker;
-use vitalwatch_test_support as ts;
 
 #[path = "pipeline/procs.rs"]
 mod procs;
 
 use procs::{
-    SERVICE_VAR, Watched, child, clock_ticks, drop_database, kafka_positions, machine_ticks, prime,
-    spawn, stop,
+    SERVICE_VAR, Watched, child, clock_ticks, drop_database, gateway, kafka_positions,
+    machine_ticks, prime, spawn, stack_config, stop,
 };
 
 type Error = Box<dyn std::error::Error>;
@@ -91,29 +89,7 @@ async fn run() -> Result<(), Error> {
     let after = env("BENCH_AFTER", 300).max(10) as u64;
     let partitions = env("BENCH_PARTITIONS", 3).max(1) as i32;
 
-    let mut cfg = Config {
-        database: ts::database().await,
-        mqtt: ts::mqtt(),
-        ..Config::default()
-    };
-    let mut kafka = ts::kafka().await;
-    kafka.readings_topic = ts::unique("t.readings");
-    kafka.partitions = partitions;
-    if let Ok(props) = std::env::var("BENCH_KAFKA_PROPERTIES") {
-        for pair in props.split(',').filter(|p| !p.trim().is_empty()) {
-            let (k, v) = pair
-                .split_once('=')
-                .ok_or_else(|| format!("BENCH_KAFKA_PROPERTIES: {pair:?} is not key=value"))?;
-            kafka
-                .properties
-                .insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
-        }
-    }
-    vitalwatch_bus::ensure_topics(&kafka, &[&kafka.readings_topic]).await?;
-    cfg.kafka = kafka;
-    cfg.writer.group_id = ts::unique("writer");
-    cfg.alerts.group_id = ts::unique("alerts");
-    cfg.alerts.writer_group_id = cfg.writer.group_id.clone();
+    let cfg = stack_config(partitions).await?;
 
     let load = Load {
         devices,
@@ -128,9 +104,7 @@ async fn run() -> Result<(), Error> {
         ..Load::default()
     };
     load.check()?;
-    let (host, port) = ts::mqtt_host_port();
-    let broker =
-        Broker::local_gateway(host, port, ts::mqtt_password(), cfg.mqtt.topic_root.clone());
+    let broker = gateway(&cfg);
     let entries = vitalwatch::devices::parse_csv(&load.registry_csv())?;
     vitalwatch::devices::register(&cfg.database, &entries).await?;
     eprintln!(

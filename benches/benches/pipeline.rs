@@ -14,6 +14,8 @@
 //!   `BENCH_WARMUP` seconds not timed (default 60), `BENCH_STORM_EVERY`
 //!   seconds between reconnect storms (default 0: none);
 //! - `BENCH_PARTITIONS` of the readings topic (default 3);
+//! - `BENCH_KAFKA_PROPERTIES`: `key=value,key=value` set on every Kafka
+//!   client, as `[kafka.properties]` would;
 //! - `BENCH_PRIME` (default 1): before the timed run, every device uploads
 //!   once (over a minute) and the bench waits until the writer and the
 //!   alerts engine have taken it all, so that the run measures the steady
@@ -30,10 +32,8 @@
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
-use vitalwatch::Config;
 use vitalwatch_benches::env;
 use vitalwatch_sim::load::{Load, LoadReport};
-use vitalwatch_sim::replay::Broker;
 use vitalwatch_test_support as ts;
 
 #[path = "pipeline/procs.rs"]
@@ -42,8 +42,8 @@ mod procs;
 mod stages;
 
 use procs::{
-    SERVICE_VAR, Watched, child, clock_ticks, drop_database, kafka_positions, machine_ticks, prime,
-    spawn, stop,
+    SERVICE_VAR, Watched, child, clock_ticks, drop_database, gateway, kafka_positions,
+    machine_ticks, prime, spawn, stack_config, stop,
 };
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -64,19 +64,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let storm_every = env("BENCH_STORM_EVERY", 0) as u64;
     let partitions = env("BENCH_PARTITIONS", 3).max(1) as i32;
 
-    let mut cfg = Config {
-        database: ts::database().await,
-        mqtt: ts::mqtt(),
-        ..Config::default()
-    };
-    let mut kafka = ts::kafka().await;
-    kafka.readings_topic = ts::unique("t.readings");
-    kafka.partitions = partitions;
-    vitalwatch_bus::ensure_topics(&kafka, &[&kafka.readings_topic]).await?;
-    cfg.kafka = kafka;
-    cfg.writer.group_id = ts::unique("writer");
-    cfg.alerts.group_id = ts::unique("alerts");
-    cfg.alerts.writer_group_id = cfg.writer.group_id.clone();
+    let cfg = stack_config(partitions).await?;
 
     let load = Load {
         devices,
@@ -90,9 +78,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         ..Load::default()
     };
     load.check()?;
-    let (host, port) = ts::mqtt_host_port();
-    let broker =
-        Broker::local_gateway(host, port, ts::mqtt_password(), cfg.mqtt.topic_root.clone());
+    let broker = gateway(&cfg);
     let limits = if env("BENCH_STAGES", 1) == 1 {
         let seconds = env("BENCH_STAGE_SECONDS", 20).max(2) as u64;
         eprintln!("  each stage alone, {seconds} s each");

@@ -50,6 +50,43 @@ pub async fn child(service: &str) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// The services' settings for a run: the tests' database (a new one),
+/// Mosquitto and Kafka broker, a readings topic of `partitions` and
+/// consumer groups of its own; `BENCH_KAFKA_PROPERTIES` (`key=value,...`)
+/// set on every Kafka client as `[kafka.properties]` would.
+pub async fn stack_config(partitions: i32) -> Result<Config, Box<dyn std::error::Error>> {
+    let mut cfg = Config {
+        database: ts::database().await,
+        mqtt: ts::mqtt(),
+        ..Config::default()
+    };
+    let mut kafka = ts::kafka().await;
+    kafka.readings_topic = ts::unique("t.readings");
+    kafka.partitions = partitions;
+    if let Ok(props) = std::env::var("BENCH_KAFKA_PROPERTIES") {
+        for pair in props.split(',').filter(|p| !p.trim().is_empty()) {
+            let (k, v) = pair
+                .split_once('=')
+                .ok_or_else(|| format!("BENCH_KAFKA_PROPERTIES: {pair:?} is not key=value"))?;
+            kafka
+                .properties
+                .insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
+        }
+    }
+    vitalwatch_bus::ensure_topics(&kafka, &[&kafka.readings_topic]).await?;
+    cfg.kafka = kafka;
+    cfg.writer.group_id = ts::unique("writer");
+    cfg.alerts.group_id = ts::unique("alerts");
+    cfg.alerts.writer_group_id = cfg.writer.group_id.clone();
+    Ok(cfg)
+}
+
+/// The load's gateways' way into the local Mosquitto.
+pub fn gateway(cfg: &Config) -> Broker {
+    let (host, port) = ts::mqtt_host_port();
+    Broker::local_gateway(host, port, ts::mqtt_password(), cfg.mqtt.topic_root.clone())
+}
+
 /// Records on the readings topic (the sum of its high watermarks) and the
 /// offsets `groups` have committed on it: where a backlog builds.
 pub fn kafka_positions(cfg: &Config, groups: &[&str]) -> Option<(i64, Vec<i64>)> {
