@@ -242,7 +242,7 @@ fn consumer_config(cfg: &KafkaConfig, group_id: &str, extra: &[(&str, &str)]) ->
         // Prefetch: librdkafka keeps up to 64 MiB of fetched records in a
         // consumer's queue by default, and a consumer catching up after an
         // outage fills it (`benches/benches/catch_up.rs`: the writer grew
-        // from 15 to 72-94 MiB, the alerts engine from 30 to 127-142 MiB).
+        // from 15 to 72-110 MiB, the alerts engine from 30 to 127-142 MiB).
         // 4 MiB is about ten thousand records, seconds of work for either.
         ("queued.max.messages.kbytes", "4096"),
         // With the queue full, a partition's next fetch waits this long
@@ -259,10 +259,12 @@ const REPOLL: Duration = Duration::from_secs(1);
 
 /// The consumer's next record: `consumer.recv()`, which never waits more
 /// than [`REPOLL`] for its wake-up. `StreamConsumer` sleeps until
-/// librdkafka calls back that its queue went from empty to non-empty; a
-/// queue that never empties (an event taken off it that was not a record)
-/// calls back no more (rust-rdkafka issues 638, 665, 848), and a reader
-/// waiting on it then waits for good while its queue holds records.
+/// librdkafka calls back that its queue went from empty to non-empty, and
+/// only then; a wake-up lost on the way leaves its reader asleep while the
+/// queue holds records. rust-rdkafka has had such reports (issues 638,
+/// 665, 848; whether 0.39 still loses one is not known), and the writer's
+/// unexplained stall looked like one (ARCHITECTURE.md). A record found by
+/// the look after the timeout is counted and logged: it would be one.
 /// Cancel-safe, as `recv` is: a record is taken only when it is returned.
 pub async fn recv(consumer: &StreamConsumer) -> KafkaResult<BorrowedMessage<'_>> {
     use futures_util::FutureExt;

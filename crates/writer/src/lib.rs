@@ -357,8 +357,8 @@ impl Store {
 
 /// How long the writer group may commit nothing while records wait on the
 /// readings topic before the writer says it is stalled. A restarted writer
-/// was seen to commit nothing for about 35 s while it joined its group and
-/// took its first batches after an outage (`catch_up` bench).
+/// was seen to commit nothing for its first 20-35 s while it joined its
+/// group and took its first batches after an outage (`catch_up` bench).
 const STALL_AFTER: Duration = Duration::from_secs(120);
 const STALL_CHECK_EVERY: Duration = Duration::from_secs(15);
 
