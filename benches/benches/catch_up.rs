@@ -34,8 +34,8 @@ use vitalwatch_sim::load::{Load, LoadReport};
 mod procs;
 
 use procs::{
-    SERVICE_VAR, Watched, child, clock_ticks, drop_database, gateway, kafka_positions,
-    machine_ticks, prime, spawn, stack_config, stop,
+    SERVICE_VAR, Watched, child, clock_ticks, cores, gateway, kafka_positions, keep_or_drop,
+    machine_ticks, prime, spawn, stack_config, start, stop, watch,
 };
 
 type Error = Box<dyn std::error::Error>;
@@ -113,16 +113,7 @@ async fn run() -> Result<(), Error> {
         cfg.kafka.properties
     );
 
-    let mut children: Vec<(String, Child)> = Vec::new();
-    for service in ["ingest", "writer", "alerts"] {
-        children.push((service.to_owned(), spawn(service, &cfg)?));
-    }
-    tokio::time::sleep(Duration::from_secs(8)).await;
-    for (name, c) in children.iter_mut() {
-        if let Some(status) = c.try_wait()? {
-            return Err(format!("{name} exited at start-up: {status}").into());
-        }
-    }
+    let mut children = start(&["ingest", "writer", "alerts"], &cfg).await?;
     prime(&load, &broker, &cfg).await?;
 
     let db_url = cfg.database.url.clone();
@@ -184,18 +175,13 @@ async fn run() -> Result<(), Error> {
     }
     println!("(sampled every second; the writer and the engine are not running during the outage)");
     if let Some(busy) = busy_catching_up {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
         println!(
             "machine busy while catching up: {busy:.0}% of {:.0}%",
-            cores * 100.0
+            cores() * 100.0
         );
     }
 
-    if std::env::var("BENCH_KEEP").is_ok_and(|v| v == "1") {
-        println!("kept the database: {}", cfg.database.url);
-    } else {
-        drop_database(&cfg.database.url).await;
-    }
+    keep_or_drop(&cfg.database.url).await;
     Ok(())
 }
 
@@ -214,13 +200,7 @@ async fn control(
     after: u64,
 ) -> Result<Sampled, Error> {
     let ticks = clock_ticks();
-    let mut watched: Vec<Watched> = children
-        .iter()
-        .map(|(name, c)| Watched::new(name, vec![c.id()]))
-        .collect();
-    watched.push(Watched::named("mosquitto", "mosquitto"));
-    watched.push(Watched::named("tansu", "tansu"));
-    watched.push(Watched::named("postgres (all)", "postgres"));
+    let mut watched = watch(children);
     let mut phases = Vec::new();
     let mut catch_up: [CatchUp; 2] = Default::default();
     let mut committed_at_restart = [0i64; 2];
@@ -231,12 +211,15 @@ async fn control(
     let mut busy_catching_up = None;
     let mut phase = Phase::Before;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
-    // Where the groups stand, asked in the background (a query can take
-    // seconds when the broker is busy, and must not hold up the samples).
+    // Where the groups stand, asked in the background from the restart on
+    // (a query can take seconds when the broker is busy, and must not hold
+    // up the samples; before the restart it would only load the broker).
     let (report, positions) = tokio::sync::watch::channel(None);
     let asking = {
         let (cfg, groups) = (cfg.clone(), groups.clone());
+        let from = tokio::time::Instant::now() + Duration::from_secs(before + outage);
         tokio::spawn(async move {
+            tokio::time::sleep_until(from).await;
             loop {
                 let (c, g) = (cfg.clone(), groups.clone());
                 if let Ok(got) =
@@ -320,9 +303,7 @@ async fn control(
             if phase == Phase::CatchingUp && catch_up.iter().all(|c| c.seconds.is_some()) {
                 phase = Phase::CaughtUp;
                 if let (Some(a), Some(b)) = (machine_at_restart, machine_ticks()) {
-                    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-                    busy_catching_up =
-                        Some(cores as f64 * 100.0 * (b.0 - a.0) / (b.3 - a.3).max(1.0));
+                    busy_catching_up = Some(cores() * 100.0 * (b.0 - a.0) / (b.3 - a.3).max(1.0));
                 }
                 eprintln!("  both caught up");
             }

@@ -42,8 +42,8 @@ mod procs;
 mod stages;
 
 use procs::{
-    SERVICE_VAR, Watched, child, clock_ticks, drop_database, gateway, kafka_positions,
-    machine_ticks, prime, spawn, stack_config, stop,
+    SERVICE_VAR, Watched, child, clock_ticks, cores, gateway, kafka_positions, keep_or_drop,
+    machine_ticks, prime, stack_config, start, stop, watch,
 };
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -99,32 +99,16 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         partitions
     );
 
-    let mut children = Vec::new();
-    for service in ["ingest", "writer", "alerts", "api"] {
-        children.push((service.to_owned(), spawn(service, &cfg)?));
-    }
-    // Subscribed, the registry loaded, the consumers in their groups.
-    tokio::time::sleep(Duration::from_secs(8)).await;
-    for (name, c) in children.iter_mut() {
-        if let Some(status) = c.try_wait()? {
-            return Err(format!("{name} exited at start-up: {status}").into());
-        }
-    }
+    let mut children = start(&["ingest", "writer", "alerts", "api"], &cfg).await?;
 
     if env("BENCH_PRIME", 1) == 1 {
         prime(&load, &broker, &cfg).await?;
     }
     let ticks = clock_ticks();
-    let mut watched: Vec<Watched> = children
-        .iter()
-        .map(|(name, c)| Watched::new(name, vec![c.id()]))
-        .collect();
-    watched.push(Watched::named("mosquitto", "mosquitto"));
-    watched.push(Watched::named("tansu", "tansu"));
-    watched.push(Watched::named("postgres (all)", "postgres"));
+    let mut watched = watch(&children);
     watched.push(Watched::new("load generator", vec![std::process::id()]));
     let machine_before = machine_ticks();
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let cores = cores();
     let sampling = CancellationToken::new();
     let sampler = {
         let stop = sampling.clone();
@@ -291,10 +275,6 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
 
-    if std::env::var("BENCH_KEEP").is_ok_and(|v| v == "1") {
-        println!("kept the database: {}", cfg.database.url);
-    } else {
-        drop_database(&cfg.database.url).await;
-    }
+    keep_or_drop(&cfg.database.url).await;
     Ok(())
 }

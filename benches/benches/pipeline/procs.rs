@@ -87,6 +87,53 @@ pub fn gateway(cfg: &Config) -> Broker {
     Broker::local_gateway(host, port, ts::mqtt_password(), cfg.mqtt.topic_root.clone())
 }
 
+/// Starts each of `services` in a process of its own and gives them time
+/// to subscribe, load the registry and join their groups; an error if one
+/// exits meanwhile.
+pub async fn start(
+    services: &[&str],
+    cfg: &Config,
+) -> Result<Vec<(String, Child)>, Box<dyn std::error::Error>> {
+    let mut children = Vec::new();
+    for service in services {
+        children.push(((*service).to_owned(), spawn(service, cfg)?));
+    }
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    for (name, c) in children.iter_mut() {
+        if let Some(status) = c.try_wait()? {
+            return Err(format!("{name} exited at start-up: {status}").into());
+        }
+    }
+    Ok(children)
+}
+
+/// The processes a run watches: `children`, then Mosquitto, tansu and
+/// every PostgreSQL process.
+pub fn watch(children: &[(String, Child)]) -> Vec<Watched> {
+    let mut watched: Vec<Watched> = children
+        .iter()
+        .map(|(name, c)| Watched::new(name, vec![c.id()]))
+        .collect();
+    watched.push(Watched::named("mosquitto", "mosquitto"));
+    watched.push(Watched::named("tansu", "tansu"));
+    watched.push(Watched::named("postgres (all)", "postgres"));
+    watched
+}
+
+/// The machine's cores.
+pub fn cores() -> f64 {
+    std::thread::available_parallelism().map_or(1, |n| n.get()) as f64
+}
+
+/// Keeps the run's database with `BENCH_KEEP=1`, else drops it.
+pub async fn keep_or_drop(url: &str) {
+    if std::env::var("BENCH_KEEP").is_ok_and(|v| v == "1") {
+        println!("kept the database: {url}");
+    } else {
+        drop_database(url).await;
+    }
+}
+
 /// Records on the readings topic (the sum of its high watermarks) and the
 /// offsets `groups` have committed on it: where a backlog builds.
 pub fn kafka_positions(cfg: &Config, groups: &[&str]) -> Option<(i64, Vec<i64>)> {

@@ -351,6 +351,6 @@ async fn postgres_copy(cfg: &Config, records: &[Batch], window: Duration) -> Res
         Ok::<_, Error>(rows as f64 / started.elapsed().as_secs_f64())
     }
     .await;
-    super::drop_database(&db.url).await;
+    super::procs::drop_database(&db.url).await;
     result
 }

@@ -366,7 +366,7 @@ const STALL_CHECK_EVERY: Duration = Duration::from_secs(15);
 /// the topic's end offsets, per partition, it tells how long the group has
 /// committed nothing while records were waiting.
 #[derive(Debug, Default)]
-pub struct Progress {
+struct Progress {
     committed: Vec<i64>,
     /// Since when the committed offsets have not moved while behind.
     since: Option<Instant>,
@@ -375,7 +375,7 @@ pub struct Progress {
 impl Progress {
     /// Records behind, and for how long nothing has been committed although
     /// records were waiting (zero while it moves or has nothing to do).
-    pub fn observe(&mut self, now: Instant, ends: &[i64], committed: &[i64]) -> (i64, Duration) {
+    fn observe(&mut self, now: Instant, ends: &[i64], committed: &[i64]) -> (i64, Duration) {
         let behind: i64 = ends
             .iter()
             .zip(committed)
